@@ -1,0 +1,1116 @@
+"""Benchmark data: the CoOp datasets and protocol, image + mask transforms, loaders, and the offline toy benchmark.
+
+What is here (protocol.md sections 2-5, 8 and 12; toy.md):
+- the 11 CoOp benchmarks + 4 ImageNet variants read from the CoOp folder layout and split files (`DATASETS`,
+  `load_benchmark`), and a generated `toy` benchmark in the same layout (`make_toy`, `toy_pretrain_images`);
+- Dassl's few-shot sampler reproduced exactly (Python `random`, one private `random.Random(seed)`), cached as
+  portable JSON with relative paths (`<dataset>/split_fewshot/shot_{K}-seed_{S}.json`), plus an importer for
+  Dassl's pickled caches that does not need Dassl (`import_dassl_pickle`);
+- CoOp's base-to-novel class subsampling;
+- torchvision's RandomResizedCrop / flip / Resize / CenterCrop semantics written with Pillow + torch
+  (`build_transform`), the same geometry applied to foreground masks (`Transform.pair`);
+- a DataLoader whose augmentations are a pure function of (seed, epoch, sample index), so results do not depend
+  on the number of worker processes (`build_loader`);
+- `python data.py check DATASET --root DATA` and `python data.py toy --root DATA`.
+
+Decisions worth knowing: shots <= 0 (0 or -1) means the full split; ImageNet's val list is empty (CoOp reuses
+its test set as val; we never select on test); Benchmark.classnames have '_' replaced by spaces; the toy benchmark
+is 32 x 32 px and is meant to be used with build_transform(..., size=32) (any size works); the augmentation of
+sample i in epoch e uses a torch.Generator seeded from (seed, e, i) (blake2b), never a per-worker stream.
+
+Deliberately left out: downloading datasets or split files (the user fetches them once, see CoOp's DATASETS.md;
+split files are never regenerated), Dassl / torchvision / yacs, other augmentations than CoOp's, mask creation.
+"""
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import pickle
+import random
+import re
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+log = logging.getLogger("dapt")
+
+COOP_DATASETS_MD = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# ----------------------------------------------------------------------------------------------------------
+# templates (protocol §8)
+
+IMAGENET_TEMPLATES = [t.strip() for t in """
+a bad photo of a {}. | a photo of many {}. | a sculpture of a {}. | a photo of the hard to see {}. |
+a low resolution photo of the {}. | a rendering of a {}. | graffiti of a {}. | a bad photo of the {}. |
+a cropped photo of the {}. | a tattoo of a {}. | the embroidered {}. | a photo of a hard to see {}. |
+a bright photo of a {}. | a photo of a clean {}. | a photo of a dirty {}. | a dark photo of the {}. |
+a drawing of a {}. | a photo of my {}. | the plastic {}. | a photo of the cool {}. | a close-up photo of a {}. |
+a black and white photo of the {}. | a painting of the {}. | a painting of a {}. |
+a pixelated photo of the {}. | a sculpture of the {}. | a bright photo of the {}. | a cropped photo of a {}. |
+a plastic {}. | a photo of the dirty {}. | a jpeg corrupted photo of a {}. | a blurry photo of the {}. |
+a photo of the {}. | a good photo of the {}. | a rendering of the {}. | a {} in a video game. |
+a photo of one {}. | a doodle of a {}. | a close-up photo of the {}. | a photo of a {}. | the origami {}. |
+the {} in a video game. | a sketch of a {}. | a doodle of the {}. | a origami {}. |
+a low resolution photo of a {}. | the toy {}. | a rendition of the {}. | a photo of the clean {}. |
+a photo of a large {}. | a rendition of a {}. | a photo of a nice {}. | a photo of a weird {}. |
+a blurry photo of a {}. | a cartoon {}. | art of a {}. | a sketch of the {}. | a embroidered {}. |
+a pixelated photo of a {}. | itap of the {}. | a jpeg corrupted photo of the {}. | a good photo of a {}. |
+a plushie {}. | a photo of the nice {}. | a photo of the small {}. | a photo of the weird {}. |
+the cartoon {}. | art of the {}. | a drawing of the {}. | a photo of the large {}. |
+a black and white photo of a {}. | the plushie {}. | a dark photo of a {}. | itap of a {}. |
+graffiti of the {}. | a toy {}. | itap of my {}. | a photo of a cool {}. | a photo of a small {}. |
+a tattoo of the {}.
+""".replace("\n", " ").split("|")]
+SELECT_TEMPLATES = ["itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+                    "a {} in a video game.", "art of the {}.", "a photo of the small {}."]
+
+# ----------------------------------------------------------------------------------------------------------
+# the datasets (protocol §2)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    folder: str          # <root>/<folder>
+    image_dir: str       # relative to the folder ("" = the folder itself); split paths are relative to it
+    split: str           # split file name, or what the listing is built from
+    template: str
+    n_classes: int
+    kind: str            # json | fgvc | imagenet | listing | toy
+    counts: tuple = ()   # (train, val, test) from the CoOp paper (unverified: a mismatch is only a warning)
+    image_size: int = 224
+    test_only: bool = False
+    layout: str = ""     # what the user must have on disk (printed when it is missing)
+
+
+_PHOTO = "a photo of a {}."
+DATASETS = {d.name: d for d in [
+    DatasetInfo("caltech101", "caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json", _PHOTO, 100,
+                "json", (4128, 1649, 2465), layout="101_ObjectCategories/<class>/image_*.jpg"),
+    DatasetInfo("oxford_pets", "oxford_pets", "images", "split_zhou_OxfordPets.json",
+                "a photo of a {}, a type of pet.", 37, "json", (2944, 736, 3669), layout="images/*.jpg, annotations/"),
+    DatasetInfo("stanford_cars", "stanford_cars", "", "split_zhou_StanfordCars.json", _PHOTO, 196, "json",
+                (6509, 1635, 8041), layout="cars_train/*.jpg, cars_test/*.jpg, devkit/"),
+    DatasetInfo("oxford_flowers", "oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json",
+                "a photo of a {}, a type of flower.", 102, "json", (4093, 1633, 2463),
+                layout="jpg/image_*.jpg, imagelabels.mat, cat_to_name.json"),
+    DatasetInfo("food101", "food-101", "images", "split_zhou_Food101.json", "a photo of {}, a type of food.", 101,
+                "json", (50500, 20200, 30300), layout="images/<class>/*.jpg"),
+    DatasetInfo("fgvc_aircraft", "fgvc_aircraft", "images", "images_variant_{train,val,test}.txt + variants.txt",
+                "a photo of a {}, a type of aircraft.", 100, "fgvc", (3334, 3333, 3333),
+                layout="images/<id>.jpg, variants.txt, images_variant_train.txt, images_variant_val.txt, "
+                       "images_variant_test.txt (from fgvc-aircraft-2013b/data)"),
+    DatasetInfo("sun397", "sun397", "SUN397", "split_zhou_SUN397.json", _PHOTO, 397, "json", (15880, 3970, 19850),
+                layout="SUN397/<letter>/<class>/.../*.jpg"),
+    DatasetInfo("dtd", "dtd", "images", "split_zhou_DescribableTextures.json", "{} texture.", 47, "json",
+                (2820, 1128, 1692), layout="images/<class>/*.jpg"),
+    DatasetInfo("eurosat", "eurosat", "2750", "split_zhou_EuroSAT.json", "a centered satellite photo of {}.", 10,
+                "json", (13500, 5400, 8100), layout="2750/<class>/*.jpg"),
+    DatasetInfo("ucf101", "ucf101", "UCF-101-midframes", "split_zhou_UCF101.json",
+                "a photo of a person doing {}.", 101, "json", (7639, 1898, 3783),
+                layout="UCF-101-midframes/<Action_Name>/<video>.jpg"),
+    DatasetInfo("imagenet", "imagenet", "images", "classnames.txt + folder listing", _PHOTO, 1000, "imagenet",
+                (1281167, 0, 50000), layout="images/train/<wnid>/*.JPEG, images/val/<wnid>/*.JPEG, classnames.txt"),
+    DatasetInfo("imagenetv2", "imagenetv2", "imagenetv2-matched-frequency-format-val", "classnames.txt + listing",
+                _PHOTO, 1000, "listing", (0, 0, 10000), test_only=True,
+                layout="imagenetv2-matched-frequency-format-val/<0..999>/*.jpeg, classnames.txt"),
+    DatasetInfo("imagenet_sketch", "imagenet-sketch", "images", "classnames.txt + listing", _PHOTO, 1000,
+                "listing", (0, 0, 50889), test_only=True, layout="images/<wnid>/*.JPEG, classnames.txt"),
+    DatasetInfo("imagenet_a", "imagenet-adversarial", "imagenet-a", "classnames.txt + listing", _PHOTO, 200,
+                "listing", (0, 0, 7500), test_only=True, layout="imagenet-a/<wnid>/*.jpg, classnames.txt"),
+    DatasetInfo("imagenet_r", "imagenet-rendition", "imagenet-r", "classnames.txt + listing", _PHOTO, 200,
+                "listing", (0, 0, 30000), test_only=True, layout="imagenet-r/<wnid>/*.jpg, classnames.txt"),
+    DatasetInfo("toy", "toy", "images", "split_toy.json", _PHOTO, 24, "toy", (1440, 480, 960), image_size=32,
+                layout="images/<class>/*.png, mask/images/<class>/*.png, split_toy.json (python data.py toy)"),
+]}
+
+# raw name -> CoOp class name, for building or checking names from folders / listings (protocol §2)
+_CALTECH_RENAME = {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard", "Motorbikes": "motorbike"}
+_CALTECH_IGNORED = ("BACKGROUND_Google", "Faces_easy")
+_EUROSAT_RENAME = {"AnnualCrop": "Annual Crop Land", "Forest": "Forest",
+                   "HerbaceousVegetation": "Herbaceous Vegetation Land", "Highway": "Highway or Road",
+                   "Industrial": "Industrial Buildings", "Pasture": "Pasture Land",
+                   "PermanentCrop": "Permanent Crop Land", "Residential": "Residential Buildings", "River": "River",
+                   "SeaLake": "Sea or Lake"}
+
+
+def coop_classname(name, raw):
+    """CoOp's class name for a raw folder / list entry of dataset `name` (None: a folder CoOp ignores)."""
+    if name == "caltech101":
+        return None if raw in _CALTECH_IGNORED else _CALTECH_RENAME.get(raw, raw)
+    if name == "eurosat":
+        return _EUROSAT_RENAME[raw]
+    if name == "ucf101":  # ApplyEyeMakeup (and the folder Apply_Eye_Makeup) -> Apply_Eye_Makeup
+        return "_".join(re.findall("[A-Z][^A-Z]*", raw.replace("_", "")))
+    if name == "sun397":  # /a/apartment_building/outdoor -> outdoor apartment_building
+        return " ".join(raw.strip("/").split("/")[1:][::-1])
+    if name == "oxford_pets":  # Abyssinian_12.jpg -> abyssinian
+        return "_".join(os.path.splitext(os.path.basename(raw))[0].split("_")[:-1]).lower()
+    return raw
+
+# ----------------------------------------------------------------------------------------------------------
+# errors: each says what is wrong, where, and what to do
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    pass
+
+
+class SplitFileError(FileNotFoundError):
+    pass
+
+
+class MissingImageError(FileNotFoundError):
+    pass
+
+
+class CorruptImageError(OSError):
+    pass
+
+
+class EmptyClassError(ValueError):
+    pass
+
+
+class MissingMaskError(FileNotFoundError):
+    pass
+
+
+def _layout_help(info, root):
+    return (f"expected layout:\n  {os.path.join(root, info.folder)}/\n    {info.layout}\n"
+            + (f"    {info.split}\n" if info.kind == "json" and info.name != "toy" else "")
+            + ("Create it with: python data.py toy --root " + root if info.name == "toy" else
+               f"Download the images and the split file as described in CoOp's DATASETS.md ({COOP_DATASETS_MD}); "
+               "split files are never generated by this code.")
+            + f"\nCheck it with: python data.py check {info.name} --root {root}")
+
+# ----------------------------------------------------------------------------------------------------------
+# reading full splits: lists of (path relative to the image dir, label, classname)
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _listdir(path):
+    """Sorted non-hidden entries (Dassl's listdir_nohidden, sorted: protocol §3 deviation for ImageNet)."""
+    return sorted(n for n in os.listdir(path) if not n.startswith("."))
+
+
+def read_split_json(path):
+    """A CoOp split file -> {"train", "val", "test"} lists of (rel_path, label, classname)."""
+    if not os.path.isfile(path):
+        raise SplitFileError(
+            f"split file not found: {path}\nIt comes with the dataset (CoOp's DATASETS.md, {COOP_DATASETS_MD}); "
+            "put it in the dataset folder under exactly this name. Split files are the ground truth and are "
+            "never regenerated (their creation used unseeded shuffles).")
+    with open(path) as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise SplitFileError(f"split file {path} is not valid JSON ({e}); download it again") from None
+    out = {}
+    for s in ("train", "val", "test"):
+        if s not in d:
+            raise SplitFileError(f"split file {path} has no '{s}' list; expected "
+                                 '{"train"|"val"|"test": [[rel_path, label, classname], ...]}')
+        out[s] = [(str(p), int(y), str(c)) for p, y, c in d[s]]
+    return out
+
+
+def _read_lines(path):
+    if not os.path.isfile(path):
+        raise SplitFileError(f"list file not found: {path}\nFGVCAircraft needs variants.txt and "
+                             "images_variant_{train,val,test}.txt from fgvc-aircraft-2013b/data in the dataset "
+                             f"folder (CoOp's DATASETS.md, {COOP_DATASETS_MD}).")
+    with open(path) as f:
+        return [ln.strip() for ln in f if ln.strip()]
+
+
+def _read_classnames(dataset_dir):
+    """classnames.txt: lines `<wnid> <class name>` -> ordered dict wnid -> name."""
+    path = os.path.join(dataset_dir, "classnames.txt")
+    if not os.path.isfile(path):
+        raise SplitFileError(f"classnames.txt not found: {path}\nEvery ImageNet-family folder needs a copy "
+                             f"(lines '<wnid> <class name>'; CoOp's DATASETS.md, {COOP_DATASETS_MD}).")
+    out = {}
+    with open(path) as f:
+        for ln in f:
+            parts = ln.strip().split(" ")
+            if parts[0]:
+                out[parts[0]] = " ".join(parts[1:])
+    return out
+
+
+def _list_class_folders(top, folders, labels, names):
+    items = []
+    for folder, y, c in zip(folders, labels, names):
+        with os.scandir(os.path.join(top, folder)) as it:  # d_type, no stat per file (1.28 M on ImageNet)
+            files = sorted(e.name for e in it if not e.name.startswith(".") and e.is_file())
+        if not files:
+            raise EmptyClassError(f"class folder {os.path.join(top, folder)} ('{c}') holds no images; "
+                                  "the dataset copy is incomplete: extract it again")
+        items += [(f"{folder}/{n}", y, c) for n in files]
+    return items
+
+
+def read_full_split(info, dataset_dir):
+    """-> ({"train","val","test"} rel items, split file path, sha256 of the split source)."""
+    image_dir = os.path.join(dataset_dir, info.image_dir)
+    if info.kind in ("json", "toy"):
+        path = os.path.join(dataset_dir, info.split)
+        return read_split_json(path), path, _sha256(path)
+    if info.kind == "fgvc":
+        variants = _read_lines(os.path.join(dataset_dir, "variants.txt"))
+        lab = {c: i for i, c in enumerate(variants)}
+        split, h = {}, hashlib.sha256()
+        for s in ("train", "val", "test"):
+            path = os.path.join(dataset_dir, f"images_variant_{s}.txt")
+            split[s] = []
+            for ln in _read_lines(path):
+                im, c = ln.split(" ", 1)
+                if c not in lab:
+                    raise SplitFileError(f"{path}: variant '{c}' is not in variants.txt")
+                split[s].append((f"{im}.jpg", lab[c], c))
+            h.update(_sha256(path).encode())
+        return split, os.path.join(dataset_dir, "variants.txt"), h.hexdigest()
+    # ImageNet family: folder listings + classnames.txt
+    cnames = _read_classnames(dataset_dir)
+    split = {"train": [], "val": [], "test": []}
+    if info.name == "imagenetv2":  # folders 0..999 in classnames.txt order
+        wnids = list(cnames)
+        folders = [str(i) for i in range(len(wnids))]
+        split["test"] = _list_class_folders(image_dir, folders, range(len(wnids)), [cnames[w] for w in wnids])
+    else:
+        for s, sub in ([("train", "train"), ("test", "val")] if info.kind == "imagenet" else [("test", "")]):
+            top = os.path.join(image_dir, sub)
+            if not os.path.isdir(top):
+                raise DatasetNotFoundError(f"{top} not found\n" + _layout_help(info, os.path.dirname(dataset_dir)))
+            folders = [n for n in _listdir(top) if os.path.isdir(os.path.join(top, n))]  # skips README.txt
+            missing = [w for w in folders if w not in cnames]
+            if missing:
+                raise SplitFileError(f"{os.path.join(dataset_dir, 'classnames.txt')} has no line for folder(s) "
+                                     f"{missing[:5]}; use the classnames.txt from CoOp's DATASETS.md")
+            items = _list_class_folders(top, folders, range(len(folders)), [cnames[w] for w in folders])
+            split[s] = [(f"{sub}/{p}" if sub else p, y, c) for p, y, c in items]
+    h = hashlib.sha256(json.dumps(split, sort_keys=True).encode()).hexdigest()  # digest of the listing
+    return split, os.path.join(dataset_dir, "classnames.txt"), h
+
+
+def _classnames_of(items, where):
+    """Labels must be 0..n-1, each with one name (Dassl's get_lab2cname, plus checks)."""
+    names = {}
+    for _, y, c in items:
+        if names.setdefault(y, c) != c:
+            raise SplitFileError(f"{where}: label {y} has two class names, '{names[y]}' and '{c}'")
+    labels = sorted(names)
+    if labels != list(range(len(labels))):
+        gap = sorted(set(range(labels[-1] + 1)) - set(labels)) if labels else [0]
+        raise EmptyClassError(f"{where}: no images for label(s) {gap[:10]} (labels must be 0..n-1 and every "
+                              "class needs training images); the split file is damaged: download it again")
+    return [names[y] for y in labels]
+
+# ----------------------------------------------------------------------------------------------------------
+# few-shot sampling (Dassl's generate_fewshot_dataset) and the JSON cache (protocol §3)
+
+
+def fewshot_sample(items, k, rng):
+    """Group by label in order of first appearance; per group random.sample(group, k), or all of a smaller group.
+
+    -> (sampled items, [(label, classname, n)] of classes with fewer than k items)."""
+    groups = {}
+    for it in items:
+        groups.setdefault(it[1], []).append(it)
+    out, short = [], []
+    for y, g in groups.items():
+        if len(g) >= k:
+            out.extend(rng.sample(g, k))
+        else:
+            out.extend(g)
+            short.append((y, g[0][2], len(g)))
+    return out, short
+
+
+def fewshot_split(train, val, shots, seed):
+    """Dassl's order: train with K, then val with min(K, 4), one random stream seeded with `seed`."""
+    rng = random.Random(seed)
+    train, short = fewshot_sample(train, shots, rng)
+    val, _ = fewshot_sample(val, min(shots, 4), rng) if val else ([], [])
+    return train, val, short
+
+
+def fewshot_cache_path(dataset_dir, shots, seed):
+    return os.path.join(dataset_dir, "split_fewshot", f"shot_{shots}-seed_{seed}.json")
+
+
+def _write_json(path, obj):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)  # atomic: parallel seeds never read a half-written cache
+
+
+def _load_fewshot(info, dataset_dir, full, split_file, sha, shots, seed, cache):
+    """-> (train, val, short classes, cache path or None, cache hit)."""
+    path = fewshot_cache_path(dataset_dir, shots, seed)
+    if cache and os.path.isfile(path):
+        with open(path) as f:
+            d = json.load(f)
+        m = d.get("meta", {})
+        if (m.get("K"), m.get("seed"), m.get("split_sha256")) == (shots, seed, sha) and \
+                m.get("sampler") in ("dassl-v1", "dassl-pickle"):
+            log.info("few-shot split from cache %s (%s)", path, m["sampler"])
+            tr = [tuple(x) for x in d["train"]]
+            return tr, [tuple(x) for x in d["val"]], m.get("few_classes", []), path, True
+        log.warning("few-shot cache %s does not match (K, seed, split sha256, sampler) = (%d, %d, %s, dassl-v1): "
+                    "regenerating it", path, shots, seed, sha[:12])
+    train, val, short = fewshot_split(full["train"], [] if info.kind == "imagenet" else full["val"], shots, seed)
+    if cache:
+        _write_json(path, {"train": [list(x) for x in train], "val": [list(x) for x in val],
+                           "meta": {"K": shots, "seed": seed, "split_file": os.path.basename(split_file),
+                                    "split_sha256": sha, "sampler": "dassl-v1", "few_classes": short}})
+    return train, val, short, (path if cache else None), False
+
+
+class _DatumStub:
+    """Stands in for dassl.data.datasets.base_dataset.Datum when reading Dassl's pickles (attributes only)."""
+
+
+class _DasslUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        import copyreg
+        if name == "Datum" and module.startswith("dassl."):
+            return _DatumStub
+        if (module, name) in (("copyreg", "_reconstructor"), ("copy_reg", "_reconstructor")):
+            return copyreg._reconstructor  # old pickle protocols rebuild plain objects with it
+        if (module, name) in (("builtins", "object"), ("__builtin__", "object")):
+            return object
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a Dassl few-shot pickle "
+                                     "(only Datum objects are expected)")
+
+
+def import_dassl_pickle(path, name, root=None, prefix=None):
+    """Read Dassl's `split_fewshot/shot_{K}-seed_{S}.pkl` without Dassl (no code is executed).
+
+    Absolute paths are made relative to the dataset's image dir: `prefix` is stripped if given, else
+    everything up to the last `/<image dir name>/` component. With `root`, the split is written as our JSON
+    cache `<root>/<folder>/split_fewshot/shot_{K}-seed_{S}.json` (K, S parsed from the file name), which
+    `load_benchmark` then uses. -> {"train": [(rel, label, classname)], "val": [...]}"""
+    info = DATASETS[name]
+    with open(path, "rb") as f:
+        d = _DasslUnpickler(f).load()
+    anchor = "/" + os.path.basename(info.image_dir or info.folder) + "/"
+
+    def rel(p):
+        p = p.replace("\\", "/")
+        if prefix is not None:
+            if not p.startswith(prefix):
+                raise ValueError(f"{path}: image path {p} does not start with prefix {prefix}")
+            return p[len(prefix):].lstrip("/")
+        if anchor not in p:
+            raise ValueError(f"{path}: image path {p} contains no '{anchor}'; pass prefix=<the old image dir>")
+        return p[p.rindex(anchor) + len(anchor):]
+
+    out = {s: [(rel(x._impath), int(x._label), str(x._classname)) for x in d.get(s, [])] for s in ("train", "val")}
+    if root is not None:
+        m = re.match(r"shot_(-?\d+)-seed_(\d+)\.pkl$", os.path.basename(path))
+        if not m:
+            raise ValueError(f"{path}: expected a file name shot_<K>-seed_<S>.pkl to know K and the seed")
+        dataset_dir = os.path.join(root, info.folder)
+        _, split_file, sha = read_full_split(info, dataset_dir)
+        shots, seed = int(m.group(1)), int(m.group(2))
+        _write_json(fewshot_cache_path(dataset_dir, shots, seed),
+                    {"train": [list(x) for x in out["train"]], "val": [list(x) for x in out["val"]],
+                     "meta": {"K": shots, "seed": seed, "split_file": os.path.basename(split_file),
+                              "split_sha256": sha, "sampler": "dassl-pickle", "few_classes": [],
+                              "imported_from": os.path.abspath(path)}})
+    return out
+
+# ----------------------------------------------------------------------------------------------------------
+# base-to-novel (CoOp's subsample_classes) and load_benchmark
+
+
+def subsample_classes(train, val, test, subsample="all"):
+    """Labels of the train list sorted; base = first ceil(n/2), new = the rest; filter and relabel from 0.
+
+    -> (train, val, test, {old label: new label} or None)."""
+    if subsample not in ("all", "base", "new"):
+        raise ValueError(f"subsample must be 'all', 'base' or 'new', got {subsample!r}")
+    if subsample == "all":
+        return train, val, test, None
+    labels = sorted({y for _, y, _ in (train or test)})  # test-only sets (domain shift): their own labels
+    m = math.ceil(len(labels) / 2)
+    selected = labels[:m] if subsample == "base" else labels[m:]
+    relabel = {y: i for i, y in enumerate(selected)}
+    f = lambda items: [(p, relabel[y], c) for p, y, c in items if y in relabel]  # noqa: E731
+    return f(train), f(val), f(test), relabel
+
+
+@dataclass
+class Benchmark:
+    train: list        # [(absolute image path, label, classname as in the split file)]
+    val: list
+    test: list
+    classnames: list   # indexed by label; '_' -> ' ' (ready for the template)
+    template: str
+    meta: dict = field(default_factory=dict)
+
+
+def load_benchmark(name, root, shots=16, seed=1, subsample="all", cache=True):
+    """One benchmark's train / val / test items for (K, seed, setting), following protocol §2-4.
+
+    shots <= 0 (0 or -1) means the full split (as Dassl's num_shots < 1). Few-shot subsets are sampled before
+    base/new subsampling and cached as JSON (relative paths) under <dataset>/split_fewshot/. ImageNet has no
+    val split (its val folder is the test set): val = []. ImageNetV2/-Sketch/-A/-R are test-only."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    info = DATASETS[name]
+    root = os.path.abspath(os.path.expanduser(str(root)))
+    dataset_dir = os.path.join(root, info.folder)
+    if info.kind == "toy" and not os.path.isdir(dataset_dir):
+        log.info("toy benchmark not found under %s: generating it (python data.py toy --root %s)", root, root)
+        make_toy(root)
+    if not os.path.isdir(dataset_dir):
+        raise DatasetNotFoundError(f"dataset folder not found: {dataset_dir}\n" + _layout_help(info, root))
+    image_dir = os.path.join(dataset_dir, info.image_dir)
+    if not os.path.isdir(image_dir):
+        raise DatasetNotFoundError(f"image folder not found: {image_dir}\n" + _layout_help(info, root))
+    full, split_file, sha = read_full_split(info, dataset_dir)
+    where = os.path.basename(split_file)
+    all_names = _classnames_of(full["test"] if info.test_only else full["train"], where)
+    if info.name != "toy" and len(all_names) != info.n_classes:
+        log.warning("%s: %d classes found, %d expected (protocol §2)", name, len(all_names), info.n_classes)
+
+    train, val, test, short, cpath, hit = full["train"], full["val"], full["test"], [], None, False
+    if info.kind == "imagenet":
+        val = []
+        log.info("imagenet has no val split (its val folder is the test set): val = []")
+    if info.test_only:
+        train, val = [], []
+        if shots > 0:
+            log.info("%s is test-only (domain shift): shots=%d ignored", name, shots)
+    elif shots > 0:
+        train, val, short, cpath, hit = _load_fewshot(info, dataset_dir, full, split_file, sha, shots, seed, cache)
+        for y, c, n in short:
+            log.warning("%s: class %d '%s' has %d < %d training images: all of them kept (as Dassl)",
+                        name, y, c, n, shots)
+    elif shots == 0 or shots == -1:
+        counts = (len(train), len(val), len(test))
+        if info.counts and info.name != "toy" and counts != tuple(info.counts):
+            log.warning("%s: train/val/test = %s images, CoOp paper says %s (unverified; check the copy)",
+                        name, counts, tuple(info.counts))
+    else:
+        raise ValueError(f"shots must be >= 1, or 0 / -1 for the full split; got {shots}")
+
+    train, val, test, relabel = subsample_classes(train, val, test, subsample)
+    classnames = _classnames_of(test if info.test_only else train, where + f" ({subsample} classes)")
+    test_names = _classnames_of(test, where + " test") if test else []
+    if test_names and test_names != classnames:
+        raise SplitFileError(f"{where}: test and train disagree on class names/labels; download the split again")
+    absolute = lambda items: [(os.path.join(image_dir, p), y, c) for p, y, c in items]  # noqa: E731
+    train, val, test = absolute(train), absolute(val), absolute(test)
+    missing = [p for p, _, _ in train + val + test if not os.path.isfile(p)]
+    if missing:
+        raise MissingImageError(f"{len(missing)} image(s) listed in {split_file} are missing, e.g. {missing[0]}\n"
+                                "The dataset copy is incomplete or in the wrong folder: " + _layout_help(info, root))
+    meta = dict(name=name, root=root, dataset_dir=dataset_dir, image_dir=image_dir, shots=shots, seed=seed,
+                subsample=subsample, split_file=split_file, split_sha256=sha,
+                counts=dict(train=len(train), val=len(val), test=len(test)), n_classes=len(classnames),
+                few_classes=[list(s) for s in short], fewshot_cache=cpath, cache_hit=hit,
+                image_size=info.image_size, template=info.template,
+                label_map=None if relabel is None else {int(k): v for k, v in relabel.items()})
+    log.info("%s %s shots=%d seed=%d: %d classes, train %d / val %d / test %d", name, subsample, shots, seed,
+             len(classnames), len(train), len(val), len(test))
+    return Benchmark(train, val, test, [c.replace("_", " ") for c in classnames], info.template, meta)
+
+# ----------------------------------------------------------------------------------------------------------
+# transforms (protocol §5): torchvision's semantics with Pillow + torch
+
+_RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC,
+             "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
+
+
+def rrc_params(width, height, scale, ratio, generator=None):
+    """RandomResizedCrop box (top, left, h, w): the draws and their order are torchvision's get_params."""
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)).item()
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            i = torch.randint(0, height - h + 1, size=(1,), generator=generator).item()
+            j = torch.randint(0, width - w + 1, size=(1,), generator=generator).item()
+            return i, j, h, w
+    return rrc_fallback(width, height, ratio)
+
+
+def rrc_fallback(width, height, ratio):
+    """Central crop clamped to the ratio range, after 10 rejected draws."""
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def open_image(path):
+    """Pillow image converted to RGB (grayscale, palette, CMYK, alpha: alpha is dropped, as Dassl's read_image)."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise MissingImageError(f"image not found: {path}") from None
+    except Exception as e:  # PIL raises several types for truncated / non-image files
+        raise CorruptImageError(f"cannot read image {path} ({type(e).__name__}: {e}); replace or re-extract "
+                                "the file, or remove it from the split") from None
+
+
+class Transform:
+    """PIL image -> normalised FloatTensor [3, size, size]; `pair` also maps a mask with the same geometry.
+
+    train: RandomResizedCrop(size, scale, ratio, interpolation) -> horizontal flip (p = hflip);
+    test: shorter side -> size (long side truncated) -> centre crop (top = round((H - size) / 2), ties to even);
+    resize_only: aspect-distorting resize to size x size, no augmentation (the FVG-PT host quirk);
+    then [0, 1] CHW float32 -> (x - mean) / std. Randomness comes from the generator given to the call, else
+    the one given at construction, else torch's global generator."""
+
+    def __init__(self, train, size=224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation="bicubic",
+                 hflip=0.5, mean=CLIP_MEAN, std=CLIP_STD, resize_only=False, mask_interpolation="nearest",
+                 generator=None):
+        for k in (interpolation, mask_interpolation):
+            if k not in _RESAMPLE:
+                raise ValueError(f"interpolation {k!r} not in {sorted(_RESAMPLE)}")
+        self.train, self.size, self.scale, self.ratio = bool(train), int(size), tuple(scale), tuple(ratio)
+        self.interpolation, self.hflip, self.resize_only = interpolation, float(hflip), bool(resize_only)
+        self.mean, self.std, self.mask_interpolation = tuple(mean), tuple(std), mask_interpolation
+        self.generator = generator
+        self._mean = torch.tensor(self.mean, dtype=torch.float32)[:, None, None]
+        self._std = torch.tensor(self.std, dtype=torch.float32)[:, None, None]
+
+    def constants(self):
+        """Every preprocessing constant, for the run log (protocol §12.2)."""
+        if self.resize_only:
+            geometry = f"resize to {self.size}x{self.size} (aspect distorting), no augmentation"
+        elif self.train:
+            geometry = "RandomResizedCrop -> RandomHorizontalFlip"
+        else:
+            geometry = "resize shorter side (long side truncated) -> center crop (round half to even)"
+        return dict(train=self.train, size=self.size, geometry=geometry, scale=list(self.scale),
+                    ratio=list(self.ratio), interpolation=self.interpolation, hflip=self.hflip if self.train else 0.0,
+                    mean=list(self.mean), std=list(self.std), resize_only=self.resize_only,
+                    mask_interpolation=self.mask_interpolation, convert="RGB")
+
+    def params(self, width, height, generator=None):
+        """The geometric ops for an image of this size: [("crop", (left, top, right, bottom)), ("resize", (w, h)),
+        ("flip",)] in order of application."""
+        g = generator if generator is not None else self.generator
+        S = self.size
+        if self.resize_only:
+            return [("resize", (S, S))]
+        if self.train:
+            i, j, h, w = rrc_params(width, height, self.scale, self.ratio, g)
+            ops = [("crop", (j, i, j + w, i + h)), ("resize", (S, S))]
+            if torch.rand(1, generator=g) < self.hflip:
+                ops.append(("flip",))
+            return ops
+        short, long = min(width, height), max(width, height)
+        new_long = int(S * long / short)
+        nw, nh = (S, new_long) if width <= height else (new_long, S)
+        top, left = int(round((nh - S) / 2.0)), int(round((nw - S) / 2.0))
+        return [("resize", (nw, nh)), ("crop", (left, top, left + S, top + S))]
+
+    @staticmethod
+    def apply(img, ops, resample):
+        for op in ops:
+            if op[0] == "crop":
+                img = img.crop(op[1])
+            elif op[0] == "resize":
+                img = img.resize(op[1], resample)
+            else:
+                img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        return img
+
+    def to_tensor(self, img):
+        """uint8 HWC -> float [0, 1] CHW -> normalised (torchvision's to_tensor + normalize, float32)."""
+        x = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+        return x.float().div(255).sub_(self._mean).div_(self._std)
+
+    def __call__(self, img, generator=None):
+        img = img if img.mode == "RGB" else img.convert("RGB")
+        ops = self.params(img.width, img.height, generator)
+        return self.to_tensor(self.apply(img, ops, _RESAMPLE[self.interpolation]))
+
+    def pair(self, img, mask, generator=None, encoding="white"):
+        """(image, mask image) -> (FloatTensor [3, S, S], FloatTensor [1, S, S] in {0, 1}) with one geometry.
+
+        The mask becomes a uint8 score image (white: mean RGB rounded half up, label: channel 0 / palette index),
+        is resized to the image with NEAREST if needed, follows the image's crop / resize / flip with
+        `mask_interpolation`, then is binarised (white: score/255 > 0.5; label: 1 <= score <= 254)."""
+        img = img if img.mode == "RGB" else img.convert("RGB")
+        score = mask_score(mask, encoding)
+        if score.size != img.size:
+            score = score.resize(img.size, Image.NEAREST)
+        ops = self.params(img.width, img.height, generator)
+        x = self.to_tensor(self.apply(img, ops, _RESAMPLE[self.interpolation]))
+        s = np.asarray(self.apply(score, ops, _RESAMPLE[self.mask_interpolation]))
+        return x, torch.from_numpy(binarise(s, encoding)).float()[None]
+
+
+def build_transform(train, size=224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation="bicubic", hflip=0.5,
+                    mean=CLIP_MEAN, std=CLIP_STD, resize_only=False, mask_interpolation="nearest", generator=None):
+    """The CoOp train (random) or test (deterministic) transform; see Transform. The toy benchmark uses size=32."""
+    return Transform(train, size, scale, ratio, interpolation, hflip, mean, std, resize_only, mask_interpolation,
+                     generator)
+
+
+def transform_constants(train=True, **kwargs):
+    return build_transform(train, **kwargs).constants()
+
+# ----------------------------------------------------------------------------------------------------------
+# foreground masks (protocol §5)
+
+MASK_ENCODINGS = ("white", "label")
+
+
+def mask_path(dataset_dir, image_path):
+    """<dataset_dir>/mask/<image path relative to dataset_dir>; if absent, the same stem with .png."""
+    rel = os.path.relpath(image_path, dataset_dir)
+    p = os.path.join(dataset_dir, "mask", rel)
+    if not os.path.isfile(p):
+        png = os.path.splitext(p)[0] + ".png"
+        if os.path.isfile(png):
+            return png
+    return p
+
+
+def read_mask_encoding(dataset_dir, default="white"):
+    """The one-word `<dataset_dir>/mask/ENCODING` file if present, else `default`."""
+    path = os.path.join(dataset_dir, "mask", "ENCODING")
+    if os.path.isfile(path):
+        with open(path) as f:
+            enc = f.read().strip().lower()
+        if enc not in MASK_ENCODINGS:
+            raise ValueError(f"{path} says {enc!r}; it must be one word out of {MASK_ENCODINGS}")
+        return enc
+    return default
+
+
+def mask_score(mask, encoding):
+    """Mask image -> uint8 'L' image whose binarisation gives the foreground."""
+    if encoding == "white":
+        rgb = np.asarray(mask.convert("RGB"), dtype=np.int32)
+        return Image.fromarray(((2 * rgb.sum(-1) + 3) // 6).astype(np.uint8))  # round(mean RGB), half up
+    if encoding == "label":
+        a = np.asarray(mask)
+        a = a[..., 0] if a.ndim == 3 else a
+        return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+    raise ValueError(f"mask encoding must be one of {MASK_ENCODINGS}, got {encoding!r}")
+
+
+def binarise(score, encoding):
+    """uint8 score array -> float32 {0, 1}: white fg = v/255 > 0.5 (v >= 128); label fg = 1 <= v <= 254."""
+    s = np.asarray(score)
+    fg = (s >= 128) if encoding == "white" else ((s >= 1) & (s <= 254))
+    return fg.astype(np.float32)
+
+
+def masked_view(image, mask, fill="mean", mean=CLIP_MEAN, std=CLIP_STD):
+    """Keep the pixels where mask = 1 (image [B, 3, H, W] normalised, mask [B, 1, H, W]); the others become
+    the CLIP mean colour (fill="mean": 0 in normalised space, DAPT) or black (fill="black": 0 before
+    normalisation, the FVG-PT figure). Background view: masked_view(image, 1 - mask, ...)."""
+    if fill == "mean":
+        return image * mask
+    if fill == "black":
+        m = torch.tensor(mean, dtype=image.dtype, device=image.device)[:, None, None]
+        s = torch.tensor(std, dtype=image.dtype, device=image.device)[:, None, None]
+        return ((image * s + m) * mask - m) / s
+    raise ValueError(f"fill must be 'mean' or 'black', got {fill!r}")
+
+
+def open_mask(path):
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im
+    except FileNotFoundError:
+        raise MissingMaskError(f"mask not found: {path}") from None
+    except Exception as e:
+        raise CorruptImageError(f"cannot read mask {path} ({type(e).__name__}: {e})") from None
+
+
+def check_mask_encoding(paths, encoding, n=32):
+    """Warn if most of the first n masks have a foreground fraction outside [0.02, 0.98] (wrong encoding?)."""
+    fracs = [float(binarise(mask_score(open_mask(p), encoding), encoding).mean()) for p in paths[:n]]
+    bad = sum(not 0.02 <= f <= 0.98 for f in fracs)
+    if fracs and bad > len(fracs) / 2:
+        other = "label" if encoding == "white" else "white"
+        log.warning("%d of the first %d masks have a foreground fraction outside [0.02, 0.98] under the '%s' "
+                    "encoding: the masks may be '%s' encoded (write the word into mask/ENCODING)",
+                    bad, len(fracs), encoding, other)
+    return fracs
+
+# ----------------------------------------------------------------------------------------------------------
+# loading: per-sample generators from (seed, epoch, index), so augmentations do not depend on the worker count
+
+
+def sample_seed(seed, epoch, index):
+    """A 63-bit seed for one (run seed, epoch, sample index); index -1 seeds the epoch's permutation."""
+    h = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """items -> dicts {"image", "label", "index"[, "fg_mask"[, "fg_frac"]]}; keys are (index, epoch) pairs."""
+
+    def __init__(self, items, transform, seed=1, masks=None, encoding="white", patch_size=None):
+        self.items, self.transform, self.seed = items, transform, seed
+        self.masks, self.encoding, self.patch_size = masks, encoding, patch_size  # masks: paths (None = all ones)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        path, label, _ = self.items[index]
+        g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, index))
+        img = open_image(path)
+        out = {"label": torch.tensor(label, dtype=torch.long), "index": torch.tensor(index, dtype=torch.long)}
+        if self.masks is None:
+            out["image"] = self.transform(img, generator=g)
+            return out
+        mp = self.masks[index]
+        mask = open_mask(mp) if mp is not None else Image.new("L", img.size, 255)
+        out["image"], m = self.transform.pair(img, mask, generator=g,
+                                              encoding=self.encoding if mp is not None else "white")
+        out["fg_mask"] = m
+        if self.patch_size:
+            p = self.patch_size
+            out["fg_frac"] = F.avg_pool2d(m[None], p).flatten()  # [(S/p)^2], row-major like ViT patches
+        return out
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields (index, epoch): a fresh seeded permutation per epoch when shuffling, in order otherwise."""
+
+    def __init__(self, n, shuffle, seed):
+        self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        e = self.epoch
+        if self.shuffle:
+            g = torch.Generator().manual_seed(sample_seed(self.seed, e, -1))
+            return iter([(int(i), e) for i in torch.randperm(self.n, generator=g)])
+        return iter([(i, e) for i in range(self.n)])
+
+
+class Loader(torch.utils.data.DataLoader):
+    """A DataLoader with set_epoch(e); without it, each iter() advances the epoch by one."""
+
+    def set_epoch(self, epoch):
+        self._epoch = int(epoch)
+
+    def __iter__(self):
+        self.sampler.epoch = self._epoch  # read when iteration starts; fixed until the next iter()
+        self._epoch += 1
+        return super().__iter__()
+
+
+def _worker_init(worker_id):
+    s = torch.initial_seed() % 2**32  # stray randomness in workers (not the augmentations) is seeded too
+    random.seed(s)
+    np.random.seed(s)
+
+
+def build_loader(items, transform, batch_size, train, workers=0, seed=1, masks=False, dataset_dir=None,
+                 mask_encoding=None, allow_missing_masks=False, patch_size=None, dassl_drop_last=False,
+                 pin_memory=None):
+    """A reproducible DataLoader over Benchmark items.
+
+    Sample i of epoch e is transformed with a torch.Generator seeded by (seed, e, i), and epoch e's order is a
+    permutation seeded by (seed, e): a run is reproducible for any `workers`. Every sample is used each epoch
+    (last partial batch kept) unless dassl_drop_last (Dassl: drop_last when len(items) >= batch_size).
+    masks=True pairs each image with <dataset_dir>/mask/<rel path> (mask_path); a missing mask is an error
+    naming it, unless allow_missing_masks (all-ones mask, counted and logged). patch_size p adds fg_frac."""
+    encoding, mpaths = None, None
+    if masks:
+        if dataset_dir is None:
+            raise ValueError("masks=True needs dataset_dir (Benchmark.meta['dataset_dir'])")
+        encoding = mask_encoding or read_mask_encoding(dataset_dir)
+        if encoding not in MASK_ENCODINGS:
+            raise ValueError(f"mask_encoding must be one of {MASK_ENCODINGS}, got {encoding!r}")
+        mpaths = [mask_path(dataset_dir, p) for p, _, _ in items]
+        missing = [m for m in mpaths if not os.path.isfile(m)]
+        if missing and not allow_missing_masks:
+            raise MissingMaskError(
+                f"{len(missing)} of {len(mpaths)} foreground masks are missing, e.g. {missing[0]}\nMasks live at "
+                f"<dataset>/mask/<image path relative to the dataset folder> (same name, or same stem with .png); "
+                "see protocol §5 to convert released mask sets, or pass allow_missing_masks to use all-ones masks")
+        if missing:
+            log.warning("%d of %d masks missing: all-ones masks used for them (allow_missing_masks)",
+                        len(missing), len(mpaths))
+            mpaths = [m if os.path.isfile(m) else None for m in mpaths]
+        check_mask_encoding([m for m in mpaths if m is not None], encoding)
+    if patch_size and transform.size % patch_size:
+        raise ValueError(f"image size {transform.size} is not a multiple of patch size {patch_size}")
+    ds = ImageDataset(items, transform, seed, mpaths, encoding, patch_size if masks else None)
+    drop_last = bool(train and dassl_drop_last and len(items) >= batch_size)
+    loader = Loader(ds, batch_size=batch_size, sampler=EpochSampler(len(items), bool(train), seed),
+                    num_workers=workers, drop_last=drop_last, worker_init_fn=_worker_init,
+                    pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+                    generator=torch.Generator().manual_seed(seed))
+    loader._epoch = 0
+    loader.samples_per_epoch = len(items) - (len(items) % batch_size if drop_last else 0)
+    loader.masks_missing = sum(m is None for m in mpaths) if mpaths is not None else 0
+    if drop_last and len(items) % batch_size:
+        log.warning("dassl_drop_last: %d of %d samples dropped each epoch", len(items) % batch_size, len(items))
+    return loader
+
+# ----------------------------------------------------------------------------------------------------------
+# the toy benchmark (toy.md): coloured shapes on textured backgrounds with a spurious texture-class link
+
+TOY_COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 225), "yellow": (235, 215, 40),
+               "purple": (150, 50, 190), "orange": (245, 140, 30)}
+TOY_SHAPES = ("circle", "square", "triangle", "cross")
+TOY_TEXTURES = ("stripes", "dots", "checker", "noise", "gradient", "rings")
+TOY_CLASSNAMES = [f"{c} {s}" for c in TOY_COLOURS for s in TOY_SHAPES]
+TOY_CAPTION_TEMPLATES = ["a photo of a {}.", "a {}.", "a picture of a {}.", "an image of a {}.",
+                         "a {} on a textured background.", "a photo of the {}.", "a drawing of a {}."]
+TOY_SIZE = 32
+TOY_PER_CLASS = {"train": 60, "val": 20, "test": 40}
+TOY_SPURIOUS = 0.8  # P(preferred texture) in train / val
+_YY, _XX = np.mgrid[0:TOY_SIZE, 0:TOY_SIZE].astype(np.float32) + 0.5  # pixel centres
+
+
+def toy_caption(classname, k=0):
+    return TOY_CAPTION_TEMPLATES[k % len(TOY_CAPTION_TEMPLATES)].format(classname)
+
+
+def _toy_texture(rng, kind):
+    """[32, 32, 3] float background: two muted colours mixed by a texture pattern."""
+    cols = np.clip(rng.uniform(35, 205, (2, 1)) + rng.uniform(-25, 25, (2, 3)), 0, 255)
+    x, y = _XX, _YY
+    if kind == "stripes":
+        a, period = rng.uniform(0, np.pi), rng.uniform(4, 9)
+        w = ((np.cos(a) * x + np.sin(a) * y) / period % 1.0) < 0.5
+    elif kind == "dots":
+        p, r = rng.integers(5, 9), rng.uniform(1.0, 2.2)
+        ox, oy = rng.uniform(0, p, 2)
+        w = ((x + ox) % p - p / 2) ** 2 + ((y + oy) % p - p / 2) ** 2 < r * r
+    elif kind == "checker":
+        p = rng.integers(3, 8)
+        ox, oy = rng.integers(0, p, 2)
+        w = ((x + ox) // p + (y + oy) // p) % 2 == 1
+    elif kind == "noise":
+        w = np.kron(rng.random((TOY_SIZE // 4, TOY_SIZE // 4)), np.ones((4, 4))) * 0.6 + rng.random(x.shape) * 0.4
+    elif kind == "gradient":
+        a = rng.uniform(0, 2 * np.pi)
+        t = np.cos(a) * x + np.sin(a) * y
+        w = (t - t.min()) / (t.max() - t.min())
+    else:  # rings
+        cx, cy, period = rng.uniform(0, TOY_SIZE, 2).tolist() + [rng.uniform(3, 7)]
+        w = (np.sqrt((x - cx) ** 2 + (y - cy) ** 2) / period % 1.0) < 0.5
+    w = np.asarray(w, np.float32)[..., None]
+    return cols[0] * (1 - w) + cols[1] * w
+
+
+def _toy_shape(shape, cx, cy, s):
+    """Boolean [32, 32] pixel mask of a shape with centre (cx, cy) and half-extent s."""
+    dx, dy = _XX - cx, _YY - cy
+    if shape == "circle":
+        return dx * dx + dy * dy <= s * s
+    if shape == "square":
+        return (np.abs(dx) <= 0.8 * s) & (np.abs(dy) <= 0.8 * s)
+    if shape == "triangle":  # apex up, base at cy + 0.8 s
+        t = (dy + s) / (1.8 * s)
+        return (t >= 0) & (t <= 1) & (np.abs(dx) <= t * s)
+    return ((np.abs(dx) <= s / 3) & (np.abs(dy) <= s)) | ((np.abs(dy) <= s / 3) & (np.abs(dx) <= s))
+
+
+def toy_render(rng, label, texture, distractor_p=0.3):
+    """One toy image: uint8 [32, 32, 3] and its exact foreground mask bool [32, 32] (the main object only)."""
+    colours = list(TOY_COLOURS)
+    ci, si = divmod(label, len(TOY_SHAPES))
+    img = _toy_texture(rng, texture)
+    if rng.random() < distractor_p:  # a small shape of another colour, drawn under the object
+        dc = colours[(ci + rng.integers(1, len(colours))) % len(colours)]
+        dm = _toy_shape(TOY_SHAPES[rng.integers(len(TOY_SHAPES))], *rng.uniform(4, 28, 2), rng.uniform(3, 5))
+        img[dm] = TOY_COLOURS[dc]
+    s = rng.uniform(7, 12)
+    cx, cy = rng.uniform(s, TOY_SIZE - s, 2)
+    m = _toy_shape(TOY_SHAPES[si], cx, cy, s)
+    img[m] = np.clip(np.array(TOY_COLOURS[colours[ci]]) + rng.integers(-20, 21, 3), 0, 255)
+    return img.round().astype(np.uint8), m
+
+
+def toy_pretrain_images(n, seed):
+    """Clean pretraining data for the toy CLIP, made in memory: every class, textures drawn independently of the
+    class (no spurious context), random caption templates.
+
+    -> (uint8 ndarray [n, 32, 32, 3], int64 ndarray [n] class indices into TOY_CLASSNAMES, list of n captions)."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    labels = rng.integers(0, len(TOY_CLASSNAMES), n)
+    images = np.empty((n, TOY_SIZE, TOY_SIZE, 3), np.uint8)
+    captions = []
+    for k, y in enumerate(labels):
+        images[k], _ = toy_render(rng, int(y), TOY_TEXTURES[rng.integers(len(TOY_TEXTURES))])
+        captions.append(toy_caption(TOY_CLASSNAMES[y], int(rng.integers(len(TOY_CAPTION_TEMPLATES)))))
+    return images, labels.astype(np.int64), captions
+
+
+def toy_preferred_textures(seed=0):
+    """Class -> its preferred background texture in train / val (each texture preferred by 4 classes)."""
+    rng = np.random.Generator(np.random.PCG64([seed, 1]))
+    return [TOY_TEXTURES[int(t) % len(TOY_TEXTURES)] for t in rng.permutation(len(TOY_CLASSNAMES))]
+
+
+def make_toy(root, seed=0, per_class=None):
+    """Write <root>/toy in the CoOp layout: images/<class>/<split>_<i>.png, mask/images/... (white fg PNG),
+    mask/ENCODING, split_toy.json, toy_meta.json (settings, preferred texture per class, texture per image).
+    Deterministic for the seed; written to a temporary folder and
+    renamed, so an interrupted run leaves nothing half-made. -> the dataset folder."""
+    per_class = dict(per_class or TOY_PER_CLASS)
+    out = os.path.join(os.path.abspath(root), "toy")
+    tmp = f"{out}.tmp{os.getpid()}"
+    rng = np.random.Generator(np.random.PCG64(seed))
+    prefer = toy_preferred_textures(seed)
+    split, textures = {}, {}
+    for name in TOY_CLASSNAMES:
+        os.makedirs(os.path.join(tmp, "images", name.replace(" ", "_")), exist_ok=True)
+        os.makedirs(os.path.join(tmp, "mask", "images", name.replace(" ", "_")), exist_ok=True)
+    for s in ("train", "val", "test"):
+        split[s] = []
+        for y, name in enumerate(TOY_CLASSNAMES):
+            for i in range(per_class[s]):
+                if s != "test" and rng.random() < TOY_SPURIOUS:
+                    tex = prefer[y]
+                elif s != "test":  # one of the other textures
+                    others = [t for t in TOY_TEXTURES if t != prefer[y]]
+                    tex = others[rng.integers(len(others))]
+                else:
+                    tex = TOY_TEXTURES[rng.integers(len(TOY_TEXTURES))]
+                img, m = toy_render(rng, y, tex)
+                rel = f"{name.replace(' ', '_')}/{s}_{i:03d}.png"
+                Image.fromarray(img).save(os.path.join(tmp, "images", rel), compress_level=1)
+                Image.fromarray(m.astype(np.uint8) * 255).save(os.path.join(tmp, "mask", "images", rel),
+                                                               compress_level=1)
+                split[s].append([rel, y, name])
+                textures[rel] = tex
+    with open(os.path.join(tmp, "mask", "ENCODING"), "w") as f:
+        f.write("white\n")
+    with open(os.path.join(tmp, "split_toy.json"), "w") as f:
+        json.dump(split, f)
+    with open(os.path.join(tmp, "toy_meta.json"), "w") as f:
+        json.dump({"seed": seed, "per_class": per_class, "size": TOY_SIZE, "spurious": TOY_SPURIOUS,
+                   "preferred_texture": dict(zip(TOY_CLASSNAMES, prefer)), "version": 1, "texture": textures}, f)
+    try:
+        os.rename(tmp, out)
+    except OSError:  # another process finished first
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.isdir(out):
+            raise
+    log.info("toy benchmark written to %s (%s per class)", out, per_class)
+    return out
+
+# ----------------------------------------------------------------------------------------------------------
+# command line
+
+
+def check(name, root, sample=None, seed=0, out=print):
+    """Validate a dataset without training: split / listing, class names, every image (or a sample), masks.
+    -> number of problems (0 = fine)."""
+    b = load_benchmark(name, root, shots=0, subsample="all")
+    m = b.meta
+    out(f"{name}: {m['dataset_dir']}\n  split: {m['split_file']} (sha256 {m['split_sha256'][:16]}...)")
+    out(f"  classes: {len(b.classnames)} ({', '.join(b.classnames[:5])}{', ...' if len(b.classnames) > 5 else ''})")
+    out(f"  images: train {len(b.train)}, val {len(b.val)}, test {len(b.test)}; template '{b.template}'")
+    items = b.train + b.val + b.test
+    if name in ("caltech101", "eurosat", "ucf101", "sun397", "oxford_pets"):  # names CoOp derives from paths
+        raw = (lambda p: "/" + os.path.dirname(p)) if name == "sun397" else \
+              (lambda p: os.path.basename(p)) if name == "oxford_pets" else (lambda p: p.split("/")[0])
+        wrong = [(p, c) for p, _, c in items if coop_classname(name, raw(os.path.relpath(p, m["image_dir"]))) != c]
+        out(f"  class names: {len(items) - len(wrong)} of {len(items)} follow CoOp's naming rule"
+            + (f"; e.g. {wrong[0][0]} is labelled '{wrong[0][1]}'" if wrong else ""))
+    if sample and sample < len(items):
+        items = random.Random(seed).sample(items, sample)
+    bad = []
+    for p, _, _ in items:
+        try:
+            open_image(p)
+        except (CorruptImageError, MissingImageError) as e:
+            bad.append(str(e))
+    for e in bad[:10]:
+        out("  BAD " + e)
+    out(f"  opened {len(items)} images: {len(items) - len(bad)} fine, {len(bad)} unreadable")
+    masks = [mp for mp in (mask_path(m["dataset_dir"], p) for p, _, _ in items) if os.path.isfile(mp)]
+    if masks:
+        enc = read_mask_encoding(m["dataset_dir"])
+        fr = check_mask_encoding(masks, enc)
+        out(f"  masks: {len(masks)} of {len(items)} found, encoding '{enc}', mean foreground "
+            f"{np.mean(fr):.3f} over the first {len(fr)}")
+    else:
+        out(f"  masks: none under {os.path.join(m['dataset_dir'], 'mask')}")
+    return len(bad)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(
+        prog="data.py", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Benchmark data tools: validate a dataset in the CoOp layout, or write the offline toy "
+                    "benchmark.",
+        epilog="datasets: " + ", ".join(DATASETS) + f"\nlayouts and downloads: {COOP_DATASETS_MD}\n"
+               "examples:\n  python data.py toy --root DATA\n"
+               "  python data.py check caltech101 --root DATA --sample 500")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("check", allow_abbrev=False, help="validate a dataset: split file, class names, open every "
+                       "image (or --sample N of them), count masks; prints a summary, trains nothing")
+    c.add_argument("dataset", choices=list(DATASETS), metavar="DATASET",
+                   help="one of: " + ", ".join(DATASETS))
+    c.add_argument("--root", required=True, help="folder holding the dataset folders (e.g. DATA)")
+    c.add_argument("--sample", type=int, default=None, help="open only N randomly chosen images")
+    t = sub.add_parser("toy", allow_abbrev=False, help="write the toy benchmark to ROOT/toy (seconds)")
+    t.add_argument("--root", required=True)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--force", action="store_true", help="replace an existing ROOT/toy")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    if a.cmd == "toy":
+        out = os.path.join(a.root, "toy")
+        if os.path.isdir(out):
+            if not a.force:
+                print(f"{out} exists; use --force to replace it")
+                return 0
+            import shutil
+            shutil.rmtree(out)
+        print(make_toy(a.root, a.seed))
+        return 0
+    try:
+        return 1 if check(a.dataset, a.root, a.sample) else 0
+    except (FileNotFoundError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

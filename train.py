@@ -1,0 +1,599 @@
+"""Train one prompt-tuning method on one dataset, shot count, seed and class subset; evaluate it; write a run.
+
+    python train.py --method coop --dataset caltech101 --root DATA --shots 16 --seed 1 --subsample base
+    python train.py --method dapt --dataset toy            # offline: toy benchmark + toy CLIP (pretrained here)
+    python train.py --method coop --dataset toy --lr 0.01 --epochs 20   # any config key: --key value
+
+A run folder `<out>/<setting>/<dataset>/<method><tag>/shots<K>_seed<S>/` holds `config.json` (every
+preprocessing and optimisation constant), `log.txt`, `metrics.jsonl` (one line per epoch), `checkpoint.pt`
+(learnable parameters + config + class names), `resume.pt` (optimizer state for --resume) and `result.json`.
+
+Configuration is plain values: COMMON, then the method's row of METHOD_DEFAULTS for the setting, then
+DATASET_OVERRIDES, then `--key value` from the command line. Unknown keys are errors.
+Deliberately not here: multi-GPU, schedulers other than the protocol's, evaluation tables (eval.py).
+"""
+import argparse
+import datetime
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import data
+import dapt
+
+log = logging.getLogger("dapt")
+
+# ----------------------------------------------------------------------------------------------------------
+# configuration: one visible table (methods.md, protocol.md §7)
+
+COMMON = dict(
+    shots=16, seed=1, subsample="all", setting="",  # setting "" = b2n when subsample != all, else fewshot
+    clip="ViT-B/16",  # a name (ViT-B/16, ViT-B/32, ViT-L/14) or a checkpoint path; toy: the toy CLIP
+    # transforms (protocol §5); image_size 0 = the dataset's (224; toy 32)
+    image_size=0, rrc_scale=(0.08, 1.0), rrc_ratio=(0.75, 4 / 3), interpolation="bicubic", hflip=0.5,
+    resize_only=False, mask_encoding="", allow_missing_masks=False,
+    # optimisation (protocol §6)
+    optimizer="sgd", lr=0.002, momentum=0.9, weight_decay=5e-4, batch=32, epochs=10,
+    warmup_epochs=1, warmup_lr=1e-5, schedule="cosine", selection="last", dassl_drop_last=False,
+    precision="auto", attn="auto", workers=2, test_batch=100, log_every=20, tag="",
+)
+
+# Per method and setting (fewshot / b2n / xd). `epochs` may be a {shots: epochs} table.
+COOP_FS_EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
+METHOD_DEFAULTS = {
+    "zsclip": {"all": dict(epochs=0, template="", ensemble="")},
+    "coop": {
+        "fewshot": dict(n_ctx=16, ctx_init="", csc=False, class_token_position="end", batch=32, lr=0.002,
+                        epochs=COOP_FS_EPOCHS),
+        "b2n": dict(n_ctx=4, ctx_init="a photo of a", csc=False, class_token_position="end", batch=32,
+                    lr=0.002, epochs=200),
+    },
+    "cocoop": {"all": dict(n_ctx=4, ctx_init="a photo of a", class_token_position="end", batch=1, lr=0.002,
+                           epochs=10, text_chunk=20000)},
+    "vpt": {"all": dict(n_prompts=8, vpt_depth=12, prompt_init="normal", prompt_ln_pre=True, prompt_dropout=0.0,
+                        batch=4, lr=0.0025, epochs=5)},
+    "maple": {
+        "fewshot": dict(n_ctx=2, ctx_init="a photo of a", prompt_depth=9, batch=4, lr=0.0035, epochs=10),
+        "b2n": dict(n_ctx=2, ctx_init="a photo of a", prompt_depth=9, batch=4, lr=0.0035, epochs=5),
+        "xd": dict(n_ctx=2, ctx_init="a photo of a", prompt_depth=3, batch=4, lr=0.0026, epochs=2),
+    },
+}
+# (method, dataset) -> overrides; "*" matches every method.
+DATASET_OVERRIDES = {
+    ("coop", "imagenet"): dict(epochs=50),
+    ("*", "toy"): dict(clip="toy", workers=0),
+}
+
+
+def setting_of(cfg):
+    return cfg["setting"] or ("b2n" if cfg["subsample"] != "all" else "fewshot")
+
+
+def resolve_config(method, dataset, overrides):
+    """COMMON <- METHOD_DEFAULTS[method][setting] <- DATASET_OVERRIDES <- overrides (already typed)."""
+    if method not in METHOD_DEFAULTS:
+        raise SystemExit(f"unknown method {method!r}: expected one of {', '.join(METHOD_DEFAULTS)}")
+    if dataset not in data.DATASETS:
+        raise SystemExit(f"unknown dataset {dataset!r}: expected one of {', '.join(data.DATASETS)}")
+    cfg = dict(COMMON, method=method, dataset=dataset)
+    for key in ("subsample", "setting", "shots"):  # the setting decides which row applies
+        if key in overrides:
+            cfg[key] = overrides[key]
+    rows = METHOD_DEFAULTS[method]
+    setting = setting_of(cfg)
+    row = rows.get(setting) or rows.get("all") or rows.get("b2n" if setting == "xd" else "fewshot")
+    cfg.update(row)
+    for (m, d), extra in DATASET_OVERRIDES.items():
+        if d == dataset and m in ("*", method):
+            cfg.update(extra)
+    known = set(cfg)
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise SystemExit(f"unknown config key(s) {unknown} for method {method!r}. Valid keys: {', '.join(sorted(known))}")
+    cfg.update(overrides)
+    if isinstance(cfg["epochs"], dict):
+        table = cfg["epochs"]
+        cfg["epochs"] = table.get(cfg["shots"], table[max(k for k in table if k <= max(cfg["shots"], 1))])
+    cfg["setting"] = setting_of(cfg)
+    return cfg
+
+
+def parse_value(key, text, default):
+    """Type a command-line value by its default's type."""
+    try:
+        if isinstance(default, bool):
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if isinstance(default, int):
+            return int(text)
+        if isinstance(default, float):
+            return float(text)
+        if isinstance(default, (tuple, list)):
+            return tuple(float(x) for x in text.split(","))
+        if isinstance(default, dict):
+            return int(text)
+        return text
+    except ValueError:
+        raise SystemExit(f"--{key.replace('_', '-')}: cannot read {text!r} as {type(default).__name__}") from None
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], allow_abbrev=False,
+        epilog="Any config key can be set with --key value (see --show-config); unknown keys are errors.")
+    p.add_argument("--method", required=True, help=f"one of {', '.join(METHOD_DEFAULTS)}")
+    p.add_argument("--dataset", required=True, help="a name of data.DATASETS (toy works offline)")
+    p.add_argument("--root", default="DATA", help="data root holding the dataset folders (default DATA)")
+    p.add_argument("--out", default="runs", help="where run folders go (default runs)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--resume", action="store_true", help="continue the run in its folder from its last epoch")
+    p.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
+    args, rest = p.parse_known_args(argv)
+    overrides, i = {}, 0
+    while i < len(rest):
+        if not rest[i].startswith("--") or i + 1 >= len(rest):
+            p.error(f"expected --key value pairs, got {' '.join(rest[i:])!r}")
+        overrides[rest[i][2:].replace("-", "_")] = rest[i + 1]
+        i += 2
+    base = resolve_config(args.method, args.dataset, {})
+    typed = {}
+    for k, v in overrides.items():
+        if k not in base:
+            resolve_config(args.method, args.dataset, {k: v})  # raises the unknown-key error
+        typed[k] = parse_value(k, v, base[k])
+    args.cfg = resolve_config(args.method, args.dataset, typed)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# schedule (protocol §6)
+
+
+def lr_at(cfg, epoch, step=0, steps_per_epoch=1):
+    """Constant warm-up at warmup_lr for warmup_epochs, then cosine: lr0 (1 + cos(pi (e - W) / E)) / 2,
+    stepped per epoch (Dassl) or, with schedule=per_step, per update (linear warm-up then cosine)."""
+    E, W, lr0 = cfg["epochs"], cfg["warmup_epochs"], cfg["lr"]
+    if cfg["schedule"] == "per_step":
+        t, warm, total = epoch * steps_per_epoch + step, W * steps_per_epoch, E * steps_per_epoch
+        if t < warm:
+            return cfg["warmup_lr"] + (lr0 - cfg["warmup_lr"]) * t / max(warm, 1)
+        return cfg.get("min_lr", 0.0) + (lr0 - cfg.get("min_lr", 0.0)) * (1 + math.cos(math.pi * (t - warm) / max(total - warm, 1))) / 2
+    if cfg["schedule"] != "cosine":
+        raise SystemExit(f"schedule {cfg['schedule']!r}: expected cosine or per_step")
+    if epoch < W:
+        return cfg["warmup_lr"]
+    return lr0 * (1 + math.cos(math.pi * (epoch - W) / E)) / 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the toy CLIP (toy.md): contrastive pretraining of a small CLIP on toy captions, cached on disk
+
+TOY_CONFIG = dict(embed_dim=64, image_resolution=32, vision_layers=4, vision_width=64, vision_patch_size=8,
+                  context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
+                  transformer_layers=4)
+TOY_PRETRAIN = dict(seed=0, steps=1500, batch=256, lr=2e-3, weight_decay=0.1, warmup=100, images=24000)
+
+
+def toy_clip_path(root):
+    return os.path.join(root, "toy_clip", "toy_clip.pt")
+
+
+def pretrain_toy_clip(root, steps=None, quiet=False):
+    """Pretrain (or load from cache) the toy CLIP; returns the checkpoint path. Deterministic for the recipe.
+
+    Contrastive image-caption training (symmetric InfoNCE, learnable temperature capped at 100 as OpenAI's)
+    on clean toy images of all classes generated in memory, AdamW + cosine. The zero-shot accuracy on
+    held-out clean images is written beside the weights (toy_clip.json)."""
+    path = toy_clip_path(root)
+    recipe = dict(TOY_PRETRAIN, config=TOY_CONFIG, steps=steps or TOY_PRETRAIN["steps"])
+    meta_path = path.replace(".pt", ".json")
+    if os.path.exists(path) and os.path.exists(meta_path):
+        with open(meta_path) as f:
+            if json.load(f).get("recipe") == json.loads(json.dumps(recipe)):
+                return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    say = (lambda *a: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    say(f"pretraining the toy CLIP ({recipe['steps']} steps, cached at {path}) ...")
+    images, labels, captions = data.toy_pretrain_images(recipe["images"], seed=recipe["seed"])
+    x_all, labels = toy_images_to_tensor(images), torch.as_tensor(labels)
+    tokens_all = dapt.tokenize(captions)
+    # The captions use a few dozen of the 49408 BPE ids: train a model whose embedding table holds only those
+    # rows (ids remapped in sorted order, so end-of-text stays the largest id), then put them back into the
+    # full table, whose other rows keep their initialisation. Same result for the toy captions, 20x less work.
+    used, tokens_all = torch.unique(tokens_all, sorted=True, return_inverse=True)
+    torch.manual_seed(recipe["seed"])
+    model = dapt.CLIP(**dict(TOY_CONFIG, vocab_size=len(used))).train()
+    full_embedding = torch.empty(TOY_CONFIG["vocab_size"], TOY_CONFIG["transformer_width"]).normal_(std=0.02)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
+    g = torch.Generator().manual_seed(recipe["seed"])
+    t0 = time.time()
+    for step in range(recipe["steps"]):
+        lr = recipe["lr"] * min(1.0, (step + 1) / recipe["warmup"]) * 0.5 * (1 + math.cos(math.pi * step / recipe["steps"]))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = torch.randint(len(x_all), (recipe["batch"],), generator=g)
+        img = F.normalize(model.encode_image(x_all[idx]), dim=-1)
+        txt = F.normalize(model.encode_text(tokens_all[idx]), dim=-1)
+        logits = model.logit_scale.exp() * img @ txt.t()
+        # captions of the same class are positives too: soft targets over same-class pairs
+        same = (labels[idx][:, None] == labels[idx][None, :]).float()
+        target = same / same.sum(1, keepdim=True)
+        loss = (torch.sum(-target * F.log_softmax(logits, 1), 1).mean() + torch.sum(-target * F.log_softmax(logits.t(), 1), 1).mean()) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        if step % 100 == 0 or step == recipe["steps"] - 1:
+            say(f"  toy CLIP step {step}/{recipe['steps']} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    full_embedding[used] = state["token_embedding.weight"]
+    state["token_embedding.weight"] = full_embedding
+    model = dapt.build_clip(state)
+    acc = toy_zero_shot_accuracy(model)
+    say(f"toy CLIP zero-shot accuracy on clean held-out images: {acc:.2f}%")
+    atomic_save(state, path)
+    write_json(meta_path, dict(recipe=recipe, zero_shot_clean_accuracy=acc, seconds=round(time.time() - t0, 1)))
+    return path
+
+
+def toy_images_to_tensor(images):
+    """uint8 [N, H, W, 3] -> CLIP-normalised float [N, 3, H, W] (the toy images are already 32 px)."""
+    x = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255
+    mean, std = torch.tensor(data.CLIP_MEAN).view(1, 3, 1, 1), torch.tensor(data.CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+@torch.no_grad()
+def toy_zero_shot_accuracy(model, n=2400, seed=12345):
+    images, labels, _ = data.toy_pretrain_images(n, seed=seed)
+    T = dapt.encode_texts(model, [f"a photo of a {c}." for c in data.TOY_CLASSNAMES])
+    img = dapt.normalize(model.encode_image(toy_images_to_tensor(images)))
+    return 100.0 * ((img @ T.t()).argmax(-1) == torch.as_tensor(labels)).float().mean().item()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# runs: folders, atomic files, logging
+
+
+def run_dir_of(out, cfg):
+    return os.path.join(out, cfg["setting"], cfg["dataset"], cfg["method"] + cfg["tag"],
+                        f"shots{cfg['shots']}_seed{cfg['seed']}")
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def setup_logging(run_dir):
+    """Human-readable log: run_dir/log.txt and stderr (info and up)."""
+    log.setLevel(logging.INFO)
+    for h in list(log.handlers):
+        if getattr(h, "_dapt_run", False):
+            log.removeHandler(h)
+            h.close()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    handlers = [logging.FileHandler(os.path.join(run_dir, "log.txt")), logging.StreamHandler(sys.stderr)]
+    for h in handlers:
+        h.setFormatter(fmt)
+        h._dapt_run = True
+        log.addHandler(h)
+    log.propagate = False
+
+
+def versions(device):
+    import numpy
+    import PIL
+
+    v = dict(python=platform.python_version(), torch=torch.__version__, numpy=numpy.__version__,
+             pillow=PIL.__version__, platform=platform.platform())
+    try:
+        import triton
+
+        v["triton"] = triton.__version__
+    except ImportError:
+        v["triton"] = None
+    if str(device).startswith("cuda"):
+        v["gpu"] = torch.cuda.get_device_name(device)
+    return v
+
+
+# ----------------------------------------------------------------------------------------------------------
+# building the pieces of a run
+
+
+def precision_of(cfg, device):
+    """(weights dtype, autocast dtype or None, loss scaling) — protocol §6: fp32 on the CPU."""
+    p = cfg["precision"]
+    if p == "auto":
+        p = "bf16" if str(device).startswith("cuda") else "fp32"
+    if p not in ("fp32", "bf16", "fp16"):
+        raise SystemExit(f"precision {p!r}: expected auto, fp32, bf16 or fp16")
+    dtype = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[p]
+    return p, dtype, (None if p == "fp32" else dtype), p == "fp16"
+
+
+def load_backbone(cfg, root, device):
+    name = cfg["clip"]
+    if name == "toy":
+        name = pretrain_toy_clip(root)
+    _, dtype, _, _ = precision_of(cfg, device)
+    model = dapt.load_clip(name, device=device, dtype=dtype)
+    model.set_attention(cfg["attn"])
+    return model
+
+
+def transforms_of(cfg, bench):
+    size = cfg["image_size"] or bench.meta["image_size"]
+    kw = dict(size=size, scale=tuple(cfg["rrc_scale"]), ratio=tuple(cfg["rrc_ratio"]),
+              interpolation=cfg["interpolation"], hflip=cfg["hflip"])
+    train_tf = data.build_transform(True, resize_only=cfg["resize_only"], **kw)
+    test_tf = data.build_transform(False, **kw)
+    return train_tf, test_tf
+
+
+def build_model(cfg, clip, classnames, bench=None):
+    cls = dapt.METHODS[cfg["method"]]
+    model_cfg = dict(cfg)
+    if cfg["method"] == "zsclip":
+        model_cfg["template"] = cfg["template"] or (bench.template if bench else "a photo of a {}.")
+        if cfg["ensemble"]:
+            model_cfg["templates"] = {"imagenet80": data.IMAGENET_TEMPLATES, "select": data.SELECT_TEMPLATES}[cfg["ensemble"]]
+    return cls(clip, classnames, model_cfg)
+
+
+def make_loader(cfg, bench, items, transform, train, model, patch_size):
+    masks = train and getattr(model, "needs_masks", False)
+    return data.build_loader(
+        items, transform, cfg["batch"] if train else cfg["test_batch"], train=train, workers=cfg["workers"],
+        seed=cfg["seed"], masks=masks, dataset_dir=bench.meta["dataset_dir"],
+        mask_encoding=cfg["mask_encoding"] or None, allow_missing_masks=cfg["allow_missing_masks"],
+        patch_size=patch_size if masks else None, dassl_drop_last=cfg["dassl_drop_last"])
+
+
+def to_device(batch, device):
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, autocast_dtype=None):
+    """Top-1 accuracy (%) of model over a loader; class text features computed once."""
+    model.eval()
+    correct = total = 0
+    with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        T = model.text_features()
+        for batch in loader:
+            batch = to_device(batch, device)
+            pred = model(batch["image"], text_features=T).argmax(-1)
+            correct += (pred == batch["label"]).sum().item()
+            total += len(pred)
+    model.train()
+    return 100.0 * correct / max(total, 1), total
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def train(cfg, root="DATA", out="runs", device="cpu", resume=False):
+    """Train and evaluate one run; returns the result dict (also written to result.json)."""
+    run_dir = run_dir_of(out, cfg)
+    ckpt_path, resume_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "resume.pt")
+    if os.path.exists(os.path.join(run_dir, "config.json")) and not resume:
+        if os.path.exists(os.path.join(run_dir, "result.json")) or os.path.exists(resume_path):
+            raise SystemExit(f"{run_dir} already holds a run: pass --resume to continue it, or choose --out / --tag")
+    os.makedirs(run_dir, exist_ok=True)
+    setup_logging(run_dir)
+    torch.manual_seed(cfg["seed"])
+    t_start = time.time()
+
+    bench = data.load_benchmark(cfg["dataset"], root, shots=cfg["shots"], seed=cfg["seed"], subsample=cfg["subsample"])
+    clip = load_backbone(cfg, root, device)
+    precision, _, autocast_dtype, scale_loss = precision_of(cfg, device)
+    model = build_model(cfg, clip, bench.classnames, bench).to(device)
+    train_tf, test_tf = transforms_of(cfg, bench)
+    patch = clip.visual.patch_size
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_params = sum(p.numel() for p in params)
+    for p in params:  # prompt parameters and optimizer state in float32 (protocol §6)
+        p.data = p.data.float()
+
+    config_record = dict(cfg, root=os.path.abspath(root), device=str(device), precision_resolved=precision,
+                         transform_train=train_tf.constants(), transform_test=test_tf.constants(),
+                         trainable_values=n_params, benchmark=bench.meta, versions=versions(device))
+    write_json(os.path.join(run_dir, "config.json"), config_record)
+    log.info("run %s", run_dir)
+    log.info("config %s", json.dumps({k: v for k, v in config_record.items() if k != "benchmark"}, default=str))
+    log.info("data: %d train / %d val / %d test images, %d classes; trainable values: %d",
+             len(bench.train), len(bench.val), len(bench.test), len(bench.classnames), n_params)
+
+    epochs = cfg["epochs"] if cfg["method"] != "zsclip" else 0
+    opt = None
+    if epochs > 0:
+        if not params:
+            raise SystemExit(f"method {cfg['method']} has no trainable parameters")
+        opt = make_optimizer(cfg, model)
+    scaler = torch.amp.GradScaler(enabled=scale_loss)
+    start_epoch, best = 0, None
+    if resume and os.path.exists(resume_path):
+        state = torch.load(resume_path, map_location=device, weights_only=False)
+        model.load_trainable_state(state["params"])
+        if hasattr(model, "load_extra_state"):
+            model.load_extra_state(state.get("extra"))
+        opt.load_state_dict(state["optimizer"])
+        start_epoch, best = state["epoch"] + 1, state.get("best")
+        log.info("resumed from epoch %d", state["epoch"])
+    elif resume:
+        log.info("--resume: no resume.pt in %s, starting from epoch 0", run_dir)
+
+    loader = make_loader(cfg, bench, bench.train, train_tf, True, model, patch) if epochs > 0 else None
+    val_loader = None
+    if cfg["selection"] == "best_val":
+        if bench.val:
+            val_loader = make_loader(cfg, bench, bench.val, test_tf, False, model, patch)
+        else:
+            log.warning("selection=best_val but %s has no val split: using the last epoch", cfg["dataset"])
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    try:
+        for epoch in range(start_epoch, epochs):
+            stats = train_one_epoch(cfg, model, opt, scaler, loader, epoch, device, autocast_dtype)
+            model.epoch_end(epoch, loader)
+            if val_loader is not None:
+                stats["val_acc"], _ = evaluate(model, val_loader, device, autocast_dtype)
+                if best is None or stats["val_acc"] > best["val_acc"]:
+                    best = dict(epoch=epoch, val_acc=stats["val_acc"])
+                    atomic_save(checkpoint_of(model, cfg, bench), os.path.join(run_dir, "best.pt"))
+            atomic_save(checkpoint_of(model, cfg, bench), ckpt_path)
+            atomic_save(dict(params=model.trainable_state(), optimizer=opt.state_dict(), epoch=epoch, best=best,
+                             extra=model.extra_state() if hasattr(model, "extra_state") else None), resume_path)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(dict(epoch=epoch, **stats)) + "\n")
+            log.info("epoch %d/%d done: %s", epoch + 1, epochs, ", ".join(f"{k} {v:.4g}" for k, v in stats.items()))
+    except KeyboardInterrupt:
+        log.warning("interrupted: the last completed epoch is saved in %s; continue with --resume", run_dir)
+        raise SystemExit(130)
+    except NonFiniteLoss as e:
+        log.error("%s. Stopped; the last good checkpoint (previous epoch) is kept in %s", e, run_dir)
+        raise SystemExit(f"non-finite loss: {e}")
+
+    if best is not None and cfg["selection"] == "best_val":
+        state = torch.load(os.path.join(run_dir, "best.pt"), map_location=device, weights_only=False)
+        model.load_trainable_state(state["params"])
+        log.info("model selection: best val accuracy %.2f at epoch %d", best["val_acc"], best["epoch"])
+    if epochs == 0:
+        atomic_save(checkpoint_of(model, cfg, bench), ckpt_path)
+
+    accuracies = evaluate_settings(cfg, model, bench, root, test_tf, device, autocast_dtype, patch)
+    result = dict(
+        method=cfg["method"], dataset=cfg["dataset"], setting=cfg["setting"], shots=cfg["shots"], seed=cfg["seed"],
+        subsample=cfg["subsample"], tag=cfg["tag"], accuracy=accuracies, classnames=accuracies.pop("classnames"),
+        config=config_record, samples_per_epoch=loader.samples_per_epoch if loader else 0,
+        selected_epoch=best["epoch"] if best else (epochs - 1), checkpoint_sha256=sha256_of(ckpt_path),
+        seconds=round(time.time() - t_start, 1), finished=datetime.datetime.now().isoformat(timespec="seconds"))
+    write_json(os.path.join(run_dir, "result.json"), result)
+    log.info("result: %s", json.dumps(result["accuracy"]))
+    return result
+
+
+def make_optimizer(cfg, model):
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    if cfg["optimizer"] == "adamw":
+        return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    raise SystemExit(f"optimizer {cfg['optimizer']!r}: expected sgd or adamw")
+
+
+def checkpoint_of(model, cfg, bench):
+    return dict(params=model.trainable_state(), config=cfg, classnames=list(model.classnames),
+                extra=model.extra_state() if hasattr(model, "extra_state") else None)
+
+
+def train_one_epoch(cfg, model, opt, scaler, loader, epoch, device, autocast_dtype):
+    model.train()
+    loader.set_epoch(epoch)
+    steps = len(loader)
+    lr = lr_at(cfg, epoch)
+    total_loss = total_acc = seen = 0.0
+    t0 = last_print = time.time()
+    for step, batch in enumerate(loader):
+        if cfg["schedule"] == "per_step":
+            lr = lr_at(cfg, epoch, step, steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        batch = to_device(batch, device)
+        with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss, stats = model.loss(batch, epoch)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} "
+                                f"(lr {lr:.3g}); lower --lr or check the inputs")
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if cfg.get("grad_clip"):
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_value_([p for p in model.parameters() if p.requires_grad], cfg["grad_clip"])
+        scaler.step(opt)
+        scaler.update()
+        n = len(batch["label"])
+        total_loss += loss.item() * n
+        total_acc += stats.get("acc", 0.0) * n
+        seen += n
+        now = time.time()
+        if step == steps - 1 or (step + 1) % cfg["log_every"] == 0 or now - last_print > 30:
+            ips = seen / max(now - t0, 1e-9)
+            eta = (steps - step - 1) * (now - t0) / (step + 1) + (cfg["epochs"] - epoch - 1) * steps * (now - t0) / (step + 1)
+            log.info("epoch %d/%d step %d/%d loss %.4f lr %.3e %.1f img/s eta %s", epoch + 1, cfg["epochs"], step + 1,
+                     steps, loss.item(), lr, ips, datetime.timedelta(seconds=int(eta)))
+            last_print = now
+    return dict(loss=total_loss / max(seen, 1), train_acc=100 * total_acc / max(seen, 1), lr=lr, samples=int(seen))
+
+
+def evaluate_settings(cfg, model, bench, root, test_tf, device, autocast_dtype, patch):
+    """Test accuracy on the run's classes; for a base run also on the new classes with the same checkpoint."""
+    acc, classnames = {}, {}
+    name = cfg["subsample"]
+    loader = make_loader(cfg, bench, bench.test, test_tf, False, model, patch)
+    acc[name], _ = evaluate(model, loader, device, autocast_dtype)
+    classnames[name] = list(bench.classnames)
+    if cfg["subsample"] == "base":
+        new = data.load_benchmark(cfg["dataset"], root, shots=cfg["shots"], seed=cfg["seed"], subsample="new")
+        model.set_classnames(new.classnames)
+        acc["new"], _ = evaluate(model, make_loader(cfg, new, new.test, test_tf, False, model, patch), device, autocast_dtype)
+        classnames["new"] = list(new.classnames)
+        model.set_classnames(bench.classnames)
+        acc["hm"] = hm(acc["base"], acc["new"])
+    acc["classnames"] = classnames
+    return acc
+
+
+def hm(base, new):
+    return 2 * base * new / (base + new) if base + new > 0 else 0.0
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.show_config:
+        print(json.dumps(args.cfg, indent=1, default=str))
+        return None
+    result = train(args.cfg, root=args.root, out=args.out, device=args.device, resume=args.resume)
+    acc = result["accuracy"]
+    print(" ".join(f"{k} {v:.2f}" for k, v in acc.items()))
+    return result
+
+
+if __name__ == "__main__":
+    main()
