@@ -1,0 +1,192 @@
+"""Kernel benchmark: each Triton kernel against its PyTorch reference measured in the same run.
+
+    python -m kernels.bench [--device cuda|cpu] [--small]
+
+Attention (forward + backward) at ViT-B/16 shapes: batch 3 x 32 views, 12 heads, length 197 + {2, 8, 16} prompts,
+head dim 64, bfloat16; every sequence has half its patches hidden (7 of the 14 patch rows, top or bottom, as
+a foreground / background view would), CLS and prompts visible. Compared: the eager reference
+(kernels.attention_reference), SDPA with a boolean mask, FlexAttention with a block mask built from the key mask
+(torch.compile'd; skipped with a note where unavailable), and the Triton kernel. Losses (forward + backward):
+batch 32 / 256, 100 / 1000 classes, dim 512, float32 features; reference = the dapt.py function.
+
+Columns: median time of one forward + backward (CUDA events on the GPU, perf_counter on the CPU), ratio to the
+reference of the same table, peak memory above what the inputs hold (torch.cuda.max_memory_allocated; n/a on
+the CPU). On the CPU (--small, the default without CUDA) the shapes are cut down and Triton is not timed: there it
+runs in the interpreter, which is a correctness tool, not a speed measure.
+`main(argv)` is the entry point; other benchmarks (the train step) can be added beside `bench_attention` and
+`bench_losses`. Deliberately left out: autotuning sweeps, plots.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels.attention import attention_reference, visible_key_blocks
+
+
+def fmt_table(title, header, rows):
+    """A plain aligned text table (first and last columns left-aligned, numbers right-aligned)."""
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    line = lambda r: "  ".join(c.ljust(w) if i in (0, len(header) - 1) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+    return "\n".join([f"\n## {title}", line(header), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
+
+
+def measure(fn, device, reps):
+    """(median milliseconds, peak MiB above the memory in use before the call or None on the CPU)."""
+    fn()  # warm-up: compilation, autotuning caches, allocator
+    peak = None
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), peak
+
+
+def run_rows(candidates, device, reps, ref_name):
+    """candidates: name -> fn (or a string: a note printed instead of a time). The ratio is to ref_name."""
+    results = {}
+    for name, fn in candidates.items():
+        if isinstance(fn, str):
+            results[name] = fn
+            continue
+        try:
+            results[name] = measure(fn, device, reps)
+        except Exception as e:  # an unavailable backend is a note in the table, not a crash
+            results[name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+    ref_ms = results[ref_name][0]
+    rows = []
+    for name, r in results.items():
+        if isinstance(r, str):
+            rows.append([name, "-", "-", "-", r])
+        else:
+            ms, peak = r
+            rows.append([name, f"{ms:.3f}", f"{ref_ms / ms:.2f}x", "n/a" if peak is None else f"{peak:.1f}", ""])
+    return rows
+
+
+def _flex(key_mask, B, L, device):
+    """FlexAttention with a block mask from key_mask, compiled; or a string saying why it is unavailable."""
+    if device.type != "cuda":
+        return "skipped: FlexAttention needs torch.compile, timed on CUDA only"
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError as e:
+        return f"skipped: torch.nn.attention.flex_attention unavailable ({e})"
+    block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: key_mask[b, kv_idx], B, None, L, L, device=device)
+    flex = torch.compile(flex_attention)
+    return lambda q, k, v: flex(q, k, v, block_mask=block_mask)
+
+
+def bench_attention(device, small, reps):
+    B, H, D = (6, 2, 64) if small else (96, 12, 64)  # 3 views x 32 images on the GPU
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    out = []
+    for n_prompts in (2, 8, 16):
+        L = 197 + n_prompts
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(B, H, L, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+        do = torch.randn(B, H, L, D, device=device, dtype=dtype)
+        key_mask = torch.ones(B, L, dtype=torch.bool, device=device)
+        patches = key_mask[:, 1:197].view(B, 14, 14)  # raster order of the 14 x 14 patch grid
+        patches[0::2, :7] = False  # hide the top half of even sequences, the bottom half of odd ones
+        patches[1::2, 7:] = False
+        mask4 = key_mask[:, None, None, :]
+        impls = {
+            "torch eager (reference)": lambda q, k, v: attention_reference(q, k, v, key_mask),
+            "sdpa + bool mask": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask4),
+            "flex_attention + block mask": _flex(key_mask, B, L, device),
+            "triton masked_attention": (lambda q, k, v: kernels.masked_attention(q, k, v, key_mask, backend="triton"))
+            if device.type == "cuda" else "not timed on CPU: the Triton interpreter is not a speed measure",
+        }
+        if device.type == "cuda":
+            impls["triton, no mask (dense)"] = lambda q, k, v: kernels.masked_attention(q, k, v, backend="triton")
+
+        def fwd_bwd(f):
+            return lambda: torch.autograd.grad(f(q, k, v), (q, k, v), do)
+
+        cands = {name: f if isinstance(f, str) else fwd_bwd(f) for name, f in impls.items()}
+        _, cum = visible_key_blocks(key_mask, 64)
+        skipped = 1 - cum[:, -1].float().mean().item() / (cum.shape[1] - 1)
+        title = (f"attention fwd+bwd: B={B} H={H} L=197+{n_prompts} D={D} {str(dtype)[6:]}, half the patches "
+                 f"masked ({skipped:.0%} of 64-key blocks skipped), {device.type}")
+        out.append(fmt_table(title, ["impl", "ms", "vs ref", "peak MiB", "note"],
+                             run_rows(cands, device, reps, "torch eager (reference)")))
+        print(out[-1], flush=True)
+    return out
+
+
+def bench_losses(device, small, reps):
+    import dapt
+
+    on_gpu = device.type == "cuda"
+    shapes = [(32, 100), (256, 1000)] if not small else [(32, 100)]
+    D = 512
+    out = []
+    for Bn, C in shapes:
+        torch.manual_seed(0)
+        feats = lambda n: F.normalize(torch.randn(n, D, device=device), dim=-1).requires_grad_()
+        labels = torch.randint(0, C, (Bn,), device=device)
+        cases = {
+            "pull_push_loss": ([feats(Bn), feats(Bn), feats(Bn)], ()),
+            "inter_dispersion_loss": ([feats(C)], ()),
+            "intra_dispersion_loss": ([feats(Bn), feats(C)], (labels,)),
+            "proxy_anchor_loss": ([feats(Bn), feats(C)], (labels,)),
+        }
+        rows = []
+        for name, (inputs, extra) in cases.items():
+            def step(f):
+                return lambda: torch.autograd.grad(f(*inputs, *extra), inputs)
+
+            triton_fn = getattr(kernels, name)
+            cands = {"torch eager (reference)": step(getattr(dapt, name)),
+                     "triton": step(lambda *a: triton_fn(*a, backend="triton")) if on_gpu else
+                     "not timed on CPU (interpreter)"}
+            for r in run_rows(cands, device, reps, "torch eager (reference)"):
+                rows.append([f"{name}: {r[0]}"] + r[1:])
+        title = f"losses fwd+bwd: batch {Bn}, {C} classes / proxies, dim {D}, float32, {device.type}"
+        out.append(fmt_table(title, ["loss: impl", "ms", "vs ref", "peak MiB", "note"], rows))
+        print(out[-1], flush=True)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--small", action="store_true", help="small shapes (the default on the CPU)")
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20 on CUDA, 3 on the CPU)")
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("kernels/bench.py: --device cuda but torch sees no CUDA device; use --device cpu")
+    device = torch.device(args.device)
+    small = args.small or device.type == "cpu"
+    reps = args.reps or (20 if device.type == "cuda" else 3)
+    print(f"# kernels.bench on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch "
+          f"{torch.__version__}, {'small' if small else 'full'} shapes, median of {reps}")
+    if device.type == "cpu":
+        print("# Triton is not timed on the CPU: there it runs in the interpreter (a correctness tool, not a "
+              "speed measure). Ratios are to the eager reference of the same table.")
+    return bench_attention(device, small, reps) + bench_losses(device, small, reps)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""Triton kernels against their PyTorch references, forward and gradients, under TRITON_INTERPRET=1 on CPU tensors.
+
+backend="triton" is forced everywhere (backend=None on the CPU would pick the reference; that is tested too).
+Shapes are small (batch 1-2, heads 1-2) because the interpreter runs every program in numpy; lengths are the
+real ones (77 text, 197 + {2, 8, 16} image) plus toy lengths. Tolerances compare the largest error with the
+largest reference value; low-precision kernels are compared with the float32 reference on the same rounded
+inputs. Interpreter limitation: bfloat16 arithmetic is broken there (values are stored as uint16), so the
+kernels convert bfloat16 tiles to float32 after loading on the CPU (see kernels/attention.py).
+"""
+import sys
+import types
+
+import pytest
+import torch
+
+import dapt
+import kernels
+from kernels import attention as attn
+from kernels import losses
+
+TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}  # error / max |reference|
+
+
+def assert_close(got, ref, dtype, what):
+    got, ref = got.float(), ref.float()
+    assert torch.isfinite(got).all(), f"{what}: non-finite values"
+    err = (got - ref).abs().max().item()
+    bound = TOL[dtype] * max(ref.abs().max().item(), 1e-3)
+    assert err <= bound, f"{what}: max error {err:.3g} > {bound:.3g}"
+
+
+def qkv(B, H, L, D, dtype, packed=False):
+    if packed:  # the strided views clip.Attention.qkv hands over: [B, L, 3, H, D] permuted
+        x = torch.randn(B, L, 3, H, D).to(dtype).permute(2, 0, 3, 1, 4)
+        return [t.detach().requires_grad_() for t in x.unbind(0)]  # non-contiguous leaves
+    return [torch.randn(B, H, L, D).to(dtype).requires_grad_() for _ in range(3)]
+
+
+def image_mask(B, n_prompts, kind):
+    """CLS + 196 patches + prompts; kind: 'half' (a random contiguous half of the patches hidden, like a
+    foreground / background view), 'random' (each patch kept with p=0.5), 'only_cls_prompts'."""
+    m = torch.ones(B, 197 + n_prompts, dtype=torch.bool)
+    for b in range(B):
+        if kind == "half":
+            start = int(torch.randint(0, 98, ()))
+            m[b, 1 + start:1 + start + 98] = False
+        elif kind == "random":
+            m[b, 1:197] = torch.rand(196) < 0.5
+        else:
+            m[b, 1:197] = False
+    return m
+
+
+def check_attention(q, k, v, key_mask, causal, dtype):
+    o = kernels.masked_attention(q, k, v, key_mask, causal=causal, backend="triton")
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = attn.attention_reference(q32, k32, v32, key_mask, causal=causal)
+    ref_grads = torch.autograd.grad(ref, (q32, k32, v32), do.float())
+    assert o.dtype == dtype and o.shape == q.shape
+    assert_close(o, ref, dtype, "output")
+    for name, g, r in zip("qkv", grads, ref_grads):
+        assert g.dtype == dtype
+        assert_close(g, r, dtype, f"d{name}")
+    return o, grads
+
+
+# (B, H, L, D, dtype, causal, mask): every length, head dim, dtype, causal flag and mask kind appears at least
+# once; a full cross product would take minutes in the interpreter.
+ATTN_CASES = [
+    (1, 1, 17, 32, torch.float32, False, None),
+    (1, 2, 21, 64, torch.float16, True, None),
+    (2, 1, 77, 64, torch.float32, True, None),
+    (1, 2, 77, 32, torch.bfloat16, True, "text"),
+    (2, 1, 199, 64, torch.bfloat16, False, "half"),
+    (1, 1, 205, 64, torch.float32, False, "random"),
+    (1, 1, 213, 128, torch.float16, False, "half"),  # numpy float16 matmuls are slow: one head
+    (1, 1, 213, 64, torch.float32, True, "half"),
+    (2, 1, 21, 128, torch.bfloat16, False, "text"),
+]
+
+
+@pytest.mark.parametrize("B,H,L,D,dtype,causal,mask", ATTN_CASES)
+def test_attention_matches_reference(B, H, L, D, dtype, causal, mask):
+    torch.manual_seed(L * D + B)
+    q, k, v = qkv(B, H, L, D, dtype, packed=L > 100)
+    if mask == "text":  # padded text: the first tokens of each sequence visible
+        key_mask = torch.arange(L)[None, :] < torch.randint(L // 2, L + 1, (B, 1))
+        key_mask[:, 0] = True
+    elif mask is not None:
+        key_mask = image_mask(B, L - 197, mask)
+    else:
+        key_mask = None
+    check_attention(q, k, v, key_mask, causal, dtype)
+
+
+def test_attention_cross_lengths_causal():
+    """Lq != Lk: causal aligns the last query with the last key, like the reference (tril(Lk - Lq))."""
+    torch.manual_seed(1)
+    q = torch.randn(1, 1, 17, 32, requires_grad=True)
+    k, v = (torch.randn(1, 1, 40, 32, requires_grad=True) for _ in range(2))
+    check_attention(q, k, v, torch.rand(1, 40) < 0.7, True, torch.float32)
+
+
+def test_attention_skips_fully_masked_blocks():
+    """Only CLS + 16 prompts visible: the key blocks holding nothing but patches are never loaded, so NaNs
+    planted there cannot reach the output (a dense kernel would give NaN: 0 * NaN); partly visible blocks are
+    masked per key. Gradients of skipped keys are exactly 0."""
+    torch.manual_seed(2)
+    B, H, L, D = 1, 2, 213, 64
+    key_mask = image_mask(B, 16, "only_cls_prompts")
+    block_n = attn._config(D, torch.float32, torch.device("cpu"))[0]["BLOCK_N"]
+    order, cum = attn.visible_key_blocks(key_mask, block_n)
+    skipped = [j for j in range(cum.shape[1] - 1) if cum[0, j + 1] == cum[0, j]]
+    assert skipped, "test needs at least one fully masked key block"
+    q, k, v = (torch.randn(B, H, L, D) for _ in range(3))
+    k_nan, v_nan = k.clone(), v.clone()
+    for j in skipped:
+        k_nan[:, :, j * block_n:(j + 1) * block_n] = float("nan")
+        v_nan[:, :, j * block_n:(j + 1) * block_n] = float("nan")
+    q.requires_grad_(), k_nan.requires_grad_(), v_nan.requires_grad_()
+    o = kernels.masked_attention(q, k_nan, v_nan, key_mask, backend="triton")
+    do = torch.randn_like(o)
+    dq, dk, dv = torch.autograd.grad(o, (q, k_nan, v_nan), do)
+    k.requires_grad_(), v.requires_grad_()
+    ref = attn.attention_reference(q, k, v, key_mask)
+    rq, rk, rv = torch.autograd.grad(ref, (q, k, v), do)
+    for got, r, what in [(o, ref, "output"), (dq, rq, "dq"), (dk, rk, "dk"), (dv, rv, "dv")]:
+        assert_close(got, r, torch.float32, what)
+    assert (dk[:, :, ~key_mask[0]] == 0).all() and (dv[:, :, ~key_mask[0]] == 0).all()
+
+
+def test_visible_key_blocks():
+    m = torch.zeros(2, 10, dtype=torch.bool)
+    m[0, [0, 9]] = True  # blocks of 4: 0 and 2 visible
+    m[1, 5] = True  # block 1 only
+    order, cum = attn.visible_key_blocks(m, 4)
+    assert order.dtype == cum.dtype == torch.int32
+    assert order[0, :2].tolist() == [0, 2] and order[1, :1].tolist() == [1]
+    assert cum.tolist() == [[0, 1, 1, 2], [0, 0, 1, 1]]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_all_keys_masked(causal):
+    """A sequence with every key masked: output 0 and gradient 0 (no NaN), in the kernel and the reference;
+    the other sequence of the batch is unaffected."""
+    torch.manual_seed(3)
+    q, k, v = qkv(2, 1, 21, 32, torch.float32)
+    key_mask = torch.rand(2, 21) < 0.6
+    key_mask[0, 0] = True
+    key_mask[1] = False
+    o, (dq, dk, dv) = check_attention(q, k, v, key_mask, causal, torch.float32)
+    assert (o[1] == 0).all() and (dq[1] == 0).all() and (dk[1] == 0).all() and (dv[1] == 0).all()
+    ref = attn.attention_reference(q, k, v, key_mask, causal=causal)
+    assert (ref[1] == 0).all()
+    assert o[0].abs().sum() > 0
+
+
+def test_attention_rejects_bad_mask():
+    q, k, v = qkv(1, 1, 17, 32, torch.float32)
+    with pytest.raises(ValueError, match="key_mask must be bool"):
+        kernels.masked_attention(q, k, v, torch.ones(1, 16, dtype=torch.bool), backend="triton")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# losses
+
+
+def check_loss(name, inputs, *args, dtype=torch.float32, **kw):
+    """kernels.<name>(backend="triton") against dapt.<name> on the float32 copies, forward and gradients."""
+    xs = [x.detach().to(dtype).requires_grad_() for x in inputs]
+    ys = [x.detach().to(dtype).float().requires_grad_() for x in inputs]
+    got = getattr(kernels, name)(*xs, *args, backend="triton", **kw)
+    ref = getattr(dapt, name)(*ys, *args, **kw)
+    got.backward()
+    ref.backward()
+    assert got.dim() == 0
+    assert_close(got, ref, dtype, f"{name} value")
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        assert x.grad is not None and x.grad.dtype == dtype, f"{name}: no gradient for input {i}"
+        assert_close(x.grad, y.grad, dtype, f"{name} grad {i}")
+    return got, ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_pull_push(dtype):
+    torch.manual_seed(4)
+    B, D = 37, 160  # two row blocks, two feature chunks, ragged
+    a = torch.nn.functional.normalize(torch.randn(B, D), dim=-1)
+    p = torch.nn.functional.normalize(a + 0.5 * torch.randn(B, D), dim=-1)
+    n = torch.nn.functional.normalize(torch.randn(B, D), dim=-1)
+    got, _ = check_loss("pull_push_loss", [a, p, n], 0.3, dtype=dtype)  # margin 0.3: some hinges closed
+    assert got.dtype == dtype
+
+
+@pytest.mark.parametrize("C,D,t,dtype", [(70, 96, 2.0, torch.float32), (33, 64, 0.5, torch.bfloat16),
+                                         (5, 16, 2.0, torch.float16)])
+def test_inter_dispersion(C, D, t, dtype):
+    torch.manual_seed(C)
+    w = torch.nn.functional.normalize(torch.randn(C, D), dim=-1)
+    w[1] = w[0]  # an exact duplicate: d2 = 0 must not go negative or NaN
+    got, _ = check_loss("inter_dispersion_loss", [w], t, dtype=dtype)
+    assert got.dtype == torch.float32
+
+
+def test_inter_dispersion_single_class():
+    w = torch.randn(1, 8, requires_grad=True)
+    loss = kernels.inter_dispersion_loss(w, backend="triton")
+    loss.backward()
+    assert loss.item() == 0.0 and (w.grad == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_intra_dispersion(dtype):
+    torch.manual_seed(5)
+    B, C, D = 45, 7, 200
+    labels = torch.randint(0, C, (B,))
+    check_loss("intra_dispersion_loss", [torch.randn(B, D), torch.randn(C, D)], labels, dtype=dtype)
+
+
+@pytest.mark.parametrize("scale,paper_norm,dtype", [(1.0, False, torch.float32), (30.0, True, torch.float32),
+                                                    (10.0, False, torch.float16)])
+def test_proxy_anchor(scale, paper_norm, dtype):
+    """scale 30 makes alpha * sim reach ~1000: exp overflows float32 unless the reduction is a logsumexp."""
+    torch.manual_seed(6)
+    B, M, D = 40, 37, 80
+    labels = torch.randint(0, 30, (B,))  # proxies 30..36 have no positives
+    got, ref = check_loss("proxy_anchor_loss", [torch.randn(B, D), torch.randn(M, D)], labels,
+                          scale=scale, paper_norm=paper_norm, dtype=dtype)
+    assert torch.isfinite(ref) and got.item() > 0
+
+
+def test_loss_labels_checked():
+    with pytest.raises(ValueError, match="labels must lie in 0..6"):
+        kernels.intra_dispersion_loss(torch.randn(4, 8), torch.randn(7, 8), torch.tensor([0, 1, 7, 2]),
+                                      backend="triton")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dispatch
+
+
+def test_dispatch_cpu_uses_reference(monkeypatch):
+    """backend=None on CPU tensors runs the references (the kernels are made to fail if reached)."""
+    def boom(*a, **k):
+        raise AssertionError("Triton path taken on CPU with backend=None")
+
+    monkeypatch.setattr(attn, "triton_attention", boom)
+    for name in ("pull_push_loss", "inter_dispersion_loss", "intra_dispersion_loss", "proxy_anchor_loss"):
+        monkeypatch.setattr(losses, name, boom)
+    torch.manual_seed(7)
+    q, k, v = qkv(1, 2, 9, 16, torch.float32)
+    m = torch.rand(1, 9) < 0.5
+    assert torch.equal(kernels.masked_attention(q, k, v, m), attn.attention_reference(q, k, v, m))
+    x, y, z = torch.randn(3, 6, 8).unbind(0)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    assert torch.equal(kernels.pull_push_loss(x, y, z), dapt.pull_push_loss(x, y, z))
+    assert torch.equal(kernels.inter_dispersion_loss(x), dapt.inter_dispersion_loss(x))
+    assert torch.equal(kernels.intra_dispersion_loss(x, y[:3], labels), dapt.intra_dispersion_loss(x, y[:3], labels))
+    assert torch.equal(kernels.proxy_anchor_loss(x, y[:3], labels), dapt.proxy_anchor_loss(x, y[:3], labels))
+    with pytest.raises(AssertionError, match="Triton path taken"):  # and "triton" really forces the kernel
+        kernels.pull_push_loss(x, y, z, backend="triton")
+
+
+def test_dispatch_without_triton(monkeypatch):
+    """CUDA tensors but triton not importable -> reference; a bad backend name is a clear error."""
+    cuda_like = types.SimpleNamespace(is_cuda=True)
+    assert kernels._use_triton(None, cuda_like)
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
+    assert not kernels._use_triton(None, cuda_like)
+    assert kernels._use_triton("triton", cuda_like) and not kernels._use_triton("torch", cuda_like)
+    with pytest.raises(ValueError, match="expected None, 'triton' or 'torch'"):
+        kernels._use_triton("cuda", cuda_like)
+
+
+def test_forced_triton_without_package(monkeypatch):
+    monkeypatch.setattr(losses, "triton", types.SimpleNamespace(jit=lambda f: f, constexpr=None))
+    with pytest.raises(RuntimeError, match="needs the triton package"):
+        kernels.inter_dispersion_loss(torch.randn(3, 4), backend="triton")
