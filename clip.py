@@ -69,13 +69,12 @@ def attention(q, k, v, causal=False, key_mask=None, backend="auto"):
     if backend == "auto":
         backend = "triton" if q.is_cuda and _triton_available() else "sdpa"
     if backend == "sdpa":
-        mask = None
-        if key_mask is not None:
-            mask = key_mask[:, None, None, :]  # [B, 1, 1, L] broadcast over heads and queries
-            if causal:
-                L = q.shape[-2]
-                mask = mask & torch.ones(L, k.shape[-2], dtype=torch.bool, device=q.device).tril(k.shape[-2] - L)
-                causal = False
+        Lq, Lk = q.shape[-2], k.shape[-2]
+        mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, Lk]
+        if causal and (mask is not None or Lq != Lk):
+            # explicit mask: SDPA's is_causal aligns top-left; ours aligns the last query with the last key
+            tri = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(Lk - Lq)
+            mask, causal = (tri if mask is None else mask & tri), False
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
     import kernels  # the eager reference and the Triton kernel live there
 
@@ -133,6 +132,23 @@ class ResidualAttentionBlock(nn.Module):
     def forward(self, x, causal=False, key_mask=None):
         x = x + self.attn(self.ln_1(x), causal=causal, key_mask=key_mask)
         return x + self.mlp(self.ln_2(x))
+
+    def forward_prefixed(self, xp, xs):
+        """Causal block over [prefix; suffix] sequences whose prefix is shared: xp [G, P, W] holds G distinct
+        prefixes, xs [G * R, S, W] the suffixes (R per prefix, prefix-major). The prefix rows are computed once
+        per group instead of once per sequence; the suffix queries attend to the group's prefix keys and to the
+        suffix causally. Same output as running the R full sequences (exact saving, design.md)."""
+        G, P, W = xp.shape
+        R = xs.shape[0] // G
+        qp, kp, vp = self.attn.qkv(self.ln_1(xp))  # [G, H, P, D]
+        qs, ks, vs = self.attn.qkv(self.ln_1(xs))  # [G*R, H, S, D]
+        op = attention(qp, kp, vp, causal=True, backend=self.attn.backend)
+        k = torch.cat([kp.repeat_interleave(R, dim=0), ks], dim=2)  # [G*R, H, P+S, D]
+        v = torch.cat([vp.repeat_interleave(R, dim=0), vs], dim=2)
+        os_ = attention(qs, k, v, causal=True, backend=self.attn.backend)  # query i sees keys <= P + i
+        xp = xp + self.attn.out_proj(op.transpose(1, 2).reshape(G, P, W))
+        xs = xs + self.attn.out_proj(os_.transpose(1, 2).reshape(xs.shape))
+        return xp + self.mlp(self.ln_2(xp)), xs + self.mlp(self.ln_2(xs))
 
 
 class Transformer(nn.Module):
@@ -282,16 +298,31 @@ class CLIP(nn.Module):
         EOT token, so the output is the same as for the full length (exact saving, see design.md)."""
         return self.encode_text_embeddings(self.embed_text(tokens), tokens.argmax(dim=-1), cut=cut)
 
-    def encode_text_embeddings(self, x, eot, deep_prompts=None, prompt_slice=None, cut=True):
+    def encode_text_embeddings(self, x, eot, deep_prompts=None, prompt_slice=None, cut=True, prefix_len=0, groups=1):
         """x [N, L, W] token embeddings (prompted or not), eot [N] end-of-text positions -> [N, E].
 
-        deep_prompts / prompt_slice: per-block replacements of prompt positions (MaPLe's deep text prompts)."""
+        deep_prompts / prompt_slice: per-block replacements of prompt positions (MaPLe's deep text prompts).
+        Exact savings (identical output; design.md): `cut` runs only up to the last end-of-text position;
+        `prefix_len` P > 0 says the first P positions are identical within each of `groups` consecutive blocks
+        of rows (shared context: one group; CoCoOp: one group per image), so they are computed once per group.
+        """
         if cut:
             x = x[:, : int(eot.max()) + 1]
         x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)
-        x = self.transformer(x, causal=True, deep_prompts=deep_prompts, prompt_slice=prompt_slice)
-        x = self.ln_final(x[torch.arange(x.shape[0], device=x.device), eot])
-        return x @ self.text_projection.to(x.dtype)
+        rows = torch.arange(x.shape[0], device=x.device)
+        P = prefix_len
+        if P > 0 and prompt_slice is not None and (prompt_slice.stop or x.shape[1]) > P:
+            P = 0  # prompts reach past the shared prefix: no sharing
+        if P <= 0 or P >= int(eot.min()):
+            x = self.transformer(x, causal=True, deep_prompts=deep_prompts, prompt_slice=prompt_slice)
+            return self.ln_final(x[rows, eot]) @ self.text_projection.to(x.dtype)
+        N = x.shape[0]
+        xp, xs = x.view(groups, N // groups, *x.shape[1:])[:, 0, :P], x[:, P:]  # [G, P, W], [N, S, W]
+        for i, block in enumerate(self.transformer.resblocks):
+            if deep_prompts is not None and i < len(deep_prompts) and deep_prompts[i] is not None:
+                xp = replace_tokens(xp, deep_prompts[i], prompt_slice)
+            xp, xs = block.forward_prefixed(xp, xs)
+        return self.ln_final(xs[rows, eot - P]) @ self.text_projection.to(x.dtype)
 
     def forward(self, images, tokens):
         """OpenAI's forward: (logits_per_image, logits_per_text)."""

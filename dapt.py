@@ -134,6 +134,10 @@ class TextPrompts(nn.Module):
         self.register_buffer("embedding", embedding, persistent=False)
         self.register_buffer("ctx_pos", ctx_pos.to(device), persistent=False)
         self.register_buffer("eot", tokens.argmax(-1).to(device), persistent=False)
+        # positions identical in every class's sequence (SOS, context, frozen init words): computed once per
+        # step by the text tower when the context is shared (exact saving, design.md)
+        same = (tokens == tokens[:1]).all(0).long()
+        self.prefix_len = int(same.cumprod(0).sum()) if self.position == "end" else 0
 
     def forward(self, ctx):
         """ctx [n, W] (shared), [C, n, W] (class-specific) or [B, n, W] with B != C (per image, CoCoOp: the
@@ -149,6 +153,15 @@ class TextPrompts(nn.Module):
             ctx = ctx.repeat_interleave(C, dim=0)  # [B*C, n, W]: image i's context for each of the C classes
         index = pos.unsqueeze(-1).expand(-1, -1, W)  # [N, n, W]
         return base.scatter(1, index, ctx), eot
+
+    def encode(self, ctx, shared_prefix=True, **kw):
+        """Text features [C or B*C, E] (not normalised) of the prompted sequences; with shared_prefix the
+        positions before the class name are run once per distinct context (exact, see clip.py)."""
+        x, eot = self(ctx)
+        groups = ctx.shape[0] if ctx.dim() == 3 and getattr(self, "per_image", False) else 1
+        shared = shared_prefix and (ctx.dim() == 2 or groups > 1)  # class-specific contexts share only SOS
+        return self.clip[0].encode_text_embeddings(x, eot, prefix_len=self.prefix_len if shared else 0,
+                                                   groups=groups, **kw)
 
 
 class PromptModel(nn.Module):
@@ -264,8 +277,7 @@ class CoOp(PromptModel):
             self.prompts.set_classnames(classnames)
 
     def text_features(self):
-        x, eot = self.prompts(self.ctx)
-        return normalize(self.clip.encode_text_embeddings(x, eot))
+        return normalize(self.prompts.encode(self.ctx, self.cfg.get("shared_prefix", True)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -294,8 +306,8 @@ class CoCoOp(CoOp):
         chunk = chunk or max(1, self.cfg.get("text_chunk", 20000) // C)  # images per text call (memory bound)
         logits = []
         for i in range(0, len(u), chunk):
-            x, eot = self.prompts(ctx[i:i + chunk])  # [b*C, L, W]
-            t = normalize(self.clip.encode_text_embeddings(x, eot)).view(-1, C, u.shape[1])  # [b, C, E]
+            t = self.prompts.encode(ctx[i:i + chunk], self.cfg.get("shared_prefix", True))  # [b*C, E]
+            t = normalize(t).view(-1, C, u.shape[1])  # [b, C, E]
             logits.append(torch.einsum("be,bce->bc", u[i:i + chunk], t))
         return self.logit_scale * torch.cat(logits)
 
@@ -374,9 +386,9 @@ class MaPLe(PromptModel):
             self.prompts.set_classnames(classnames)
 
     def text_features(self):
-        x, eot = self.prompts(self.ctx)
         deep = [None] + list(self.compound_prompts)  # before text block i = 1..J-1, positions 1..n <- P_i
-        z = self.clip.encode_text_embeddings(x, eot, deep_prompts=deep, prompt_slice=slice(1, 1 + self.cfg["n_ctx"]))
+        z = self.prompts.encode(self.ctx, self.cfg.get("shared_prefix", True), deep_prompts=deep,
+                                prompt_slice=slice(1, 1 + self.cfg["n_ctx"]))
         return normalize(z)
 
     def vision_prompts(self):

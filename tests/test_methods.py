@@ -1,0 +1,146 @@
+"""The baseline prompt models on a small random CLIP: prompt layouts, exact text-side savings, batching,
+deep prompts, and which parameters are trainable."""
+import pytest
+import torch
+
+import clip as clip_module
+import dapt
+import train
+
+NAMES = ["red circle", "blue square", "green_triangle", "yellow cross"]
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return clip_module.random_clip(clip_module.SMALL_CONFIG, seed=0)
+
+
+def cfg_of(method, **kw):
+    cfg = train.resolve_config(method, "caltech101", {"subsample": "base"})
+    cfg.update(kw)
+    return cfg
+
+
+def test_text_prompts_layout(clip):
+    p = dapt.TextPrompts(clip, NAMES, n_ctx=4, ctx_init="a photo of a")
+    assert p.classnames[2] == "green triangle"  # "_" -> " "
+    tokens = dapt.tokenize([f"a photo of a {n}." for n in p.classnames])
+    torch.testing.assert_close(p.init_vectors, clip.embed_text(tokens[:1])[0, 1:5])
+    x, eot = p(torch.zeros(4, 64))
+    assert torch.equal(eot, tokens.argmax(-1))
+    assert (x[:, 1:5] == 0).all() and torch.equal(x[:, 5:], clip.embed_text(tokens)[:, 5:])
+    assert p.prefix_len == 5  # SOS + 4 context slots are identical across classes
+    maple = dapt.TextPrompts(clip, NAMES, n_ctx=2, ctx_init="a photo of a")
+    assert maple.prefix_len == 5  # SOS + 2 learnable + frozen "of a"
+
+
+@pytest.mark.parametrize("position", ["middle", "front"])
+def test_class_token_positions(clip, position):
+    p = dapt.TextPrompts(clip, ["red circle", "cat"], n_ctx=4, position=position)
+    marker = torch.arange(4.0)[:, None].expand(4, 64) + 10
+    x, _ = p(marker)
+    for c, name in enumerate(["red circle", "cat"]):
+        n_name = int(dapt.tokenize(name)[0].argmax()) - 1
+        slots = (x[c, :, 0] >= 10).nonzero().flatten().tolist()
+        half = 2 if position == "middle" else 0
+        expect = list(range(1, 1 + half)) + list(range(1 + half + n_name, 5 + n_name))
+        assert slots == expect
+        assert x[c, slots, 0].tolist() == [10.0, 11.0, 12.0, 13.0]  # context order kept
+
+
+@pytest.mark.parametrize("method,extra", [("coop", {}), ("coop", {"csc": True}), ("maple", {}), ("cocoop", {})])
+def test_shared_prefix_is_exact(clip, method, extra):
+    torch.manual_seed(0)
+    model = dapt.METHODS[method](clip, NAMES, cfg_of(method, **extra))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data.normal_(std=0.1)
+    images = torch.randn(3, 3, 32, 32)
+    model.cfg["shared_prefix"] = True
+    fast = model(images)
+    fast_t = model.text_features()
+    model.cfg["shared_prefix"] = False
+    slow = model(images)
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    if fast_t is not None:
+        torch.testing.assert_close(fast_t, model.text_features(), rtol=1e-5, atol=1e-6)
+    x, eot = model.prompts(model.ctx if method != "cocoop" else model.ctx)
+    if method != "cocoop":  # the sequences cut at the last EOT give the full-length features too
+        full = clip.encode_text_embeddings(x, eot, cut=False, **({} if method != "maple" else dict(
+            deep_prompts=[None] + list(model.compound_prompts), prompt_slice=slice(1, 3))))
+        torch.testing.assert_close(dapt.normalize(full), slow_text(model), rtol=1e-5, atol=1e-6)
+
+
+def slow_text(model):
+    model.cfg["shared_prefix"] = False
+    return model.text_features()
+
+
+def test_encode_text_cut_is_exact(clip):
+    tokens = dapt.tokenize(["a photo of a cat.", "a much longer caption of a small red circle on stripes."])
+    torch.testing.assert_close(clip.encode_text(tokens), clip.encode_text(tokens, cut=False), rtol=1e-5, atol=1e-6)
+
+
+def test_cocoop_batched_equals_per_image_loop(clip):
+    torch.manual_seed(1)
+    model = dapt.CoCoOp(clip, NAMES, cfg_of("cocoop"))
+    images = torch.randn(3, 3, 32, 32)
+    batched = model(images)
+    looped = torch.cat([model(images[i:i + 1]) for i in range(3)])
+    torch.testing.assert_close(batched, looped, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batched, model(images, chunk=1), rtol=1e-5, atol=1e-5)  # chunked text calls
+
+
+def test_vpt_deep_prompts_replace_each_layer(clip):
+    torch.manual_seed(2)
+    model = dapt.VPT(clip, NAMES, cfg_of("vpt"))
+    assert model.image_prompts.shape == (2, 8, 64)  # depth 12 clamped to the 2 layers of the small CLIP
+    images = torch.randn(2, 3, 32, 32)
+    z = model.image_features(images)
+    with torch.no_grad():
+        model.image_prompts[1].add_(1.0)  # the second layer's tokens matter ...
+    assert not torch.allclose(z, model.image_features(images))
+    shallow = dapt.VPT(clip, NAMES, cfg_of("vpt", vpt_depth=1))
+    assert shallow.image_prompts.shape == (1, 8, 64)
+    # prompts carry no positional embedding: their order does not change the CLS output
+    z1 = shallow.image_features(images)
+    with torch.no_grad():
+        shallow.image_prompts.copy_(shallow.image_prompts.flip(1))
+    torch.testing.assert_close(z1, shallow.image_features(images), rtol=1e-5, atol=1e-6)
+
+
+def test_xavier_init_bound(clip):
+    p = dapt.init_image_prompts((1, 16, 768), "xavier", 16)
+    assert p.abs().max() <= 0.0625 + 1e-7 and p.abs().max() > 0.05
+
+
+def test_trainable_parameters(clip):
+    counts = {}
+    for method in ("coop", "cocoop", "vpt", "maple"):
+        model = dapt.METHODS[method](clip, NAMES, cfg_of(method))
+        assert all(not p.requires_grad for p in model.clip.parameters())
+        counts[method] = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert counts["coop"] == {"ctx"}
+    assert counts["cocoop"] == {"ctx", "meta_net.linear1.weight", "meta_net.linear1.bias", "meta_net.linear2.weight",
+                                "meta_net.linear2.bias"}
+    assert counts["vpt"] == {"image_prompts"}
+    assert counts["maple"] == {"ctx", "compound_prompts", "couplings.0.weight", "couplings.0.bias",
+                               "couplings.1.weight", "couplings.1.bias"}
+
+
+def test_maple_size_at_vit_b16():
+    """MaPLe at ViT-B/16 widths trains about 3.55 M values (methods.md §5); built on the meta device."""
+    with torch.device("meta"):
+        big = clip_module.CLIP(**clip_module.VIT_B16_CONFIG)
+    model = dapt.MaPLe(big, ["cat", "dog"], cfg_of("maple"))
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert n == 2 * 512 + 8 * 2 * 512 + 9 * (512 * 768 + 768) == 3_555_072
+
+
+def test_zero_shot_ensemble_is_renormalised_mean(clip):
+    templates = ["a photo of a {}.", "itap of a {}."]
+    model = dapt.ZeroShotCLIP(clip, NAMES, {"templates": templates})
+    each = [dapt.encode_texts(clip, [t.format(n.replace("_", " ")) for n in NAMES]) for t in templates]
+    torch.testing.assert_close(model.text_features(), dapt.normalize(sum(each) / 2))
+    logits = model(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, 4)
