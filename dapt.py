@@ -154,14 +154,15 @@ class TextPrompts(nn.Module):
         index = pos.unsqueeze(-1).expand(-1, -1, W)  # [N, n, W]
         return base.scatter(1, index, ctx), eot
 
-    def encode(self, ctx, shared_prefix=True, **kw):
-        """Text features [C or B*C, E] (not normalised) of the prompted sequences; with shared_prefix the
-        positions before the class name are run once per distinct context (exact, see clip.py)."""
+    def encode(self, ctx, savings=True, **kw):
+        """Text features [C or B*C, E] (not normalised) of the prompted sequences. With `savings` (exact, see
+        clip.py) the sequences stop at the last end-of-text token and the positions before the class name run
+        once per distinct context; without, the full 77 positions of every sequence run (the reference)."""
         x, eot = self(ctx)
         groups = ctx.shape[0] if ctx.dim() == 3 and getattr(self, "per_image", False) else 1
-        shared = shared_prefix and (ctx.dim() == 2 or groups > 1)  # class-specific contexts share only SOS
+        shared = savings and (ctx.dim() == 2 or groups > 1)  # class-specific contexts share only SOS
         return self.clip[0].encode_text_embeddings(x, eot, prefix_len=self.prefix_len if shared else 0,
-                                                   groups=groups, **kw)
+                                                   groups=groups, cut=savings, **kw)
 
 
 class PromptModel(nn.Module):
@@ -277,7 +278,7 @@ class CoOp(PromptModel):
             self.prompts.set_classnames(classnames)
 
     def text_features(self):
-        return normalize(self.prompts.encode(self.ctx, self.cfg.get("shared_prefix", True)))
+        return normalize(self.prompts.encode(self.ctx, self.cfg.get("text_savings", True)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -306,7 +307,7 @@ class CoCoOp(CoOp):
         chunk = chunk or max(1, self.cfg.get("text_chunk", 20000) // C)  # images per text call (memory bound)
         logits = []
         for i in range(0, len(u), chunk):
-            t = self.prompts.encode(ctx[i:i + chunk], self.cfg.get("shared_prefix", True))  # [b*C, E]
+            t = self.prompts.encode(ctx[i:i + chunk], self.cfg.get("text_savings", True))  # [b*C, E]
             t = normalize(t).view(-1, C, u.shape[1])  # [b, C, E]
             logits.append(torch.einsum("be,bce->bc", u[i:i + chunk], t))
         return self.logit_scale * torch.cat(logits)
@@ -387,7 +388,7 @@ class MaPLe(PromptModel):
 
     def text_features(self):
         deep = [None] + list(self.compound_prompts)  # before text block i = 1..J-1, positions 1..n <- P_i
-        z = self.prompts.encode(self.ctx, self.cfg.get("shared_prefix", True), deep_prompts=deep,
+        z = self.prompts.encode(self.ctx, self.cfg.get("text_savings", True), deep_prompts=deep,
                                 prompt_slice=slice(1, 1 + self.cfg["n_ctx"]))
         return normalize(z)
 

@@ -43,7 +43,7 @@ COMMON = dict(
     # optimisation (protocol §6)
     optimizer="sgd", lr=0.002, momentum=0.9, weight_decay=5e-4, batch=32, epochs=10,
     warmup_epochs=1, warmup_lr=1e-5, schedule="cosine", selection="last", dassl_drop_last=False,
-    precision="auto", attn="auto", shared_prefix=True, workers=2, test_batch=100, log_every=20, tag="",
+    precision="auto", attn="auto", text_savings=True, workers=2, test_batch=100, log_every=20, tag="",
 )
 
 # Per method and setting (fewshot / b2n / xd). `epochs` may be a {shots: epochs} table.

@@ -169,6 +169,53 @@ def bench_losses(device, small, reps):
     return out
 
 
+# 100 Caltech101 class names (CoOp split order), realistic name lengths for the text-side benchmark
+CALTECH101 = (
+    "face leopard motorbike accordion airplane anchor ant barrel bass beaver binocular bonsai brain brontosaurus "
+    "buddha butterfly camera cannon car_side ceiling_fan cellphone chair chandelier cougar_body cougar_face crab "
+    "crayfish crocodile crocodile_head cup dalmatian dollar_bill dolphin dragonfly electric_guitar elephant emu "
+    "euphonium ewer ferry flamingo flamingo_head garfield gerenuk gramophone grand_piano hawksbill headphone "
+    "hedgehog helicopter ibis inline_skate joshua_tree kangaroo ketch lamp laptop llama lobster lotus mandolin "
+    "mayfly menorah metronome minaret nautilus octopus okapi pagoda panda pigeon pizza platypus pyramid revolver "
+    "rhino rooster saxophone schooner scissors scorpion sea_horse snoopy soccer_ball stapler starfish stegosaurus "
+    "stop_sign strawberry sunflower tick trilobite umbrella watch water_lilly wheelchair wild_cat windsor_chair "
+    "wrench yin_yang").split()
+
+
+def bench_text_side(device, small, reps):
+    """CoOp's text side (16 shared context vectors, 100 classes), forward + backward into the context, at
+    ViT-B/16 text-tower width (512, 8 heads; 12 layers, 2 with --small: the ratios are per token):
+    the full 77 positions, cut at the last end-of-text token, and cut + the shared prefix run once."""
+    import clip as clip_module
+    import dapt
+
+    assert len(CALTECH101) == 100
+    cfg = dict(clip_module.VIT_B16_CONFIG, vision_layers=1, vision_width=64, transformer_layers=2 if small else 12)
+    torch.manual_seed(0)
+    model = clip_module.CLIP(**cfg).to(device)
+    if device.type == "cuda":
+        model = model.to(torch.bfloat16)
+    prompts = dapt.TextPrompts(model, CALTECH101, n_ctx=16)
+    ctx = torch.randn(16, 512, device=device, requires_grad=True)
+
+    def step(cut, prefix):
+        def fn():
+            x, eot = prompts(ctx)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                z = model.encode_text_embeddings(x, eot, cut=cut, prefix_len=prompts.prefix_len if prefix else 0)
+            z.float().square().sum().backward()
+        return fn
+
+    ref = "full 77 positions (reference)"
+    candidates = {ref: step(False, False), "cut at last EOT": step(True, False), "cut + shared prefix": step(True, True)}
+    L = int(prompts.eot.max()) + 1
+    title = (f"CoOp text side, 100 classes, 16 context, {cfg['transformer_layers']} layers x 512, {device.type} "
+             f"(forward + backward; longest sequence {L} positions, shared prefix {prompts.prefix_len})")
+    out = fmt_table(title, ["text side", "ms", "vs ref", "peak MiB", "note"], run_rows(candidates, device, reps, ref))
+    print(out, flush=True)
+    return [out]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -185,7 +232,8 @@ def main(argv=None):
     if device.type == "cpu":
         print("# Triton is not timed on the CPU: there it runs in the interpreter (a correctness tool, not a "
               "speed measure). Ratios are to the eager reference of the same table.")
-    return bench_attention(device, small, reps) + bench_losses(device, small, reps)
+    return (bench_attention(device, small, reps) + bench_losses(device, small, reps)
+            + bench_text_side(device, small, reps))
 
 
 if __name__ == "__main__":

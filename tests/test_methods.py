@@ -49,17 +49,17 @@ def test_class_token_positions(clip, position):
 
 
 @pytest.mark.parametrize("method,extra", [("coop", {}), ("coop", {"csc": True}), ("maple", {}), ("cocoop", {})])
-def test_shared_prefix_is_exact(clip, method, extra):
+def test_text_savings_is_exact(clip, method, extra):
     torch.manual_seed(0)
     model = dapt.METHODS[method](clip, NAMES, cfg_of(method, **extra))
     for p in model.parameters():
         if p.requires_grad:
             p.data.normal_(std=0.1)
     images = torch.randn(3, 3, 32, 32)
-    model.cfg["shared_prefix"] = True
+    model.cfg["text_savings"] = True
     fast = model(images)
     fast_t = model.text_features()
-    model.cfg["shared_prefix"] = False
+    model.cfg["text_savings"] = False
     slow = model(images)
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
     if fast_t is not None:
@@ -72,7 +72,7 @@ def test_shared_prefix_is_exact(clip, method, extra):
 
 
 def slow_text(model):
-    model.cfg["shared_prefix"] = False
+    model.cfg["text_savings"] = False
     return model.text_features()
 
 
