@@ -368,8 +368,13 @@ def build_model(cfg, clip, classnames, bench=None):
     model_cfg = dict(cfg)
     if cfg["method"] == "zsclip":
         model_cfg["template"] = cfg["template"] or (bench.template if bench else "a photo of a {}.")
-        if cfg["ensemble"]:
-            model_cfg["templates"] = {"imagenet80": data.IMAGENET_TEMPLATES, "select": data.SELECT_TEMPLATES}[cfg["ensemble"]]
+        if cfg["ensemble"] == "imagenet80":
+            model_cfg["templates"] = list(data.IMAGENET_TEMPLATES)
+        elif cfg["ensemble"] == "select":  # CoOp's zsclip: the 7 select templates (+ the dataset's own outside ImageNet)
+            own = [] if cfg["dataset"].startswith("imagenet") else [model_cfg["template"]]
+            model_cfg["templates"] = list(data.SELECT_TEMPLATES) + own
+        elif cfg["ensemble"]:
+            raise SystemExit(f"--ensemble {cfg['ensemble']!r}: expected imagenet80 or select")
     return cls(clip, classnames, model_cfg)
 
 
