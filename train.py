@@ -14,7 +14,6 @@ Deliberately not here: multi-GPU, schedulers other than the protocol's, evaluati
 """
 import argparse
 import datetime
-import hashlib
 import json
 import logging
 import math
@@ -26,6 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import clip as clip_module
 import data
 import dapt
 
@@ -295,14 +295,6 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
-def sha256_of(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def setup_logging(run_dir):
     """Human-readable log: run_dir/log.txt and stderr (info and up)."""
     log.setLevel(logging.INFO)
@@ -515,7 +507,7 @@ def train(cfg, root="DATA", out="runs", device="cpu", resume=False):
         method=cfg["method"], dataset=cfg["dataset"], setting=cfg["setting"], shots=cfg["shots"], seed=cfg["seed"],
         subsample=cfg["subsample"], tag=cfg["tag"], accuracy=accuracies, classnames=accuracies.pop("classnames"),
         config=config_record, samples_per_epoch=loader.samples_per_epoch if loader else 0,
-        selected_epoch=best["epoch"] if best else (epochs - 1), checkpoint_sha256=sha256_of(ckpt_path),
+        selected_epoch=best["epoch"] if best else (epochs - 1), checkpoint_sha256=clip_module.file_sha256(ckpt_path),
         seconds=round(time.time() - t_start, 1), finished=datetime.datetime.now().isoformat(timespec="seconds"))
     write_json(os.path.join(run_dir, "result.json"), result)
     log.info("result: %s", json.dumps(result["accuracy"]))
