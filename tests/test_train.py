@@ -29,7 +29,7 @@ def run_dir(out, method, setting="b2n", shots=4, seed=1, tag=""):
 
 BASELINES = {  # a learning rate high enough that a few steps on 48 images move the loss
     "coop": ["--lr", "0.05", "--batch", "8"],
-    "cocoop": ["--lr", "0.02"],
+    "cocoop": ["--lr", "0.05", "--batch", "2"],
     "vpt": ["--lr", "0.05", "--batch", "8"],
     "maple": ["--lr", "0.05", "--batch", "8"],
 }
@@ -37,7 +37,7 @@ BASELINES = {  # a learning rate high enough that a few steps on 48 images move 
 
 @pytest.mark.parametrize("method", list(BASELINES))
 def test_baseline_trains_and_writes_result(toy_root, tmp_path, method):
-    epochs = 2 if method == "cocoop" else 4
+    epochs = 3 if method == "cocoop" else 4
     result = run(toy_root, tmp_path, method, *BASELINES[method], epochs=epochs)
     d = run_dir(tmp_path, method)
     losses = epoch_losses(d)
