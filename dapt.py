@@ -528,6 +528,11 @@ class DAVPT(FrozenTextClassifier):
         v = clip.visual
         L, W, C = v.transformer.layers, v.conv1.weight.shape[0], len(classnames)
         self.guided = sorted({int(i) % L for i in str(cfg["guided_layers"]).split(",")})
+        if cfg.get("patch_sample", "mean") not in ("mean", "attn_slot"):
+            raise ValueError(f"davpt patch_sample {cfg['patch_sample']!r}: expected 'mean' or 'attn_slot'")
+        if cfg.get("official_optim"):
+            log.warning("davpt official_optim: the released class-balanced sampler (2 images per class) is not "
+                        "implemented; batches come from the usual random sampler")
         self.M = min(cfg["n_proxies"], C)  # C < M: one proxy per class, identity map
         init = cfg.get("prompt_init", "normal")
         self.deep_prompts = nn.ParameterList([  # block i's tokens: [M, W] proxies in guided blocks, else [8, W]
@@ -559,6 +564,7 @@ class DAVPT(FrozenTextClassifier):
         # class -> proxy map and cluster centroids (learned state: extra_state); running class means per epoch
         self.register_buffer("class_to_proxy", torch.arange(C) % self.M, persistent=False)
         self.centroids = None
+        self.mapped = C <= self.M  # the identity needs no data; otherwise prepare() or load_extra_state()
         self.feat_sum = self.feat_count = None
 
     def set_classnames(self, classnames):
@@ -571,8 +577,9 @@ class DAVPT(FrozenTextClassifier):
         """Weight decay on prompts and the linear weight only; biases, LayerNorm and other 1-D tensors get none
         (decay would pull pretrained biases toward 0, not toward their pretrained values)."""
         params = [p for p in self.parameters() if p.requires_grad]
-        return [dict(params=[p for p in params if p.dim() > 1]),
-                dict(params=[p for p in params if p.dim() <= 1], weight_decay=0.0)]
+        groups = [dict(params=[p for p in params if p.dim() > 1]),
+                  dict(params=[p for p in params if p.dim() <= 1], weight_decay=0.0)]
+        return [g for g in groups if g["params"]]
 
     def attn_bias(self, i):
         if not self.cfg.get("bias_tuning"):
@@ -642,6 +649,9 @@ class DAVPT(FrozenTextClassifier):
         return self.logit_scale * feat @ (self.T if T is None else T).t()
 
     def loss(self, batch, epoch):
+        if not self.mapped:
+            raise RuntimeError("davpt: no class -> proxy map yet; call model.prepare(bench, train_tf, test_tf, device) "
+                               "before training (train.train does) or load_extra_state")
         y = batch["label"]
         mapped = self.class_to_proxy[y]  # [B] in 0..M-1
         feat, guided = self.encode(batch["image"], mapped)
@@ -690,7 +700,7 @@ class DAVPT(FrozenTextClassifier):
         C = len(bench.classnames)
         means = torch.zeros(C, feats.shape[1]).index_add_(0, labels, feats) / torch.bincount(labels, minlength=C).clamp_min(1)[:, None]
         mapping, self.centroids = self.cluster(means)
-        self.class_to_proxy = mapping.to(self.class_to_proxy.device)
+        self.class_to_proxy, self.mapped = mapping.to(self.class_to_proxy.device), True
         log.info("davpt: %d classes -> %d proxies in blocks %s; cluster sizes %s", C, self.M, self.guided,
                  torch.bincount(mapping, minlength=self.M).tolist())
 
@@ -723,7 +733,7 @@ class DAVPT(FrozenTextClassifier):
         if state is None:
             raise ValueError("davpt: the checkpoint has no class -> proxy map (extra state); it was not written by davpt")
         self.class_to_proxy = state["class_to_proxy"].to(self.class_to_proxy.device)
-        self.centroids = state["centroids"]
+        self.centroids, self.mapped = state["centroids"], True
 
 
 METHODS = {

@@ -205,6 +205,8 @@ def test_davpt_map_prepare_stable_and_identity(tiny):
     maps = []
     for _ in range(2):
         model = davpt_model(clip, bench.classnames, n_proxies=2)
+        with pytest.raises(RuntimeError, match="prepare"):  # C > M: no map before the data is seen
+            model.loss(dict(image=None, label=torch.tensor([0])), 0)
         model.prepare(bench, tfs[True], tfs[False], "cpu")
         maps.append(model.class_to_proxy.clone())
     assert torch.equal(maps[0], maps[1])  # same seed, same map
