@@ -274,7 +274,11 @@ def test_davpt_bias_tuning_head_and_state(tiny):
     assert names == [f"deep_prompts.{i}" for i in range(2)] + [f"bias_k.{i}" for i in range(2)] + [f"bias_v.{i}" for i in range(2)]
     loss, _ = plus.loss(dict(image=images, label=torch.tensor([0, 3])), 0)
     loss.backward()
-    assert all(plus.get_parameter(n).grad.abs().sum() > 0 for n in names)
+    for i in range(2):
+        assert plus.deep_prompts[i].grad.abs().sum() > 0 and plus.bias_v[i].grad.abs().max() > 1e-4
+        # the K bias adds q . b_k to every logit of a query's row: softmax ignores it, so its gradient is only
+        # rounding noise (DA-VPT+'s K slice is inert; only V, a per-block constant after attention, trains)
+        assert plus.bias_k[i].grad.abs().max() < 1e-4 * plus.bias_v[i].grad.abs().max()
     assert all(b.attn.in_proj_bias.grad is None for b in clip.visual.transformer.resblocks)  # q slice frozen
     groups = plus.param_groups()
     assert [len(g["params"]) for g in groups] == [2, 4] and groups[1]["weight_decay"] == 0.0
