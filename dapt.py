@@ -7,7 +7,10 @@ tokenizer live in clip.py and tokenizer.py (split off to keep files readable) an
 Deliberately not here: data loading (data.py), the training loop (train.py), Triton kernels (kernels/: the
 methods call `kernels.*` dispatchers, which fall back to the references below on the CPU).
 """
+import hashlib
+import logging
 import math
+import os
 from collections import OrderedDict
 
 import torch
@@ -15,7 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from clip import CLIP, CheckpointError, build_clip, load_clip  # noqa: F401  (public names)
+from clip import append_tokens, attention as clip_attention
 from tokenizer import tokenize  # noqa: F401  (public name)
+
+log = logging.getLogger("dapt")
 
 # ----------------------------------------------------------------------------------------------------------
 # losses: plain PyTorch references, batch-mean scalars (kernels/ has fused versions with these signatures)
@@ -170,7 +176,12 @@ class PromptModel(nn.Module):
 
     Subclasses define `text_features()` ([C, E], normalised, with gradients to the text prompts) and
     `image_features(images)` ([B, E], normalised); `loss(batch, epoch)` defaults to cross-entropy on the logits.
-    Only parameters with requires_grad are trained and checkpointed (`trainable_state`)."""
+    Only parameters with requires_grad are trained and checkpointed (`trainable_state`).
+
+    Optional hooks train.py calls when a subclass defines them: `prepare(bench, train_tf, test_tf, device)` once
+    before training (data-dependent set-up: dapt-dist prototypes, DA-VPT clusters; not called for evaluation),
+    `param_groups()` (optimizer groups, e.g. per-group weight_decay), `extra_state()` / `load_extra_state(state)`
+    (non-parameter learned state, saved in checkpoints and resume files)."""
 
     needs_masks = False  # the loader must provide fg_mask / fg_frac
 
@@ -403,10 +414,347 @@ class MaPLe(PromptModel):
         return normalize(z)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# 10. Distribution-aware prompt tuning (methods.md §10) and 11. DA-VPT (methods.md §11)
+# Both need the training images before training: PromptModel subclasses may define
+# `prepare(bench, train_tf, test_tf, device)`, which train.train calls once before the first epoch (and before
+# a resume restores `load_extra_state`). Evaluation never calls it.
+
+
+@torch.no_grad()
+def image_features_of(fn, items, transform, seed, device, batch=100, epoch=0):
+    """fn(images) -> [N, D] features of Benchmark items in order; a training transform draws its augmentation
+    from the generator seeded by (seed, epoch, index), as the training loader does."""
+    import data  # data loading lives in data.py; imported here so dapt.py stays importable on its own
+
+    loader = data.build_loader(items, transform, batch, train=False, seed=seed, pin_memory=False)
+    loader.set_epoch(epoch)
+    return torch.cat([fn(b["image"].to(device)).float().cpu() for b in loader])
+
+
+def state_digest(module):
+    """sha256 of a module's state dict (names, dtypes, shapes and bytes): names the weights that produced a cache."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def class_prototypes(clip, bench, transform, seed, device, view):
+    """proto_c = (1/K_c) sum_{i: y_i = c} n(E_v^CLIP(x_i)) over the few-shot training items (frozen, unprompted
+    tower, one view per image, NOT re-normalised) -> [C, E] float32 on the CPU, cached beside the few-shot split
+    as <dataset_dir>/split_fewshot/prototypes_shot_K-seed_S-<subsample>_<weights digest>_<view>.pt.
+    The file records the items, the transform constants and the seed; any mismatch regenerates it."""
+    digest = state_digest(clip.visual)[:16]
+    m = bench.meta
+    path = os.path.join(m["dataset_dir"], "split_fewshot",
+                        f"prototypes_shot_{m['shots']}-seed_{m['seed']}-{m['subsample']}_{digest}_{view}.pt")
+    record = dict(items=[(os.path.relpath(p, m["dataset_dir"]), int(y)) for p, y, _ in bench.train],
+                  n_classes=len(bench.classnames), transform=transform.constants(), seed=seed, view=view,
+                  clip_visual_sha256=digest)
+    if os.path.exists(path):
+        cached = torch.load(path, map_location="cpu", weights_only=False)
+        if cached.get("record") == record:
+            log.info("prototypes: loaded %s", path)
+            return cached["prototypes"]
+        log.info("prototypes: %s was made with other items / transform / seed: regenerating it", path)
+    feats = normalize(image_features_of(clip.encode_image, bench.train, transform, seed, device))  # [N, E]
+    labels = torch.tensor([y for _, y, _ in bench.train])
+    C = len(bench.classnames)
+    sums = torch.zeros(C, feats.shape[1]).index_add_(0, labels, feats)
+    counts = torch.bincount(labels, minlength=C).clamp_min(1).float()
+    protos = sums / counts[:, None]  # [C, E], mean of unit vectors (norm < 1)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(dict(prototypes=protos, record=record), tmp)
+    os.replace(tmp, path)
+    log.info("prototypes: %d classes from %d images (%s view), cached at %s", C, len(labels), view, path)
+    return protos
+
+
+class DistributionAwarePT(CoOp):
+    """CoOp text context (16 shared vectors, class at the end) + VPT-shallow image prompts (16, after ln_pre);
+    L = CE + beta_v * L_intra (MSE of z to fixed class prototypes) + beta_t * L_inter (RBF repulsion of the
+    class text features)."""
+
+    def __init__(self, clip, classnames, cfg):
+        super().__init__(clip, classnames, cfg)
+        v = clip.visual
+        shape = (cfg["n_prompts"], v.conv1.weight.shape[0])  # [16, W_v]
+        self.image_prompts = nn.Parameter(init_image_prompts(shape, cfg.get("prompt_init", "xavier"), v.patch_size))
+        self.prototypes = None  # [C, E], set by prepare()
+
+    def prepare(self, bench, train_tf, test_tf, device):
+        train_view = self.cfg.get("proto_train_view", False)
+        tf, view = (train_tf, "train") if train_view else (test_tf, "test")
+        self.prototypes = class_prototypes(self.clip, bench, tf, self.cfg["seed"], device, view).to(device)
+
+    def image_features(self, images):
+        z = self.clip.visual(images, prompts=self.image_prompts, prompt_ln_pre=self.cfg.get("prompt_ln_pre", False))
+        return normalize(z)
+
+    def loss(self, batch, epoch):
+        if self.prototypes is None:
+            raise RuntimeError("dapt-dist: prototypes are missing; call model.prepare(bench, train_tf, test_tf, "
+                               "device) before training (train.train does)")
+        y = batch["label"]
+        z, T = self.image_features(batch["image"]), self.text_features()  # [B, E], [C, E]
+        logits = self.logit_scale * z @ T.t()
+        ce = F.cross_entropy(logits, y)
+        intra = intra_dispersion_loss(z, self.prototypes, y)  # kernels: intra_dispersion_loss
+        inter = inter_dispersion_loss(T, self.cfg["dispersion_t"])  # kernels: inter_dispersion_loss
+        loss = ce + self.cfg["beta_v"] * intra + self.cfg["beta_t"] * inter
+        return loss, {"acc": (logits.argmax(-1) == y).float().mean().item(), "ce": ce.item(),
+                      "intra": intra.item(), "inter": inter.item()}
+
+
+def cosine_kmeans(x, k, generator, init=None, iters=20, tol=1e-4):
+    """Cosine k-means: x [N, D] -> (assignment [N] in 0..k-1, centroids [k, D]).
+
+    init: centroids to start from (warm start), else k distinct data points drawn with `generator`. Assignment
+    by the largest cosine; a centroid is the mean of its members (an empty cluster keeps its centroid); stops
+    after `iters` rounds or when no centroid moves by more than `tol` (max abs change)."""
+    x = x.float()
+    c = x[torch.randperm(len(x), generator=generator)[:k]].clone() if init is None else init.float().clone()
+    xn = F.normalize(x, dim=-1)
+    for _ in range(iters):
+        assign = (xn @ F.normalize(c, dim=-1).t()).argmax(-1)  # [N]
+        sums = torch.zeros_like(c).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k)
+        new = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None].float(), c)
+        moved = (new - c).abs().max().item()
+        c = new
+        if moved <= tol:
+            break
+    return (xn @ F.normalize(c, dim=-1).t()).argmax(-1), c
+
+
+class DAVPT(FrozenTextClassifier):
+    """VPT-deep (8 prompts in every image block); in the guided blocks the prompt set is M proxies, one per
+    cluster of classes, pulled toward the block's patch samples and the CLS query by Proxy-Anchor losses.
+    DA-VPT+ (bias_tuning) also trains the K and V slices of every block's packed in_proj_bias."""
+
+    def __init__(self, clip, classnames, cfg):
+        super().__init__(clip, classnames, cfg)
+        v = clip.visual
+        L, W, C = v.transformer.layers, v.conv1.weight.shape[0], len(classnames)
+        self.guided = sorted({int(i) % L for i in str(cfg["guided_layers"]).split(",")})
+        if cfg.get("patch_sample", "mean") not in ("mean", "attn_slot"):
+            raise ValueError(f"davpt patch_sample {cfg['patch_sample']!r}: expected 'mean' or 'attn_slot'")
+        if cfg.get("official_optim"):
+            log.warning("davpt official_optim: the released class-balanced sampler (2 images per class) is not "
+                        "implemented; batches come from the usual random sampler")
+        self.M = min(cfg["n_proxies"], C)  # C < M: one proxy per class, identity map
+        init = cfg.get("prompt_init", "normal")
+        self.deep_prompts = nn.ParameterList([  # block i's tokens: [M, W] proxies in guided blocks, else [8, W]
+            nn.Parameter(init_image_prompts((self.M if i in self.guided else cfg["n_prompts"], W), init, v.patch_size))
+            for i in range(L)])
+        self.head_kind = cfg.get("head", "text")
+        if self.head_kind == "linear":
+            if cfg.get("subsample", "all") != "all":
+                raise ValueError("davpt head=linear learns one weight row per training class and cannot score new "
+                                 "classes: use it with --subsample all (few-shot), or use --head text for base-to-novel")
+            self.linear = nn.Linear(W, C)
+            nn.init.trunc_normal_(self.linear.weight, std=0.02)
+            nn.init.zeros_(self.linear.bias)
+        elif self.head_kind != "text":
+            raise ValueError(f"davpt head {self.head_kind!r}: expected 'text' or 'linear'")
+        self.set_classnames(classnames)
+        if cfg.get("bias_tuning"):  # trainable copies of the K and V slices (the q slice stays frozen)
+            blocks = v.transformer.resblocks
+            self.bias_k = nn.ParameterList([nn.Parameter(b.attn.in_proj_bias[W:2 * W].detach().clone()) for b in blocks])
+            self.bias_v = nn.ParameterList([nn.Parameter(b.attn.in_proj_bias[2 * W:].detach().clone()) for b in blocks])
+            if cfg.get("bias_extra"):  # what the released configs also unfreeze
+                for b in blocks:
+                    for p in (b.attn.out_proj.bias, b.mlp.c_proj.bias, b.ln_2.bias, b.ln_1.weight, b.ln_1.bias):
+                        p.requires_grad_(True)
+                v.class_embedding.requires_grad_(True)
+        elif cfg.get("bias_extra"):
+            raise ValueError("davpt: bias_extra needs bias_tuning true (DA-VPT+)")
+        log.info("davpt: trainable tensors %s", [n for n, p in self.named_parameters() if p.requires_grad])
+        # class -> proxy map and cluster centroids (learned state: extra_state); running class means per epoch
+        self.register_buffer("class_to_proxy", torch.arange(C) % self.M, persistent=False)
+        self.centroids = None
+        self.mapped = C <= self.M  # the identity needs no data; otherwise prepare() or load_extra_state()
+        self.feat_sum = self.feat_count = None
+
+    def set_classnames(self, classnames):
+        if self.head_kind == "linear" and hasattr(self, "linear") and len(classnames) != self.linear.out_features:
+            raise ValueError("davpt head=linear was trained on other classes and cannot score new classes: "
+                             "use --head text for base-to-novel or cross-dataset evaluation")
+        super().set_classnames(classnames)
+
+    def param_groups(self):
+        """Weight decay on prompts and the linear weight only; biases, LayerNorm and other 1-D tensors get none
+        (decay would pull pretrained biases toward 0, not toward their pretrained values)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [dict(params=[p for p in params if p.dim() > 1]),
+                  dict(params=[p for p in params if p.dim() <= 1], weight_decay=0.0)]
+        return [g for g in groups if g["params"]]
+
+    def attn_bias(self, i):
+        if not self.cfg.get("bias_tuning"):
+            return None
+        attn = self.clip.visual.transformer.resblocks[i].attn
+        W = self.bias_k[i].shape[0]
+        return torch.cat([attn.in_proj_bias[:W], self.bias_k[i], self.bias_v[i]])  # packed [3W]
+
+    def encode(self, images, mapped=None):
+        """-> (classifier input [B, D], per guided block (proxies [M, W], patch sample [B, W], CLS query [B, W])).
+
+        Our own loop over the blocks: the prompt count changes between blocks (8 vs M), the guided blocks expose
+        their queries and attention outputs. mapped [B] (the proxy of each image's class) is needed only for
+        patch_sample=attn_slot."""
+        v = self.clip.visual
+        x = v.embed(images)  # [B, 1 + N, W]
+        N = x.shape[1] - 1
+        p0 = self.deep_prompts[0]
+        if self.cfg.get("prompt_ln_pre", True):
+            x = v.ln_pre(append_tokens(x, p0))
+        else:
+            x = append_tokens(v.ln_pre(x), p0)
+        guided = []
+        for i, blk in enumerate(v.transformer.resblocks):
+            if i > 0:  # discard the previous block's prompt outputs, append this block's prompts
+                x = append_tokens(x[:, :1 + N], self.deep_prompts[i])
+            B, Lx, W = x.shape
+            mask = None
+            if self.cfg.get("proxy_mask"):  # prompt queries see only the patches
+                mask = torch.ones(Lx, Lx, dtype=torch.bool, device=x.device)
+                mask[1 + N:, 0] = False
+                mask[1 + N:, 1 + N:] = False
+            h = blk.ln_1(x)
+            q, k, val = blk.attn.qkv(h, self.attn_bias(i))  # [B, H, L, D]
+            if mask is None:
+                o = clip_attention(q, k, val, backend=blk.attn.backend)
+            else:
+                o = F.scaled_dot_product_attention(q, k, val, attn_mask=mask)
+            o = o.transpose(1, 2).reshape(B, Lx, W)  # heads concatenated, before out_proj
+            if i in self.guided:
+                cls_query = q[:, :, 0].reshape(B, W)  # W_q ln_1(x_cls) + b_q
+                if self.cfg.get("patch_sample", "mean") == "attn_slot":
+                    if mapped is None:
+                        raise ValueError("patch_sample=attn_slot needs the mapped labels")
+                    patch = o[torch.arange(B, device=x.device), 1 + N + mapped]  # attention output at slot k_i
+                else:  # the released code: mean of the patch tokens entering the block
+                    patch = x[:, 1:1 + N].mean(1)
+                guided.append((self.deep_prompts[i], patch, cls_query))
+            x = x + blk.attn.out_proj(o)
+            x = x + blk.mlp(blk.ln_2(x))
+        cls = v.ln_post(x[:, 0])  # [B, W]
+        feat = cls if self.head_kind == "linear" else normalize(cls @ v.proj.to(cls.dtype))
+        return feat, guided
+
+    def image_features(self, images):
+        return self.encode(images)[0]
+
+    def text_features(self):
+        return self.T if self.head_kind == "text" else None
+
+    def forward(self, images, text_features=None):
+        return self.logits(self.image_features(images), text_features)
+
+    def logits(self, feat, T=None):
+        if self.head_kind == "linear":
+            return self.linear(feat)
+        return self.logit_scale * feat @ (self.T if T is None else T).t()
+
+    def loss(self, batch, epoch):
+        if not self.mapped:
+            raise RuntimeError("davpt: no class -> proxy map yet; call model.prepare(bench, train_tf, test_tf, device) "
+                               "before training (train.train does) or load_extra_state")
+        y = batch["label"]
+        mapped = self.class_to_proxy[y]  # [B] in 0..M-1
+        feat, guided = self.encode(batch["image"], mapped)
+        logits = self.logits(feat)
+        task = F.cross_entropy(logits, y)
+        c = self.cfg
+        pa = dict(alpha=c["pa_alpha"], delta=c["pa_delta"], scale=c["pa_scale"], paper_norm=c["paper_norm"])
+        # kernels: proxy_anchor_loss
+        l_x = sum(proxy_anchor_loss(patch, proxies, mapped, **pa) for proxies, patch, _ in guided) / len(guided)
+        l_c = sum(proxy_anchor_loss(q, proxies, mapped, **pa) for proxies, _, q in guided) / len(guided)
+        loss = task + c["beta_patch"] * l_x + c["lambda_cls"] * l_c
+        with torch.no_grad():  # running class means of the classifier input (training views) for re-clustering
+            f = feat.detach().float()
+            if self.feat_sum is None:
+                self.feat_sum = f.new_zeros(len(self.classnames), f.shape[1])
+                self.feat_count = f.new_zeros(len(self.classnames))
+            self.feat_sum.index_add_(0, y, f)
+            self.feat_count.index_add_(0, y, torch.ones_like(y, dtype=f.dtype))
+        return loss, {"acc": (logits.argmax(-1) == y).float().mean().item(), "task": task.item(),
+                      "pa_patch": l_x.item(), "pa_cls": l_c.item()}
+
+    def cluster(self, class_means, init=None):
+        """k-means on LayerNorm-ed (no affine) class means -> (map [C], centroids [M, D]); identity when C <= M."""
+        C = class_means.shape[0]
+        if C <= self.M:
+            return torch.arange(C), None
+        x = F.layer_norm(class_means.float(), class_means.shape[-1:])
+        g = torch.Generator().manual_seed(self.cfg["seed"])
+        return cosine_kmeans(x.cpu(), self.M, g, None if init is None else init.cpu(), self.cfg["kmeans_iters"],
+                             self.cfg["kmeans_tol"])
+
+    @torch.no_grad()
+    def prepare(self, bench, train_tf, test_tf, device):
+        """Initial class -> proxy map: class means of the frozen prompt-free tower's classifier input over up to
+        `kmeans_images` training images per class (training transform)."""
+        per_class, items = {}, []
+        for item in bench.train:
+            if per_class.get(item[1], 0) < self.cfg["kmeans_images"]:
+                per_class[item[1]] = per_class.get(item[1], 0) + 1
+                items.append(item)
+        v = self.clip.visual
+        fn = (lambda im: v.ln_post(v.transformer(v.ln_pre(v.embed(im)))[:, 0])) if self.head_kind == "linear" \
+            else (lambda im: normalize(v(im)))
+        feats = image_features_of(fn, items, train_tf, self.cfg["seed"], device)
+        labels = torch.tensor([y for _, y, _ in items])
+        C = len(bench.classnames)
+        means = torch.zeros(C, feats.shape[1]).index_add_(0, labels, feats) / torch.bincount(labels, minlength=C).clamp_min(1)[:, None]
+        mapping, self.centroids = self.cluster(means)
+        self.class_to_proxy, self.mapped = mapping.to(self.class_to_proxy.device), True
+        log.info("davpt: %d classes -> %d proxies in blocks %s; cluster sizes %s", C, self.M, self.guided,
+                 torch.bincount(mapping, minlength=self.M).tolist())
+
+    @torch.no_grad()
+    def epoch_end(self, epoch, loader=None):
+        """Re-cluster from this epoch's running class means, warm-started from the previous centroids; the map
+        is kept when every class falls into one cluster (or when C <= M)."""
+        if self.feat_sum is None or self.centroids is None:
+            self.feat_sum = self.feat_count = None
+            return
+        seen = self.feat_count > 0
+        means = self.feat_sum / self.feat_count.clamp_min(1)[:, None]
+        if not seen.all():  # a class absent this epoch: cluster it by its last known map's centroid
+            log.warning("davpt: %d classes had no training image this epoch", int((~seen).sum()))
+            means[~seen] = self.centroids.to(means.device)[self.class_to_proxy[~seen]]
+        mapping, centroids = self.cluster(means, init=self.centroids)
+        self.feat_sum = self.feat_count = None
+        sizes = torch.bincount(mapping, minlength=self.M)
+        if (sizes > 0).sum() <= 1:
+            log.info("davpt epoch %d: every class fell into one cluster: mapping kept", epoch + 1)
+            return
+        changed = int((mapping.to(self.class_to_proxy.device) != self.class_to_proxy).sum())
+        self.class_to_proxy, self.centroids = mapping.to(self.class_to_proxy.device), centroids
+        log.info("davpt epoch %d: re-clustered, %d classes moved; cluster sizes %s", epoch + 1, changed, sizes.tolist())
+
+    def extra_state(self):
+        return dict(class_to_proxy=self.class_to_proxy.cpu(), centroids=self.centroids)
+
+    def load_extra_state(self, state):
+        if state is None:
+            raise ValueError("davpt: the checkpoint has no class -> proxy map (extra state); it was not written by davpt")
+        self.class_to_proxy = state["class_to_proxy"].to(self.class_to_proxy.device)
+        self.centroids, self.mapped = state["centroids"], True
+
+
 METHODS = {
     "zsclip": ZeroShotCLIP,
     "coop": CoOp,
     "cocoop": CoCoOp,
     "vpt": VPT,
     "maple": MaPLe,
+    "dapt-dist": DistributionAwarePT,
+    "davpt": DAVPT,
 }
