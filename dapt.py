@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clip import CLIP, CheckpointError, build_clip, load_clip  # noqa: F401  (public names)
-from clip import append_tokens, attention as clip_attention
+from clip import CLIP, CheckpointError, append_tokens, build_clip, load_clip, replace_tokens  # noqa: F401  (public names)
+from clip import attention as clip_attention
+import kernels
 from tokenizer import tokenize  # noqa: F401  (public name)
 
 log = logging.getLogger("dapt")
@@ -415,6 +416,383 @@ class MaPLe(PromptModel):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# 7. KgCoOp (methods.md §7; a host for FVG-PT)
+
+
+class KgCoOp(CoOp):
+    """CoOp + W * (1 - mean_c cos(t_c, t0_c)): the prompted class features stay near the frozen hand-crafted
+    ones, t0_c = n(E_t(template(name_c))) with the dataset's template (cfg "template", filled by build_model)."""
+
+    def __init__(self, clip, classnames, cfg):
+        super().__init__(clip, classnames, cfg)
+        self.set_classnames(classnames)
+
+    @torch.no_grad()
+    def set_classnames(self, classnames):
+        super().set_classnames(classnames)
+        template = self.cfg.get("template") or "a photo of a {}."
+        self.register_buffer("t0", encode_texts(self.clip, [template.format(c) for c in self.prompts.classnames]),
+                             persistent=False)  # [C, E]
+
+    def loss(self, batch, epoch):
+        T = self.text_features()  # [C, E]
+        logits = self.logit_scale * self.image_features(batch["image"]) @ T.t()
+        kg = 1 - (T * self.t0).sum(-1).mean()  # both normalised: the mean cosine
+        ce = F.cross_entropy(logits, batch["label"])
+        loss = ce + self.cfg["kg_weight"] * kg
+        return loss, {"acc": (logits.argmax(-1) == batch["label"]).float().mean().item(), "kg": kg.item()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 8. Decouple before Align (methods.md §8; DAPT-S with mask files, DAPT-G with Grad-CAM)
+
+# 25 general + 7 food background classes, in the official order (the 25/7 quirk slices this list)
+DAPT_BACKGROUNDS = [
+    "ground", "land", "grass", "tree", "building", "wall", "sky", "lake", "water", "river", "sea", "railway",
+    "railroad", "keyboard", "helmet", "cloud", "house", "mountain", "ocean", "road", "rock", "street", "valley",
+    "bridge", "sign", "table", "forks", "tablecloth", "hands", "spoon", "glasses", "dishes"]
+
+
+def views_key_mask(fg_frac, n_prompts, threshold=0.5):
+    """Token-level views: bool key masks [B, 1 + P + n] for the foreground and the background view.
+
+    fg_frac [B, P] (foreground fraction of each patch, row-major). CLS and the n prompt tokens are always visible;
+    a patch is a key of the foreground view when its fraction >= threshold, of the background view otherwise."""
+    B = fg_frac.shape[0]
+    keep = fg_frac >= threshold  # [B, P]
+    always = torch.ones(B, 1, dtype=torch.bool, device=fg_frac.device)
+    prompts = torch.ones(B, n_prompts, dtype=torch.bool, device=fg_frac.device)
+    return torch.cat([always, keep, prompts], 1), torch.cat([always, ~keep, prompts], 1)
+
+
+class DAPT(PromptModel):
+    """A host prompt model (MaPLe by default; CoOp or VPT) trained on the full image and its foreground /
+    background views: L_cls, the visual pull-push L_v, text alignment of the foreground view L_f and of the
+    background view with 32 background texts L_b, on the staged (default) or joint schedule.
+
+    Views: pixel (x*m, x*(1-m), the paper) or token (patch keys hidden by key_mask; faster, NOT the same model).
+    Views that need no gradient in the current phase (z_f always; z_b outside the alignment phase) run in one
+    no_grad call, the others in one call with gradients: the same numbers as one 3B call, less backward work."""
+
+    def __init__(self, clip, classnames, cfg):
+        super().__init__(clip, classnames, cfg)
+        hosts = {"maple": MaPLe, "coop": CoOp, "vpt": VPT}
+        if cfg["host"] not in hosts:
+            raise ValueError(f"dapt host {cfg['host']!r}: expected one of {', '.join(hosts)}")
+        if cfg["cue"] not in ("masks", "gradcam") or cfg["decouple"] not in ("pixel", "token"):
+            raise ValueError(f"dapt: cue {cfg['cue']!r} (masks|gradcam), decouple {cfg['decouple']!r} (pixel|token)")
+        if cfg["dapt_schedule"] not in ("staged", "joint"):
+            raise ValueError(f"dapt schedule {cfg['dapt_schedule']!r}: expected staged or joint")
+        self.host = hosts[cfg["host"]](clip, classnames, cfg)
+        self.needs_masks = cfg["cue"] == "masks"  # Grad-CAM masks are made in the step
+        # background texts: frozen layer-0 embeddings, encoded by the same prompted text tower as the classes
+        tokens = tokenize([cfg["bg_template"].format(b) for b in DAPT_BACKGROUNDS])
+        device = clip.token_embedding.weight.device
+        with torch.no_grad():
+            self.register_buffer("bg_embedding", clip.embed_text(tokens.to(device)), persistent=False)  # [32, L, W]
+        self.register_buffer("bg_eot", tokens.argmax(-1).to(device), persistent=False)
+
+    def set_classnames(self, classnames):
+        super().set_classnames(classnames)
+        if hasattr(self, "host"):
+            self.host.set_classnames(classnames)
+
+    def n_prompts(self):
+        """Image prompt tokens the host appends (they sit after the patches)."""
+        h = self.host
+        return h.cfg["n_ctx"] if isinstance(h, MaPLe) else h.image_prompts.shape[1] if isinstance(h, VPT) else 0
+
+    # -- towers
+
+    def all_text_features(self):
+        """[C + 32, E]: class prompts then the background texts, one pass of the host's prompted text tower."""
+        h = self.host
+        if isinstance(h, VPT):  # frozen classifier: the background texts are frozen too
+            if not hasattr(self, "bg_T"):
+                with torch.no_grad():
+                    self.bg_T = encode_texts(self.clip, [self.cfg["bg_template"].format(b) for b in DAPT_BACKGROUNDS])
+            return torch.cat([h.T, self.bg_T.to(h.T.device)])
+        x, eot = h.prompts(h.ctx)  # [C, L, W]
+        x, eot = torch.cat([x, self.bg_embedding.to(x.dtype)]), torch.cat([eot, self.bg_eot])
+        if isinstance(h, MaPLe):  # deep prompts overwrite positions 1..n of every sequence, backgrounds included
+            deep = [None] + list(h.compound_prompts)
+            z = self.clip.encode_text_embeddings(x, eot, deep_prompts=deep, prompt_slice=slice(1, 1 + h.cfg["n_ctx"]))
+        else:
+            z = self.clip.encode_text_embeddings(x, eot)
+        return normalize(z)
+
+    def split_texts(self, T_all):
+        """(T_fg, T_bg). Clean: C classes / 32 backgrounds. bg_slice_quirk (official): C + first 7 / last 25."""
+        C = len(self.classnames)
+        k = C + 7 if self.cfg["bg_slice_quirk"] else C
+        return T_all[:k], T_all[k:]
+
+    def text_features(self):
+        """Inference classifier: the C classes (with bg_slice_quirk C + 7 columns, argmax over all as official)."""
+        return self.split_texts(self.all_text_features())[0]
+
+    def visual_prompts(self):
+        """(layer-0 prompts or None, per-block deep prompts or None, prompt_ln_pre) of the host's image side."""
+        h = self.host
+        if isinstance(h, MaPLe):
+            vp = h.vision_prompts()
+            return vp[0], [None] + vp[1:], True
+        if isinstance(h, VPT):
+            p = h.dropout(h.image_prompts)
+            return p[0], [None] + list(p[1:]), h.cfg.get("prompt_ln_pre", True)
+        return None, None, True
+
+    def image_features(self, images, key_mask=None):
+        prompts, deep, ln_pre = self.visual_prompts()
+        return normalize(self.clip.visual(images, prompts=prompts, prompt_ln_pre=ln_pre, deep_prompts=deep,
+                                          key_mask=key_mask))
+
+    # -- cues
+
+    def gradcam(self, images, labels, T, return_cam=False):
+        """DAPT-G foreground masks [B, 1, S, S] in {0, 1} for exactly these (augmented) images.
+
+        Grad-CAM of the current prompted model: A = ln_1 output of the last image block, score = sum_b of the
+        ground-truth logit against T [C, E]; w = mean over patch tokens of dscore/dA; cam = ReLU(A w) on the
+        patches; grid -> image size (bilinear, align_corners=True); / (per-image max + 1e-6) (batch max with
+        gradcam_batch_max); >= gradcam_threshold. Only A gets a gradient: no parameter .grad is touched."""
+        v = self.clip.visual
+        blocks = v.transformer.resblocks
+        with torch.no_grad():
+            prompts, deep, ln_pre = self.visual_prompts()
+            x = v.embed(images)  # [B, 1 + P, W]
+            n = 0 if prompts is None else prompts.shape[-2]
+            if prompts is None:
+                x = v.ln_pre(x)
+            else:
+                x = v.ln_pre(append_tokens(x, prompts)) if ln_pre else append_tokens(v.ln_pre(x), prompts)
+            sl = slice(x.shape[1] - n, None)
+            for i, block in enumerate(blocks):
+                if deep is not None and i < len(deep) and deep[i] is not None:
+                    x = replace_tokens(x, deep[i], sl)
+                if i < len(blocks) - 1:
+                    x = block(x)
+            last = blocks[-1]
+            A = last.ln_1(x)
+        with torch.enable_grad():
+            A = A.detach().requires_grad_(True)
+            h = x + last.attn(A)
+            h = h + last.mlp(last.ln_2(h))
+            logits = self.logit_scale * normalize(v.head(h)) @ T.detach().t()
+            score = logits.gather(1, labels[:, None]).sum()
+            (grad,) = torch.autograd.grad(score, A)
+        P, g = v.grid ** 2, v.grid
+        w = grad[:, 1:1 + P].float().mean(1, keepdim=True)  # [B, 1, W]
+        cam = torch.relu((A.detach()[:, 1:1 + P].float() * w).sum(-1))  # [B, P]
+        cam = F.interpolate(cam.view(-1, 1, g, g), size=images.shape[-2:], mode="bilinear", align_corners=True)
+        peak = cam.max() if self.cfg["gradcam_batch_max"] else cam.flatten(1).max(1)[0].view(-1, 1, 1, 1)
+        cam = cam / (peak + 1e-6)
+        m = (cam >= self.cfg["gradcam_threshold"]).to(images.dtype)
+        return (m, cam) if return_cam else m
+
+    # -- training
+
+    def loss(self, batch, epoch):
+        terms, stats = self.loss_terms(batch, epoch)
+        cfg = self.cfg
+        w = {"cls": 1.0, "v": cfg["dapt_w_v"], "f": cfg["dapt_w_f"], "b": cfg["dapt_w_b"]}
+        stats.update({f"L_{k}": t.item() for k, t in terms.items()})
+        return sum(w[k] * t for k, t in terms.items()), stats
+
+    def loss_terms(self, batch, epoch):
+        """The active unweighted terms {"cls", "v"} (staged, epoch < switch), {"cls", "f", "b"} (staged, later) or
+        all four (joint), and stats."""
+        x, y = batch["image"], batch["label"]
+        cfg = self.cfg
+        staged = cfg["dapt_schedule"] == "staged"
+        align = not staged or epoch >= cfg["dapt_switch_epoch"]  # L_f, L_b active
+        pull_push = not staged or epoch < cfg["dapt_switch_epoch"]  # L_v active
+        T_all = self.all_text_features()  # [C + 32, E]
+        T_fg, T_bg = self.split_texts(T_all)
+        if cfg["cue"] == "masks":
+            m, frac = batch["fg_mask"].to(x.dtype), batch.get("fg_frac")
+        else:  # Grad-CAM on this step's crop
+            m = self.gradcam(x, y, T_all[:len(self.classnames)])
+            frac = F.avg_pool2d(m, self.clip.visual.patch_size).flatten(1)
+        # views: (name, images, key mask); only views that need gradients go through the graph
+        if cfg["decouple"] == "pixel":
+            views = {"full": (x, None), "fg": (x * m, None), "bg": (x * (1 - m), None)}
+        else:
+            if frac is None:
+                raise ValueError("decouple=token needs batch['fg_frac'] (the loader's patch_size)")
+            km_f, km_b = views_key_mask(frac.to(x.device), self.n_prompts(), cfg["decouple_threshold"])
+            views = {"full": (x, None), "fg": (x, km_f), "bg": (x, km_b)}
+        z = {}
+        grad_views = ["full", "bg"] if align else ["full"]
+        with torch.no_grad():
+            z.update(self.encode_views(views, [k for k in views if k not in grad_views]))
+        z.update(self.encode_views(views, grad_views))
+        s = self.logit_scale
+        logits = s * z["full"] @ T_fg.t()
+        terms = {"cls": F.cross_entropy(logits, y)}
+        if pull_push:  # fused kernel on CUDA, the reference above elsewhere
+            terms["v"] = kernels.pull_push_loss(z["full"], z["fg"].detach(), z["bg"].detach(), margin=cfg["dapt_margin"])
+        if align:
+            terms["f"] = F.cross_entropy(s * z["fg"].detach() @ T_fg.t(), y)  # text side only
+            bg_logits = s * z["bg"] @ T_bg.t()
+            terms["b"] = F.cross_entropy(bg_logits, bg_logits.detach().argmax(-1))  # pseudo-label, no gradient
+        return terms, {"acc": (logits.argmax(-1) == y).float().mean().item(), "fg_area": m.mean().item()}
+
+    def encode_views(self, views, names):
+        """One batched image-tower call for the named views -> {name: [B, E]}."""
+        if not names:
+            return {}
+        images = torch.cat([views[k][0] for k in names])
+        masks = [views[k][1] for k in names]
+        key_mask = None
+        if any(km is not None for km in masks):
+            L = 1 + self.clip.visual.grid ** 2 + self.n_prompts()
+            full = torch.ones(len(views[names[0]][0]), L, dtype=torch.bool, device=images.device)
+            key_mask = torch.cat([full if km is None else km for km in masks])
+        return dict(zip(names, self.image_features(images, key_mask=key_mask).chunk(len(names))))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 9. FVG-PT (methods.md §9; the reconstructed default, items 1-6): a second stage on a frozen host
+
+
+def entropy(p):
+    return -(p * p.clamp_min(1e-12).log()).sum(-1)
+
+
+def kl_div(p_logits, q_logits, tau):
+    """tau^2 KL(softmax(p/tau) || softmax(q/tau)) per sample [B]."""
+    lp, lq = F.log_softmax(p_logits / tau, -1), F.log_softmax(q_logits / tau, -1)
+    return tau ** 2 * (lp.exp() * (lp - lq)).sum(-1)
+
+
+def bottleneck(dim, hidden):
+    return nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+
+
+class FVGPT(PromptModel):
+    """Adapters and gates on a frozen host (any of our prompt models with class text features).
+
+    Per batch, in one no-grad pass: host features f, f_fg of the full and foreground views (one batched call),
+    the host class features T (cached per class list), zero-shot CLIP f0 (= f for text-only hosts) and
+    T0 = n(E_t("a photo of a {c}.")) (cached). Trained: FDC adapters + alphas, the FRG and the backbone gate.
+    Prediction: z_FDC on the training classes, z_PC on any other class list (predict_mode auto); see
+    `set_classnames`."""
+
+    def __init__(self, host, classnames, cfg):
+        super().__init__(host.clip, classnames, cfg)
+        self.host = freeze(host).eval()
+        if host.text_features() is None:
+            raise ValueError(f"fvgpt: host {type(host).__name__} has image-conditioned text features (CoCoOp); "
+                             "use a host with class text features (coop, kgcoop, maple, vpt, ...)")
+        E, hid = host.clip.text_projection.shape[1], cfg["fvgpt_gate_hidden"]
+        self.adapter_v, self.adapter_t = bottleneck(E, cfg["fvgpt_bottleneck"]), bottleneck(E, cfg["fvgpt_bottleneck"])
+        self.alpha_v = nn.Parameter(torch.tensor(cfg["fvgpt_alpha_init"]))
+        self.alpha_t = nn.Parameter(torch.tensor(cfg["fvgpt_alpha_init"]))
+        self.frg = nn.Sequential(nn.Linear(3, hid), nn.ReLU(), nn.Linear(hid, 1))  # foreground reliability gate
+        self.brg = nn.Sequential(nn.Linear(3, hid), nn.ReLU(), nn.Linear(hid, 1))  # backbone reliability gate
+        # text-only hosts (CoOp, KgCoOp) do not change the image tower: f0 = f
+        self.text_only_host = type(host).image_features is PromptModel.image_features
+        self.train_classnames = list(classnames)
+        self.needs_masks = True
+        self.set_classnames(classnames)
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.host.eval()  # frozen: no dropout in the host
+        return self
+
+    @torch.no_grad()
+    def set_classnames(self, classnames):
+        """New class list: refresh the cached host / CLIP class features. predict_mode auto: z_FDC when the list
+        is the training list (base test, all-class few-shot), z_PC otherwise (new classes, cross-dataset)."""
+        super().set_classnames(classnames)
+        if not hasattr(self, "host"):
+            return
+        self.host.set_classnames(classnames)
+        mode = self.cfg["predict_mode"]
+        if mode not in ("auto", "fdc", "pc"):
+            raise ValueError(f"predict_mode {mode!r}: expected auto, fdc or pc")
+        self.mode = mode if mode != "auto" else ("fdc" if list(classnames) == self.train_classnames else "pc")
+        self.T_host = None  # host class features, computed on first use (device / autocast of the caller)
+        names = [c.replace("_", " ") for c in classnames]
+        self.register_buffer("T0", encode_texts(self.clip, [f"a photo of a {n}." for n in names]), persistent=False)
+
+    def host_text(self):
+        if self.T_host is None:
+            with torch.no_grad():
+                self.T_host = normalize(self.host.text_features())
+        return self.T_host
+
+    def text_features(self):
+        return self.host_text()
+
+    @torch.no_grad()
+    def frozen_features(self, images, fg_images=None):
+        """f [B, E], f_fg [B, E] or None, f0 [B, E]: the host image side once on [full; fg] views."""
+        both = images if fg_images is None else torch.cat([images, fg_images])
+        f_all = normalize(self.host.image_features(both))
+        f, f_fg = (f_all, None) if fg_images is None else f_all.chunk(2)
+        f0 = f if self.text_only_host else normalize(self.clip.encode_image(images))
+        return f, f_fg, f0
+
+    def fdc_logits(self, f, T):
+        gv = normalize(f + self.alpha_v * self.adapter_v(f))
+        gt = normalize(T + self.alpha_t * self.adapter_t(T))
+        return self.cfg["fvgpt_scale"] * gv @ gt.t()
+
+    def pc_logits(self, z_full, z_clip):
+        p, p0 = z_full.softmax(-1), z_clip.softmax(-1)
+        b = torch.sigmoid(self.brg(torch.stack([entropy(p), entropy(p0), F.cosine_similarity(p, p0, dim=-1)], -1)))
+        return (1 - b) * z_full + b * z_clip  # [B, C]
+
+    def forward(self, images, text_features=None):
+        T = self.host_text() if text_features is None else text_features
+        f, _, f0 = self.frozen_features(images)
+        if self.mode == "fdc":
+            return self.fdc_logits(f, T)
+        s = self.cfg["fvgpt_scale"]
+        return self.pc_logits(s * f @ T.t(), s * f0 @ self.T0.t())
+
+    def loss(self, batch, epoch):
+        cfg, x, y, m = self.cfg, batch["image"], batch["label"], batch["fg_mask"].to(batch["image"].dtype)
+        s, tau = cfg["fvgpt_scale"], cfg["fvgpt_tau"]
+        T = self.host_text()
+        x_fg = masked_view(x, m, cfg["mask_fill"])
+        f, f_fg, f0 = self.frozen_features(x, x_fg)
+        z_full, z_fg, z_clip = s * f @ T.t(), s * f_fg @ T.t(), s * f0 @ self.T0.t()
+        a = m.flatten(1).mean(1)  # foreground area [B]
+        # FRG: trust in the foreground view
+        p_full, p_fg = z_full.softmax(-1), z_fg.softmax(-1)
+        r = torch.sigmoid(self.frg(torch.stack([entropy(p_full) - entropy(p_fg),
+                                                F.cosine_similarity(p_full, p_fg, dim=-1), a], -1))).squeeze(-1)
+        lo, hi = cfg["fvgpt_area"]
+        valid = (a >= lo) & (a <= hi)
+        target = ((F.cross_entropy(z_fg, y, reduction="none") + cfg["fvgpt_delta"])
+                  < F.cross_entropy(z_full, y, reduction="none")).float()
+        l_rg = F.binary_cross_entropy(r[valid], target[valid]) if valid.any() else r.sum() * 0
+        r = torch.where(valid, r, torch.zeros_like(r))
+        # FDC: adapted logits distilled from the full / foreground view, weighted by the trust
+        z_fdc = self.fdc_logits(f, T)
+        rw = r if cfg["no_detach_r"] else r.detach()
+        l_dist = ((1 - rw) * kl_div(z_full, z_fdc, tau) + rw * kl_div(z_fg, z_fdc, tau)).mean()
+        # PC: host calibrated toward zero-shot CLIP
+        z_pc = self.pc_logits(z_full, z_clip)
+        l_pc = F.cross_entropy(z_pc, y) + (kl_div(z_clip, z_pc, tau).mean() if cfg["fvgpt_use_kl"] else 0)
+        ce = F.cross_entropy(z_fdc, y)
+        loss = ce + cfg["fvgpt_lambda_base"] * (l_dist + cfg["fvgpt_lambda_rg"] * l_rg) + cfg["fvgpt_lambda_new"] * l_pc
+        return loss, {"acc": (z_fdc.argmax(-1) == y).float().mean().item(), "L_dist": l_dist.item(),
+                      "L_RG": l_rg.item(), "L_PC": l_pc.item(), "r": r.mean().item()}
+
+
+def masked_view(x, m, fill):
+    """Foreground view (protocol §5): "mean" = x * m (DAPT), "black" = black before normalisation (FVG-PT)."""
+    import data  # the loader module holds the CLIP normalisation constants
+
+    return data.masked_view(x, m, fill)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # 10. Distribution-aware prompt tuning (methods.md §10) and 11. DA-VPT (methods.md §11)
 # Both need the training images before training: PromptModel subclasses may define
 # `prepare(bench, train_tf, test_tf, device)`, which train.train calls once before the first epoch (and before
@@ -503,8 +881,8 @@ class DistributionAwarePT(CoOp):
         z, T = self.image_features(batch["image"]), self.text_features()  # [B, E], [C, E]
         logits = self.logit_scale * z @ T.t()
         ce = F.cross_entropy(logits, y)
-        intra = intra_dispersion_loss(z, self.prototypes, y)  # kernels: intra_dispersion_loss
-        inter = inter_dispersion_loss(T, self.cfg["dispersion_t"])  # kernels: inter_dispersion_loss
+        intra = kernels.intra_dispersion_loss(z, self.prototypes, y)  # fused on CUDA, the references elsewhere
+        inter = kernels.inter_dispersion_loss(T, self.cfg["dispersion_t"])
         loss = ce + self.cfg["beta_v"] * intra + self.cfg["beta_t"] * inter
         return loss, {"acc": (logits.argmax(-1) == y).float().mean().item(), "ce": ce.item(),
                       "intra": intra.item(), "inter": inter.item()}
@@ -672,9 +1050,9 @@ class DAVPT(FrozenTextClassifier):
         task = F.cross_entropy(logits, y)
         c = self.cfg
         pa = dict(alpha=c["pa_alpha"], delta=c["pa_delta"], scale=c["pa_scale"], paper_norm=c["paper_norm"])
-        # kernels: proxy_anchor_loss
-        l_x = sum(proxy_anchor_loss(patch, proxies, mapped, **pa) for proxies, patch, _ in guided) / len(guided)
-        l_c = sum(proxy_anchor_loss(q, proxies, mapped, **pa) for proxies, _, q in guided) / len(guided)
+        # kernels.*: the fused kernel on CUDA, the reference above elsewhere
+        l_x = sum(kernels.proxy_anchor_loss(patch, proxies, mapped, **pa) for proxies, patch, _ in guided) / len(guided)
+        l_c = sum(kernels.proxy_anchor_loss(q, proxies, mapped, **pa) for proxies, _, q in guided) / len(guided)
         loss = task + c["beta_patch"] * l_x + c["lambda_cls"] * l_c
         with torch.no_grad():  # running class means of the classifier input (training views) for re-clustering
             f = feat.detach().float()
@@ -755,6 +1133,9 @@ METHODS = {
     "cocoop": CoCoOp,
     "vpt": VPT,
     "maple": MaPLe,
+    "kgcoop": KgCoOp,
+    "dapt": DAPT,
+    "fvgpt": FVGPT,
     "dapt-dist": DistributionAwarePT,
     "davpt": DAVPT,
 }

@@ -36,6 +36,7 @@ log = logging.getLogger("dapt")
 
 COMMON = dict(
     shots=16, seed=1, subsample="all", setting="",  # setting "" = b2n when subsample != all, else fewshot
+    data_fraction=1.0,  # < 1: a class-balanced fraction of the FULL train split (shots set to 0; DAPT's 3rd setting)
     clip="ViT-B/16",  # a name (ViT-B/16, ViT-B/32, ViT-L/14) or a checkpoint path; toy: the toy CLIP
     # transforms (protocol §5); image_size 0 = the dataset's (224; toy 32)
     image_size=0, rrc_scale=(0.08, 1.0), rrc_ratio=(0.75, 4 / 3), interpolation="bicubic", hflip=0.5,
@@ -82,6 +83,25 @@ OPTION_PRESETS = {
     "official_optim": dict(optimizer="adamw", lr=1e-3, weight_decay=0.05, epochs=100, warmup_epochs=10,
                            warmup_lr=1e-8, schedule="per_step", min_lr=1e-9, grad_clip=10.0, batch=32),
 }
+# DAPT (methods.md §8): a host's keys (MaPLe by default; CoOp, VPT) + the views, cues, losses and schedule
+DAPT_KEYS = dict(
+    host="maple", cue="masks", decouple="pixel", dapt_schedule="staged", dapt_switch_epoch=7, dapt_w_v=0.8,
+    dapt_w_f=0.1, dapt_w_b=0.5, dapt_margin=1.5, bg_template="a clean origami {}.", bg_slice_quirk=False,
+    gradcam_threshold=0.5, gradcam_batch_max=False, decouple_threshold=0.5,
+    n_ctx=2, ctx_init="a photo of a", prompt_depth=9, csc=False, class_token_position="end",  # maple / coop host
+    n_prompts=8, vpt_depth=12, prompt_init="normal", prompt_ln_pre=True, prompt_dropout=0.0,  # vpt host
+    batch=4, lr=0.0035)
+METHOD_DEFAULTS.update({
+    "kgcoop": {"all": dict(n_ctx=4, ctx_init="a photo of a", csc=False, class_token_position="end", template="",
+                           kg_weight=2.0, batch=4, lr=0.0035, epochs=10)},
+    "dapt": {"fewshot": dict(DAPT_KEYS, epochs=10, selection="best_val"), "b2n": dict(DAPT_KEYS, epochs=5)},
+    # FVG-PT (methods.md §9): stage 2 on a finished host run; optimisation as the FVG-PT CoOp host config
+    "fvgpt": {"all": dict(host_run="", predict_mode="auto", mask_fill="black", fvgpt_bottleneck=64,
+                          fvgpt_gate_hidden=32, fvgpt_scale=100.0, fvgpt_lambda_base=10.0, fvgpt_lambda_new=1.0,
+                          fvgpt_lambda_rg=1.0, fvgpt_tau=2.0, fvgpt_delta=0.0, fvgpt_area=(0.02, 0.98),
+                          fvgpt_alpha_init=1e-3, fvgpt_use_kl=True, no_detach_r=False, batch=4, lr=0.0035,
+                          epochs=10)},
+})
 # (method, dataset) -> overrides; "*" matches every method.
 DATASET_OVERRIDES = {
     ("coop", "imagenet"): dict(epochs=50),
@@ -136,6 +156,10 @@ def resolve_config(method, dataset, overrides):
     for key, preset in OPTION_PRESETS.items():
         if cfg.get(key):
             cfg.update({k: v for k, v in preset.items() if k not in overrides})
+    if not 0 < cfg["data_fraction"] <= 1:
+        raise SystemExit(f"--data-fraction {cfg['data_fraction']}: expected a value in (0, 1]")
+    if cfg["data_fraction"] < 1:
+        cfg["shots"] = 0  # the fraction is drawn from the full train split
     if isinstance(cfg["epochs"], dict):
         table = cfg["epochs"]
         cfg["epochs"] = table.get(cfg["shots"], table[max(k for k in table if k <= max(cfg["shots"], 1))])
@@ -312,8 +336,8 @@ def toy_zero_shot_accuracy(model, n=2400, seed=12345):
 
 
 def run_dir_of(out, cfg):
-    return os.path.join(out, cfg["setting"], cfg["dataset"], cfg["method"] + cfg["tag"],
-                        f"shots{cfg['shots']}_seed{cfg['seed']}")
+    amount = f"frac{cfg['data_fraction']:g}" if cfg.get("data_fraction", 1.0) < 1 else f"shots{cfg['shots']}"
+    return os.path.join(out, cfg["setting"], cfg["dataset"], cfg["method"] + cfg["tag"], f"{amount}_seed{cfg['seed']}")
 
 
 def atomic_save(obj, path):
@@ -344,7 +368,6 @@ def setup_logging(run_dir):
         h.setFormatter(fmt)
         h._dapt_run = True
         log.addHandler(h)
-    log.propagate = False
 
 
 def versions(device):
@@ -398,17 +421,60 @@ def transforms_of(cfg, bench):
     return train_tf, test_tf
 
 
+def data_fraction_split(bench, fraction, seed):
+    """Keep a class-balanced random fraction of bench.train: round(fraction * n_c) images of class c (>= 1),
+    drawn with a generator seeded by the run seed. Recorded in bench.meta (config.json, result.json)."""
+    by_class = {}
+    for item in bench.train:
+        by_class.setdefault(item[1], []).append(item)
+    g = torch.Generator().manual_seed(seed)
+    kept = []
+    for label in sorted(by_class):
+        items = by_class[label]
+        k = max(1, round(fraction * len(items)))
+        kept += [items[i] for i in sorted(torch.randperm(len(items), generator=g)[:k].tolist())]
+    bench.meta = dict(bench.meta, data_fraction=fraction, train_full=len(bench.train), train_kept=len(kept))
+    bench.train = kept
+    log.info("data_fraction %g: %d of %d training images (class-balanced, seed %d)", fraction, len(kept),
+             bench.meta["train_full"], seed)
+    return bench
+
+
+def load_host(cfg, clip, classnames, bench=None):
+    """The frozen first-stage model of an fvgpt run: cfg["host_run"]'s checkpoint on this run's CLIP."""
+    path = os.path.join(cfg["host_run"], "checkpoint.pt")
+    if not cfg["host_run"] or not os.path.exists(path):
+        raise SystemExit(f"fvgpt needs --host-run RUN_DIR, a finished run folder of train.py holding checkpoint.pt "
+                         f"(got {cfg['host_run']!r}); train the host first, e.g. --method coop --subsample base")
+    ckpt = torch.load(path, map_location=clip.logit_scale.device, weights_only=False)
+    host_cfg = ckpt["config"]
+    if host_cfg["method"] == "fvgpt":
+        raise SystemExit(f"{cfg['host_run']}: the host of fvgpt cannot be an fvgpt run")
+    for key, default in (("dataset", None), ("subsample", None), ("shots", None), ("seed", None), ("clip", None),
+                         ("data_fraction", 1.0)):
+        if host_cfg.get(key, default) != cfg.get(key, default):
+            raise SystemExit(f"fvgpt: {key} = {cfg.get(key)!r} but the host run {cfg['host_run']} has "
+                             f"{host_cfg.get(key, default)!r}; stage 2 trains on the host's data and backbone")
+    host = build_model(host_cfg, clip, classnames, bench)
+    host.load_trainable_state(ckpt["params"])
+    if ckpt.get("extra") is not None and hasattr(host, "load_extra_state"):
+        host.load_extra_state(ckpt["extra"])
+    return host
+
+
 def build_model(cfg, clip, classnames, bench=None):
     cls = dapt.METHODS[cfg["method"]]
     model_cfg = dict(cfg)
-    if cfg["method"] == "zsclip":
+    if cfg["method"] == "fvgpt":
+        return dapt.FVGPT(load_host(cfg, clip, classnames, bench), classnames, model_cfg)
+    if cfg["method"] in ("zsclip", "kgcoop"):  # kgcoop: t0 from the dataset template (only the loss reads it)
         model_cfg["template"] = cfg["template"] or (bench.template if bench else "a photo of a {}.")
-        if cfg["ensemble"] == "imagenet80":
+        if cfg.get("ensemble") == "imagenet80":
             model_cfg["templates"] = list(data.IMAGENET_TEMPLATES)
-        elif cfg["ensemble"] == "select":  # CoOp's zsclip: the 7 select templates (+ the dataset's own outside ImageNet)
+        elif cfg.get("ensemble") == "select":  # CoOp's zsclip: the 7 select templates (+ the dataset's own outside ImageNet)
             own = [] if cfg["dataset"].startswith("imagenet") else [model_cfg["template"]]
             model_cfg["templates"] = list(data.SELECT_TEMPLATES) + own
-        elif cfg["ensemble"]:
+        elif cfg.get("ensemble"):
             raise SystemExit(f"--ensemble {cfg['ensemble']!r}: expected imagenet80 or select")
     return cls(clip, classnames, model_cfg)
 
@@ -463,6 +529,8 @@ def train(cfg, root="DATA", out="runs", device="cpu", resume=False):
     t_start = time.time()
 
     bench = data.load_benchmark(cfg["dataset"], root, shots=cfg["shots"], seed=cfg["seed"], subsample=cfg["subsample"])
+    if cfg["data_fraction"] < 1:
+        bench = data_fraction_split(bench, cfg["data_fraction"], cfg["seed"])
     clip = load_backbone(cfg, root, device)
     precision, _, autocast_dtype, scale_loss = precision_of(cfg, device)
     model = build_model(cfg, clip, bench.classnames, bench).to(device)
@@ -543,7 +611,7 @@ def train(cfg, root="DATA", out="runs", device="cpu", resume=False):
     accuracies = evaluate_settings(cfg, model, bench, root, test_tf, device, autocast_dtype, patch)
     result = dict(
         method=cfg["method"], dataset=cfg["dataset"], setting=cfg["setting"], shots=cfg["shots"], seed=cfg["seed"],
-        subsample=cfg["subsample"], tag=cfg["tag"], accuracy=accuracies, classnames=accuracies.pop("classnames"),
+        subsample=cfg["subsample"], tag=cfg["tag"], data_fraction=cfg["data_fraction"], accuracy=accuracies, classnames=accuracies.pop("classnames"),
         config=config_record, samples_per_epoch=loader.samples_per_epoch if loader else 0,
         selected_epoch=best["epoch"] if best else (epochs - 1), checkpoint_sha256=clip_module.file_sha256(ckpt_path),
         seconds=round(time.time() - t_start, 1), finished=datetime.datetime.now().isoformat(timespec="seconds"))
