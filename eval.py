@@ -54,7 +54,7 @@ def evaluate_run(run_dir, datasets=None, subsample="all", root=None, device="cpu
     for name in datasets or [cfg["dataset"]]:
         bench = data.load_benchmark(name, root, shots=cfg["shots"], seed=cfg["seed"], subsample=subsample)
         model.set_classnames(bench.classnames)
-        _, test_tf = train.transforms_of(cfg, bench)
+        _, test_tf = train.transforms_of(cfg, bench, model.clip.visual.input_resolution)
         loader = train.make_loader(dict(cfg, workers=cfg["workers"]), bench, bench.test, test_tf, False, model,
                                    model.clip.visual.patch_size)
         acc, n = train.evaluate(model, loader, device, autocast_dtype)

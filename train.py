@@ -412,8 +412,10 @@ def load_backbone(cfg, root, device):
     return model
 
 
-def transforms_of(cfg, bench):
-    size = cfg["image_size"] or bench.meta["image_size"]
+def transforms_of(cfg, bench, resolution=None):
+    """Train / test transforms; the size is --image-size, else the CLIP's input resolution (a toy CLIP on a
+    224 px dataset evaluates at 32 px), else the dataset's."""
+    size = cfg["image_size"] or resolution or bench.meta["image_size"]
     kw = dict(size=size, scale=tuple(cfg["rrc_scale"]), ratio=tuple(cfg["rrc_ratio"]),
               interpolation=cfg["interpolation"], hflip=cfg["hflip"])
     train_tf = data.build_transform(True, resize_only=cfg["resize_only"], **kw)
@@ -534,7 +536,7 @@ def train(cfg, root="DATA", out="runs", device="cpu", resume=False):
     clip = load_backbone(cfg, root, device)
     precision, _, autocast_dtype, scale_loss = precision_of(cfg, device)
     model = build_model(cfg, clip, bench.classnames, bench).to(device)
-    train_tf, test_tf = transforms_of(cfg, bench)
+    train_tf, test_tf = transforms_of(cfg, bench, clip.visual.input_resolution)
     if hasattr(model, "prepare") and cfg["epochs"] > 0:  # one-off set-up from the training images (dapt.PromptModel)
         model.prepare(bench, train_tf, test_tf, device)
     patch = clip.visual.patch_size

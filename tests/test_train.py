@@ -71,6 +71,35 @@ def test_eval_run_reproduces_new_class_accuracy(toy_root, tmp_path):
     assert os.path.exists(os.path.join(d, "eval_toy_new.json"))
 
 
+def test_cross_dataset_evaluation(toy_root, tmp_path):
+    """A toy run evaluated on another dataset (a tiny fake EuroSAT in the CoOp layout, 64 px images): its class
+    names and template replace the run's, images are resized to the run's CLIP resolution."""
+    import numpy as np
+    from PIL import Image
+
+    run(toy_root, tmp_path / "runs", "coop", "--lr", "0.05", "--batch", "8", epochs=1)
+    d = run_dir(tmp_path / "runs", "coop")
+    root = tmp_path / "data"
+    names = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture", "PermanentCrop",
+             "Residential", "River", "SeaLake"]
+    split = {"train": [], "val": [], "test": []}
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(names):
+        os.makedirs(root / "eurosat" / "2750" / name)
+        for i in range(2):
+            rel = f"{name}/{name}_{i}.jpg"
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "eurosat" / "2750" / rel)
+            for s in split:
+                split[s].append([rel, label, name])
+    with open(root / "eurosat" / "split_zhou_EuroSAT.json", "w") as f:
+        json.dump(split, f)
+    out = evaluation.main(["run", d, "--dataset", "eurosat", "--root", str(root)])
+    assert 0 <= out[d]["eurosat"] <= 100
+    with open(os.path.join(d, "eval_eurosat_all.json")) as f:
+        record = json.load(f)
+    assert record["images"] == 20 and record["trained_on"] == "toy"
+
+
 def test_zero_shot_select_ensemble(toy_root):
     cfg = train.resolve_config("zsclip", "toy", {"ensemble": "select"})
     clip = train.load_backbone(cfg, toy_root, "cpu")
