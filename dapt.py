@@ -514,11 +514,13 @@ class DAPT(PromptModel):
             return torch.cat([h.T, self.bg_T.to(h.T.device)])
         x, eot = h.prompts(h.ctx)  # [C, L, W]
         x, eot = torch.cat([x, self.bg_embedding.to(x.dtype)]), torch.cat([eot, self.bg_eot])
+        cut = self.cfg.get("text_savings", True)  # classes and backgrounds share no prefix: only the EOT cut
         if isinstance(h, MaPLe):  # deep prompts overwrite positions 1..n of every sequence, backgrounds included
             deep = [None] + list(h.compound_prompts)
-            z = self.clip.encode_text_embeddings(x, eot, deep_prompts=deep, prompt_slice=slice(1, 1 + h.cfg["n_ctx"]))
+            z = self.clip.encode_text_embeddings(x, eot, deep_prompts=deep, prompt_slice=slice(1, 1 + h.cfg["n_ctx"]),
+                                                 cut=cut)
         else:
-            z = self.clip.encode_text_embeddings(x, eot)
+            z = self.clip.encode_text_embeddings(x, eot, cut=cut)
         return normalize(z)
 
     def split_texts(self, T_all):
