@@ -923,9 +923,6 @@ class DAVPT(FrozenTextClassifier):
         self.guided = sorted({int(i) % L for i in str(cfg["guided_layers"]).split(",")})
         if cfg.get("patch_sample", "mean") not in ("mean", "attn_slot"):
             raise ValueError(f"davpt patch_sample {cfg['patch_sample']!r}: expected 'mean' or 'attn_slot'")
-        if cfg.get("official_optim"):
-            log.warning("davpt official_optim: the released class-balanced sampler (2 images per class) is not "
-                        "implemented; batches come from the usual random sampler")
         self.M = min(cfg["n_proxies"], C)  # C < M: one proxy per class, identity map
         init = cfg.get("prompt_init", "normal")
         self.deep_prompts = nn.ParameterList([  # block i's tokens: [M, W] proxies in guided blocks, else [8, W]

@@ -808,20 +808,37 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """Yields (index, epoch): a fresh seeded permutation per epoch when shuffling, in order otherwise."""
+    """Yields (index, epoch): a fresh seeded permutation per epoch when shuffling, in order otherwise.
 
-    def __init__(self, n, shuffle, seed):
+    per_class k > 0 (class-balanced, DA-VPT's released recipe): each class's shuffled indices are cut into chunks
+    of k, the chunks are shuffled, and the epoch is their concatenation, so a batch of B holds about B / k classes
+    with k images each; every sample is still used once per epoch."""
+
+    def __init__(self, n, shuffle, seed, labels=None, per_class=0):
         self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
+        self.labels, self.per_class = labels, per_class
 
     def __len__(self):
         return self.n
 
     def __iter__(self):
         e = self.epoch
-        if self.shuffle:
-            g = torch.Generator().manual_seed(sample_seed(self.seed, e, -1))
+        if not self.shuffle:
+            return iter([(i, e) for i in range(self.n)])
+        g = torch.Generator().manual_seed(sample_seed(self.seed, e, -1))
+        if not self.per_class:
             return iter([(int(i), e) for i in torch.randperm(self.n, generator=g)])
-        return iter([(i, e) for i in range(self.n)])
+        by_class = {}
+        for i, y in enumerate(self.labels):
+            by_class.setdefault(y, []).append(i)
+        chunks, rest = [], []
+        for y in sorted(by_class):
+            idx = [by_class[y][int(j)] for j in torch.randperm(len(by_class[y]), generator=g)]
+            k = len(idx) - len(idx) % self.per_class
+            chunks += [idx[j:j + self.per_class] for j in range(0, k, self.per_class)]
+            rest += idx[k:]  # a class's leftover images go last, so the full chunks stay aligned with batches
+        order = [i for c in torch.randperm(len(chunks), generator=g) for i in chunks[int(c)]]
+        return iter([(i, e) for i in order + [rest[int(j)] for j in torch.randperm(len(rest), generator=g)]])
 
 
 class Loader(torch.utils.data.DataLoader):
@@ -844,14 +861,15 @@ def _worker_init(worker_id):
 
 def build_loader(items, transform, batch_size, train, workers=0, seed=1, masks=False, dataset_dir=None,
                  mask_encoding=None, allow_missing_masks=False, patch_size=None, dassl_drop_last=False,
-                 pin_memory=None):
+                 pin_memory=None, class_balanced=0):
     """A reproducible DataLoader over Benchmark items.
 
     Sample i of epoch e is transformed with a torch.Generator seeded by (seed, e, i), and epoch e's order is a
     permutation seeded by (seed, e): a run is reproducible for any `workers`. Every sample is used each epoch
     (last partial batch kept) unless dassl_drop_last (Dassl: drop_last when len(items) >= batch_size).
     masks=True pairs each image with <dataset_dir>/mask/<rel path> (mask_path); a missing mask is an error
-    naming it, unless allow_missing_masks (all-ones mask, counted and logged). patch_size p adds fg_frac."""
+    naming it, unless allow_missing_masks (all-ones mask, counted and logged). patch_size p adds fg_frac.
+    class_balanced k > 0: training batches hold k images per class (EpochSampler)."""
     encoding, mpaths = None, None
     if masks:
         if dataset_dir is None:
@@ -875,7 +893,7 @@ def build_loader(items, transform, batch_size, train, workers=0, seed=1, masks=F
         raise ValueError(f"image size {transform.size} is not a multiple of patch size {patch_size}")
     ds = ImageDataset(items, transform, seed, mpaths, encoding, patch_size if masks else None)
     drop_last = bool(train and dassl_drop_last and len(items) >= batch_size)
-    loader = Loader(ds, batch_size=batch_size, sampler=EpochSampler(len(items), bool(train), seed),
+    loader = Loader(ds, batch_size=batch_size, sampler=EpochSampler(len(items), bool(train), seed, [y for _, y, _ in items], class_balanced),
                     num_workers=workers, drop_last=drop_last, worker_init_fn=_worker_init,
                     pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
                     generator=torch.Generator().manual_seed(seed))

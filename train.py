@@ -41,6 +41,7 @@ COMMON = dict(
     # transforms (protocol §5); image_size 0 = the dataset's (224; toy 32)
     image_size=0, rrc_scale=(0.08, 1.0), rrc_ratio=(0.75, 4 / 3), interpolation="bicubic", hflip=0.5,
     resize_only=False, mask_encoding="", allow_missing_masks=False,
+    class_balanced=0,  # k > 0: training batches of k images per class (DA-VPT's official recipe uses 2)
     # optimisation (protocol §6)
     optimizer="sgd", lr=0.002, momentum=0.9, weight_decay=5e-4, batch=32, epochs=10,
     warmup_epochs=1, warmup_lr=1e-5, schedule="cosine", selection="last", dassl_drop_last=False,
@@ -79,9 +80,10 @@ METHOD_DEFAULTS = {
 }
 # A boolean key that switches a whole recipe; keys given explicitly (--key value) still win.
 OPTION_PRESETS = {
-    # DA-VPT's released recipe (methods.md §11); its class-balanced sampler (2 images/class) is not implemented
+    # DA-VPT's released recipe (methods.md §11), with its class-balanced sampler (2 images per class)
     "official_optim": dict(optimizer="adamw", lr=1e-3, weight_decay=0.05, epochs=100, warmup_epochs=10,
-                           warmup_lr=1e-8, schedule="per_step", min_lr=1e-9, grad_clip=10.0, batch=32),
+                           warmup_lr=1e-8, schedule="per_step", min_lr=1e-9, grad_clip=10.0, batch=32,
+                           class_balanced=2),
 }
 # DAPT (methods.md §8): a host's keys (MaPLe by default; CoOp, VPT) + the views, cues, losses and schedule
 DAPT_KEYS = dict(
@@ -487,7 +489,8 @@ def make_loader(cfg, bench, items, transform, train, model, patch_size):
         items, transform, cfg["batch"] if train else cfg["test_batch"], train=train, workers=cfg["workers"],
         seed=cfg["seed"], masks=masks, dataset_dir=bench.meta["dataset_dir"],
         mask_encoding=cfg["mask_encoding"] or None, allow_missing_masks=cfg["allow_missing_masks"],
-        patch_size=patch_size if masks else None, dassl_drop_last=cfg["dassl_drop_last"])
+        patch_size=patch_size if masks else None, dassl_drop_last=cfg["dassl_drop_last"],
+        class_balanced=cfg["class_balanced"] if train else 0)
 
 
 def to_device(batch, device):

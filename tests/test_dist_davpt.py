@@ -308,10 +308,27 @@ def test_official_optim_preset():
     cfg = train.resolve_config("davpt", "caltech101", dict(official_optim=True, lr=5e-4))
     assert (cfg["optimizer"], cfg["weight_decay"], cfg["epochs"], cfg["batch"], cfg["grad_clip"]) == ("adamw", 0.05, 100, 32, 10.0)
     assert cfg["lr"] == 5e-4  # an explicit key wins over the preset
+    assert cfg["class_balanced"] == 2
     assert train.lr_at(cfg, 0, 0, 10) == pytest.approx(1e-8)
     assert train.lr_at(cfg, 99, 9, 10) == pytest.approx(1e-9, abs=1e-8)
     assert train.resolve_config("davpt", "caltech101", {})["optimizer"] == "sgd"
     assert train.resolve_config("dapt-dist", "eurosat", {})["lr"] == 20.0
+
+
+def test_class_balanced_sampler():
+    """official_optim's sampler: consecutive pairs share a class, every sample once per epoch, seeded."""
+    import data
+
+    labels = [i % 5 for i in range(23)]  # 5 classes, uneven counts
+    s = data.EpochSampler(len(labels), True, seed=3, labels=labels, per_class=2)
+    s.epoch = 1
+    order = [i for i, _ in s]
+    assert sorted(order) == list(range(23))
+    # counts 5, 5, 5, 4, 4 -> 10 full pairs first (each one class), the 3 leftover images last
+    assert all(labels[a] == labels[b] for a, b in zip(order[0:20:2], order[1:20:2]))
+    assert order == [i for i, _ in s]  # same seed and epoch: same order
+    s.epoch = 2
+    assert order != [i for i, _ in s]
 
 
 # ----------------------------------------------------------------------------------------------------------
