@@ -89,7 +89,7 @@ OPTION_PRESETS = {
 DAPT_KEYS = dict(
     host="maple", cue="masks", decouple="pixel", dapt_schedule="staged", dapt_switch_epoch=7, dapt_w_v=0.8,
     dapt_w_f=0.1, dapt_w_b=0.5, dapt_margin=1.5, bg_template="a clean origami {}.", bg_slice_quirk=False,
-    gradcam_threshold=0.5, gradcam_batch_max=False, decouple_threshold=0.5,
+    gradcam_threshold=0.5, gradcam_batch_max=False, decouple_threshold=0.5, mask_bicubic=False,
     n_ctx=2, ctx_init="a photo of a", prompt_depth=9, csc=False, class_token_position="end",  # maple / coop host
     n_prompts=8, vpt_depth=12, prompt_init="normal", prompt_ln_pre=True, prompt_dropout=0.0,  # vpt host
     batch=4, lr=0.0035)
@@ -419,7 +419,8 @@ def transforms_of(cfg, bench, resolution=None):
     224 px dataset evaluates at 32 px), else the dataset's."""
     size = cfg["image_size"] or resolution or bench.meta["image_size"]
     kw = dict(size=size, scale=tuple(cfg["rrc_scale"]), ratio=tuple(cfg["rrc_ratio"]),
-              interpolation=cfg["interpolation"], hflip=cfg["hflip"])
+              interpolation=cfg["interpolation"], hflip=cfg["hflip"],
+              mask_interpolation="bicubic" if cfg.get("mask_bicubic") else "nearest")  # DAPT's official quirk
     train_tf = data.build_transform(True, resize_only=cfg["resize_only"], **kw)
     test_tf = data.build_transform(False, **kw)
     return train_tf, test_tf
