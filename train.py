@@ -202,13 +202,19 @@ def parse_args(argv):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--resume", action="store_true", help="continue the run in its folder from its last epoch")
     p.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
-    args, rest = p.parse_known_args(argv)
-    overrides, i = {}, 0
-    while i < len(rest):
-        if not rest[i].startswith("--") or i + 1 >= len(rest):
-            p.error(f"expected --key value pairs, got {' '.join(rest[i:])!r}")
-        overrides[rest[i][2:].replace("-", "_")] = rest[i + 1]
-        i += 2
+    # config keys are taken out first, so a value that starts with "-" (e.g. --tag -h1) is never read as a flag
+    fixed = {a for action in p._actions for a in action.option_strings}
+    overrides, known, i = {}, [], 0
+    while i < len(argv):
+        if argv[i].startswith("--") and argv[i] not in fixed and "=" not in argv[i]:
+            if i + 1 >= len(argv):
+                p.error(f"{argv[i]} needs a value (--key value)")
+            overrides[argv[i][2:].replace("-", "_")] = argv[i + 1]
+            i += 2
+        else:
+            known.append(argv[i])
+            i += 1
+    args = p.parse_args(known)
     base = resolve_config(args.method, args.dataset, {})
     typed = {}
     for k, v in overrides.items():

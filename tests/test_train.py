@@ -224,6 +224,11 @@ def test_bad_arguments_are_clear_errors(argv, message):
         train.main(argv)
 
 
+def test_values_starting_with_a_dash():
+    args = train.parse_args(["--method", "coop", "--dataset", "toy", "--tag", "-h1", "--show-config"])
+    assert args.cfg["tag"] == "-h1" and args.show_config
+
+
 def test_argparse_abbreviations_are_off(capsys):
     with pytest.raises(SystemExit):
         train.main(["--meth", "coop", "--dataset", "toy"])
