@@ -32,12 +32,14 @@ BASELINES = {  # a learning rate high enough that a few steps on 48 images move 
     "cocoop": ["--lr", "0.05", "--batch", "2"],
     "vpt": ["--lr", "0.05", "--batch", "8"],
     "maple": ["--lr", "0.05", "--batch", "8"],
+    # the knowledge term holds the prompts near "a photo of a": fixed views, one full batch per epoch
+    "kgcoop": ["--batch", "48", "--rrc-scale", "1,1", "--rrc-ratio", "1,1", "--hflip", "0"],
 }
 
 
 @pytest.mark.parametrize("method", list(BASELINES))
 def test_baseline_trains_and_writes_result(toy_root, tmp_path, method):
-    epochs = 3 if method == "cocoop" else 4
+    epochs = {"cocoop": 3, "kgcoop": 6}.get(method, 4)
     result = run(toy_root, tmp_path, method, *BASELINES[method], epochs=epochs)
     d = run_dir(tmp_path, method)
     losses = epoch_losses(d)
@@ -47,7 +49,8 @@ def test_baseline_trains_and_writes_result(toy_root, tmp_path, method):
         saved = json.load(f)
     assert saved["accuracy"] == pytest.approx(result["accuracy"])
     assert set(saved["accuracy"]) == {"base", "new", "hm"}
-    assert saved["config"]["transform_train"]["scale"] == [0.5, 1.0]  # toy override, recorded
+    scale = [1.0, 1.0] if "--rrc-scale" in BASELINES[method] else [0.5, 1.0]  # the toy override unless set here
+    assert saved["config"]["transform_train"]["scale"] == scale  # recorded in the run
     assert saved["samples_per_epoch"] == 12 * 4  # 12 base classes x 4 shots, nothing dropped
     for name in ("config.json", "log.txt", "checkpoint.pt", "resume.pt"):
         assert os.path.exists(os.path.join(d, name))
