@@ -915,6 +915,7 @@ TOY_CLASSNAMES = [f"{c} {s}" for c in TOY_COLOURS for s in TOY_SHAPES]
 TOY_CAPTION_TEMPLATES = ["a photo of a {}.", "a {}.", "a picture of a {}.", "an image of a {}.",
                          "a {} on a textured background.", "a photo of the {}.", "a drawing of a {}."]
 TOY_SIZE = 32
+TOY_VERSION = 2  # bump when the renderer below changes: the toy CLIP's cache key includes it (train.py)
 TOY_JITTER = 4.0  # object centre offset (px); larger offsets left a 4-layer ViT at chance on shape after 1200 steps
 TOY_PER_CLASS = {"train": 60, "val": 20, "test": 40}
 TOY_SPURIOUS = 0.8  # P(preferred texture) in train / val

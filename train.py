@@ -266,7 +266,7 @@ def pretrain_toy_clip(root, steps=None, quiet=False):
     on clean toy images of all classes generated in memory, AdamW + cosine. The zero-shot accuracy on
     held-out clean images is written beside the weights (toy_clip.json)."""
     path = toy_clip_path(root)
-    recipe = dict(TOY_PRETRAIN, config=TOY_CONFIG, steps=steps or TOY_PRETRAIN["steps"])
+    recipe = dict(TOY_PRETRAIN, config=TOY_CONFIG, toy_version=data.TOY_VERSION, steps=steps or TOY_PRETRAIN["steps"])
     meta_path = path.replace(".pt", ".json")
     if os.path.exists(path) and os.path.exists(meta_path):
         with open(meta_path) as f:
