@@ -209,18 +209,18 @@ class VisionTransformer(nn.Module):
         deep_prompts: per-block replacements of those n tokens (VPT-deep, MaPLe), see Transformer.forward.
         key_mask: bool [B, 1 + grid^2 + n], True = visible key (token-level views).
         """
-        x = self.embed(images)
-        n = 0
-        if prompts is not None:
-            n = prompts.shape[-2]
-            if prompt_ln_pre:
-                x = self.ln_pre(append_tokens(x, prompts))
-            else:
-                x = append_tokens(self.ln_pre(x), prompts)
-        else:
-            x = self.ln_pre(x)
+        x = self.tokens(images, prompts, prompt_ln_pre)
+        n = 0 if prompts is None else prompts.shape[-2]
         x = self.transformer(x, key_mask=key_mask, deep_prompts=deep_prompts, prompt_slice=slice(x.shape[1] - n, None))
         return self.head(x)
+
+    def tokens(self, images, prompts=None, prompt_ln_pre=True):
+        """The sequence entering block 0 [B, 1 + grid^2 (+ n), W]: embeddings, then the prompt tokens appended
+        before `ln_pre` (prompt_ln_pre) or after it. Methods with their own block loop start here."""
+        x = self.embed(images)
+        if prompts is None:
+            return self.ln_pre(x)
+        return self.ln_pre(append_tokens(x, prompts)) if prompt_ln_pre else append_tokens(self.ln_pre(x), prompts)
 
     def head(self, x):
         """Read the CLS token: ln_post(x[:, 0]) @ proj."""

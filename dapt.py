@@ -181,8 +181,8 @@ class PromptModel(nn.Module):
 
     Optional hooks train.py calls when a subclass defines them: `prepare(bench, train_tf, test_tf, device)` once
     before training (data-dependent set-up: dapt-dist prototypes, DA-VPT clusters; not called for evaluation),
-    `param_groups()` (optimizer groups, e.g. per-group weight_decay), `extra_state()` / `load_extra_state(state)`
-    (non-parameter learned state, saved in checkpoints and resume files)."""
+    `param_groups()` (optimizer groups, e.g. per-group weight_decay). Subclasses with non-parameter learned state
+    override `extra_state()` / `load_extra_state(state)` (saved in checkpoints and resume files)."""
 
     needs_masks = False  # the loader must provide fg_mask / fg_frac
 
@@ -227,6 +227,18 @@ class PromptModel(nn.Module):
         with torch.no_grad():
             for n, v in state.items():
                 params[n].copy_(v)
+
+    def extra_state(self):
+        """Learned state that is not a parameter (DA-VPT's class -> proxy map); None when there is none."""
+        return None
+
+    def load_extra_state(self, state):
+        pass
+
+    def load_checkpoint(self, state):
+        """Restore a checkpoint or resume dict of train.py: the trainable parameters and the extra state."""
+        self.load_trainable_state(state["params"])
+        self.load_extra_state(state.get("extra"))
 
     def epoch_end(self, epoch, loader=None):
         """Hook after each training epoch (DA-VPT re-clusters here)."""
@@ -562,12 +574,8 @@ class DAPT(PromptModel):
         blocks = v.transformer.resblocks
         with torch.no_grad():
             prompts, deep, ln_pre = self.visual_prompts()
-            x = v.embed(images)  # [B, 1 + P, W]
+            x = v.tokens(images, prompts, ln_pre)  # [B, 1 + P + n, W]
             n = 0 if prompts is None else prompts.shape[-2]
-            if prompts is None:
-                x = v.ln_pre(x)
-            else:
-                x = v.ln_pre(append_tokens(x, prompts)) if ln_pre else append_tokens(v.ln_pre(x), prompts)
             sl = slice(x.shape[1] - n, None)
             for i, block in enumerate(blocks):
                 if deep is not None and i < len(deep) and deep[i] is not None:
@@ -985,13 +993,8 @@ class DAVPT(FrozenTextClassifier):
         their queries and attention outputs. mapped [B] (the proxy of each image's class) is needed only for
         patch_sample=attn_slot."""
         v = self.clip.visual
-        x = v.embed(images)  # [B, 1 + N, W]
-        N = x.shape[1] - 1
-        p0 = self.deep_prompts[0]
-        if self.cfg.get("prompt_ln_pre", True):
-            x = v.ln_pre(append_tokens(x, p0))
-        else:
-            x = append_tokens(v.ln_pre(x), p0)
+        x = v.tokens(images, self.deep_prompts[0], self.cfg.get("prompt_ln_pre", True))  # [B, 1 + N + p, W]
+        N = v.grid ** 2
         guided = []
         for i, blk in enumerate(v.transformer.resblocks):
             if i > 0:  # discard the previous block's prompt outputs, append this block's prompts

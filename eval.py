@@ -39,9 +39,7 @@ def load_run(run_dir, device="cpu", root=None):
         root = root or json.load(f)["root"]
     clip = train.load_backbone(cfg, root, device)
     model = train.build_model(cfg, clip, ckpt["classnames"]).to(device)
-    model.load_trainable_state(ckpt["params"])
-    if ckpt.get("extra") is not None and hasattr(model, "load_extra_state"):
-        model.load_extra_state(ckpt["extra"])
+    model.load_checkpoint(ckpt)
     return model, cfg, root
 
 
@@ -74,10 +72,6 @@ def mean_std(values):
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def hm(b, n):
-    return 2 * b * n / (b + n) if b + n > 0 else 0.0
-
-
 def collect(root):
     """Every result.json below root, grouped by (setting, method+tag, dataset, shots) -> list of results."""
     groups = {}
@@ -98,12 +92,12 @@ def b2n_table(groups):
         base = mean_std([r["accuracy"]["base"] for r in runs])
         new = mean_std([r["accuracy"]["new"] for r in runs])
         tables.setdefault(method, {"rows": {}})["rows"][dataset] = dict(
-            base=base[0], base_std=base[1], new=new[0], new_std=new[1], hm=hm(base[0], new[0]),
+            base=base[0], base_std=base[1], new=new[0], new_std=new[1], hm=train.hm(base[0], new[0]),
             seeds=sorted(r["seed"] for r in runs))
     for t in tables.values():
         b = statistics.fmean(row["base"] for row in t["rows"].values())
         n = statistics.fmean(row["new"] for row in t["rows"].values())
-        t["average"] = dict(base=b, new=n, hm=hm(b, n), datasets=len(t["rows"]))
+        t["average"] = dict(base=b, new=n, hm=train.hm(b, n), datasets=len(t["rows"]))
     return tables
 
 

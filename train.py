@@ -467,9 +467,7 @@ def load_host(cfg, clip, classnames, bench=None):
             raise SystemExit(f"fvgpt: {key} = {cfg.get(key)!r} but the host run {cfg['host_run']} has "
                              f"{host_cfg.get(key, default)!r}; stage 2 trains on the host's data and backbone")
     host = build_model(host_cfg, clip, classnames, bench)
-    host.load_trainable_state(ckpt["params"])
-    if ckpt.get("extra") is not None and hasattr(host, "load_extra_state"):
-        host.load_extra_state(ckpt["extra"])
+    host.load_checkpoint(ckpt)
     return host
 
 
@@ -574,9 +572,7 @@ def train(cfg, root="DATA", out="runs", device="cpu", resume=False):
     start_epoch, best = 0, None
     if resume and os.path.exists(resume_path):
         state = torch.load(resume_path, map_location=device, weights_only=False)
-        model.load_trainable_state(state["params"])
-        if hasattr(model, "load_extra_state"):
-            model.load_extra_state(state.get("extra"))
+        model.load_checkpoint(state)
         opt.load_state_dict(state["optimizer"])
         start_epoch, best = state["epoch"] + 1, state.get("best")
         log.info("resumed from epoch %d", state["epoch"])
@@ -602,7 +598,7 @@ def train(cfg, root="DATA", out="runs", device="cpu", resume=False):
                     atomic_save(checkpoint_of(model, cfg, bench), os.path.join(run_dir, "best.pt"))
             atomic_save(checkpoint_of(model, cfg, bench), ckpt_path)
             atomic_save(dict(params=model.trainable_state(), optimizer=opt.state_dict(), epoch=epoch, best=best,
-                             extra=model.extra_state() if hasattr(model, "extra_state") else None), resume_path)
+                             extra=model.extra_state()), resume_path)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(dict(epoch=epoch, **stats)) + "\n")
             log.info("epoch %d/%d done: %s", epoch + 1, epochs, ", ".join(f"{k} {v:.4g}" for k, v in stats.items()))
@@ -615,7 +611,7 @@ def train(cfg, root="DATA", out="runs", device="cpu", resume=False):
 
     if best is not None and cfg["selection"] == "best_val":
         state = torch.load(os.path.join(run_dir, "best.pt"), map_location=device, weights_only=False)
-        model.load_trainable_state(state["params"])
+        model.load_checkpoint(state)  # parameters and extra state (DA-VPT's map) of the best epoch
         log.info("model selection: best val accuracy %.2f at epoch %d", best["val_acc"], best["epoch"])
     if epochs == 0:
         atomic_save(checkpoint_of(model, cfg, bench), ckpt_path)
@@ -646,7 +642,7 @@ def make_optimizer(cfg, model):
 
 def checkpoint_of(model, cfg, bench):
     return dict(params=model.trainable_state(), config=cfg, classnames=list(model.classnames),
-                extra=model.extra_state() if hasattr(model, "extra_state") else None)
+                extra=model.extra_state())
 
 
 def train_one_epoch(cfg, model, opt, scaler, loader, epoch, device, autocast_dtype):
