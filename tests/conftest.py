@@ -38,3 +38,31 @@ def toy_copy(toy_root, tmp_path):
     dst = tmp_path / "data"
     shutil.copytree(toy_root, dst)
     return str(dst)
+
+
+def clip_features(model):
+    """(image, text) features of a CLIP on fixed inputs; token ids written by hand (<sot> a photo of a <eot>)."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    images = torch.randn(2, 3, 32, 32, generator=g)
+    tokens = torch.zeros(2, 77, dtype=torch.long)
+    tokens[0, :6] = torch.tensor([49406, 320, 1125, 539, 320, 49407])
+    tokens[1, :4] = torch.tensor([49406, 2368, 1929, 49407])
+    with torch.no_grad():
+        return model.encode_image(images.to(model.dtype)).float(), model.encode_text(tokens).float()
+
+
+def interrupt_at_epoch(monkeypatch, epoch):
+    """Make train.py's epoch `epoch` raise KeyboardInterrupt (Ctrl-C); returns a function that undoes it."""
+    import train
+
+    real = train.train_one_epoch
+
+    def interrupted(cfg, model, opt, scaler, loader, e, *a):
+        if e == epoch:
+            raise KeyboardInterrupt
+        return real(cfg, model, opt, scaler, loader, e, *a)
+
+    monkeypatch.setattr(train, "train_one_epoch", interrupted)
+    return lambda: monkeypatch.setattr(train, "train_one_epoch", real)

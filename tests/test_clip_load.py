@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import clip
+from conftest import clip_features
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")
 
@@ -24,19 +25,8 @@ def model():
     return clip.random_clip(seed=0)
 
 
-def features(model):
-    """(image features, text features) on fixed inputs; token ids written by hand (<sot> a photo of a <eot>)."""
-    g = torch.Generator().manual_seed(1)
-    images = torch.randn(2, 3, 32, 32, generator=g)
-    tokens = torch.zeros(2, 77, dtype=torch.long)
-    tokens[0, :6] = torch.tensor([49406, 320, 1125, 539, 320, 49407])
-    tokens[1, :4] = torch.tensor([49406, 2368, 1929, 49407])
-    with torch.no_grad():
-        return model.encode_image(images.to(model.dtype)).float(), model.encode_text(tokens).float()
-
-
 def assert_same_features(a, b):
-    for x, y in zip(features(a), features(b)):
+    for x, y in zip(clip_features(a), clip_features(b)):
         assert torch.equal(x, y)
 
 
@@ -77,7 +67,7 @@ def test_dtype(tmp_path, model, dtype, expected):
     loaded = clip.load_clip(path, dtype=dtype)
     assert {p.dtype for p in loaded.parameters()} == {expected}
     if expected == torch.bfloat16:  # runs on the CPU; LayerNorm in float32, so close to the float32 features
-        for x, y in zip(features(loaded), features(model)):
+        for x, y in zip(clip_features(loaded), clip_features(model)):
             assert torch.allclose(x, y, atol=0.05, rtol=0.05)
     with pytest.raises(ValueError, match="dtype 'int8'"):
         clip.load_clip(path, dtype="int8")

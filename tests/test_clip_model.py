@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import clip
+from conftest import clip_features
 
 
 def meta_state_dict(config):
@@ -31,16 +32,6 @@ def test_infer_config_reads_every_size_from_the_checkpoint():
     assert model.encode_image(torch.zeros(2, 3, 36, 36)).shape == (2, 48)
 
 
-def features(model):
-    g = torch.Generator().manual_seed(1)
-    images = torch.randn(2, 3, 32, 32, generator=g)
-    tokens = torch.zeros(2, 77, dtype=torch.long)
-    tokens[0, :6] = torch.tensor([49406, 320, 1125, 539, 320, 49407])
-    tokens[1, :4] = torch.tensor([49406, 2368, 1929, 49407])
-    with torch.no_grad():
-        return model.encode_image(images), model.encode_text(tokens)
-
-
 def test_build_clip_strict_round_trip():
     model = clip.random_clip(seed=3)
     sd = model.state_dict()
@@ -48,7 +39,7 @@ def test_build_clip_strict_round_trip():
     assert rebuilt.config == model.config and not rebuilt.training
     assert list(rebuilt.state_dict()) == list(sd)
     assert all(torch.equal(rebuilt.state_dict()[k], v) for k, v in sd.items())
-    for a, b in zip(features(rebuilt), features(model)):
+    for a, b in zip(clip_features(rebuilt), clip_features(model)):
         assert torch.equal(a, b)
     blocks = [*rebuilt.transformer.resblocks, *rebuilt.visual.transformer.resblocks]
     assert all(type(b.mlp.gelu) is clip.QuickGELU for b in blocks)

@@ -13,6 +13,7 @@ from PIL import Image
 
 import clip as clip_module
 import dapt
+from conftest import interrupt_at_epoch
 import data
 import train
 
@@ -385,17 +386,10 @@ def test_davpt_trains_reclusters_and_resumes(toy_root, tmp_path, monkeypatch):
     assert all(math.isfinite(e["pa_patch"]) and math.isfinite(e["pa_cls"]) for e in m)
     assert os.path.exists(os.path.join(d_full, "result.json"))
     # interrupted after two epochs, then resumed: the map is restored, the result equals the full run's
-    real_epoch = train.train_one_epoch
-
-    def interrupt(cfg, model, opt, scaler, loader, epoch, *a):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return real_epoch(cfg, model, opt, scaler, loader, epoch, *a)
-
-    monkeypatch.setattr(train, "train_one_epoch", interrupt)
+    restore = interrupt_at_epoch(monkeypatch, 2)
     with pytest.raises(SystemExit):
         run(toy_root, tmp_path / "cut", "davpt", *extra)
-    monkeypatch.setattr(train, "train_one_epoch", real_epoch)
+    restore()
     d_cut = run_dir(tmp_path / "cut", "davpt")
     saved = torch.load(os.path.join(d_cut, "resume.pt"), weights_only=False)["extra"]
     loaded = []

@@ -10,6 +10,7 @@ import torch
 import dapt
 import eval as evaluation
 import train
+from conftest import interrupt_at_epoch
 
 
 def run(toy_root, out, method, *extra, subsample="base", shots=4, epochs=3):
@@ -128,22 +129,14 @@ def test_resume_matches_uninterrupted_run(toy_root, tmp_path, monkeypatch):
     extra = ["--lr", "0.05", "--batch", "8"]
     run(toy_root, tmp_path / "full", "coop", *extra, epochs=4)
     # the interrupted run: Ctrl-C during the third epoch leaves the checkpoint of the second
-    calls = {"n": 0}
-    real = train.train_one_epoch
-
-    def interrupt_in_third_epoch(cfg, model, opt, scaler, loader, epoch, *a):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return real(cfg, model, opt, scaler, loader, epoch, *a)
-
-    monkeypatch.setattr(train, "train_one_epoch", interrupt_in_third_epoch)
+    restore = interrupt_at_epoch(monkeypatch, 2)
     with pytest.raises(SystemExit) as e:
         run(toy_root, tmp_path / "cut", "coop", *extra, epochs=4)
     assert e.value.code == 130
     d = run_dir(tmp_path / "cut", "coop")
     assert not os.path.exists(os.path.join(d, "result.json"))
     assert torch.load(os.path.join(d, "resume.pt"), weights_only=False)["epoch"] == 1
-    monkeypatch.setattr(train, "train_one_epoch", real)
+    restore()
     with pytest.raises(SystemExit, match="--resume"):  # refusing to overwrite a run silently
         run(toy_root, tmp_path / "cut", "coop", *extra, epochs=4)
     resumed = run(toy_root, tmp_path / "cut", "coop", *extra, "--resume", epochs=4)
