@@ -16,6 +16,19 @@ import data
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REAL_SPLIT = os.path.join(HERE, "..", "..", "shared", "data", "split_zhou_Caltech101.json")
+
+
+@pytest.fixture
+def real_split():
+    """CoOp's split_zhou_Caltech101.json: ../shared/data beside the clone (CI has it) or DAPT_CALTECH101_SPLIT.
+    Without it the three tests that need it skip, naming the file; under CI a missing file is a failure."""
+    path = os.environ.get("DAPT_CALTECH101_SPLIT", REAL_SPLIT)
+    if not os.path.exists(path):
+        if os.environ.get("CI"):
+            pytest.fail(f"{path} is missing: CI runs with ../shared/data beside the clone")
+        pytest.skip(f"CoOp's Caltech101 split file is not at {path}: set DAPT_CALTECH101_SPLIT to a copy of "
+                    "split_zhou_Caltech101.json (CoOp's DATASETS.md) to run these golden tests")
+    return path
 GOLDEN = os.path.join(HERE, "golden", "fewshot_caltech101.json")
 
 
@@ -147,9 +160,9 @@ def test_imagenet_variant_labels(tmp_path):
     assert new.classnames == ["great white shark"] and {y for _, y, _ in new.test} == {0} and len(new.test) == 3
 
 
-def test_coop_classname_rules():
+def test_coop_classname_rules(real_split):
     # every class folder of the real Caltech101 split maps to the split's class name
-    with open(REAL_SPLIT) as f:
+    with open(real_split) as f:
         split = json.load(f)
     for p, _, c in split["train"] + split["test"]:
         assert data.coop_classname("caltech101", p.split("/")[0]) == c
@@ -165,12 +178,12 @@ def _ungroup(g):
     return [f"{folder}/{pre}{mid}{suf}" for folder, (pre, suf, mids) in g.items() for mid in mids]
 
 
-def test_fewshot_matches_dassl_goldens():
+def test_fewshot_matches_dassl_goldens(real_split):
     """The sampler load_benchmark uses (read_split_json -> fewshot_split) against Dassl's procedure."""
     with open(GOLDEN) as f:
         golden = json.load(f)
-    assert data._sha256(REAL_SPLIT) == golden["split_sha256"]
-    full = data.read_split_json(REAL_SPLIT)
+    assert data._sha256(real_split) == golden["split_sha256"]
+    full = data.read_split_json(real_split)
     for k in (1, 2, 4, 8, 16):
         for seed in (1, 2, 3):
             train, val, short = data.fewshot_split(full["train"], full["val"], k, seed)
@@ -191,8 +204,8 @@ def test_load_benchmark_uses_the_sampler(tmp_path):
     assert b.classnames == ["abbey", "indoor airport terminal", "outdoor apartment building"]
 
 
-def test_base_new_relabel_real_split():
-    full = data.read_split_json(REAL_SPLIT)
+def test_base_new_relabel_real_split(real_split):
+    full = data.read_split_json(real_split)
     train, val, _ = data.fewshot_split(full["train"], full["val"], 16, 1)
     names = data._classnames_of(train, "split")
     b = data.subsample_classes(train, val, full["test"], "base")
