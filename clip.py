@@ -11,7 +11,7 @@ What is here:
   running their code, plain state dicts, safetensors with OpenAI or Hugging Face key names.
 
 What is deliberately not here: ResNet image towers (a clear error), training code, prompt methods
-(`dapt.py`), the tokenizer (`tokenizer.py`), attention kernels (`kernels/`).
+(`dapt.py`), the tokenizer (`tokenizer.py`), attention kernels and their dispatcher (`kernels/`).
 Tensors are batch-first ([batch, length, width]); OpenAI's code is length-first, the weights are the same.
 """
 import hashlib
@@ -31,10 +31,13 @@ import urllib.request
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from kernels import ATTN_BACKENDS, masked_attention
 
 # ----------------------------------------------------------------------------------------------------------
 # the model
@@ -56,40 +59,6 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
-ATTN_BACKENDS = ("auto", "sdpa", "eager", "triton")
-
-
-def attention(q, k, v, causal=False, key_mask=None, backend="auto"):
-    """Scaled dot-product attention on [B, H, L, D] tensors.
-
-    key_mask: bool [B, L], True = the key is visible (every query sees the same keys of its sequence).
-    backend: "sdpa" (PyTorch fused), "eager" (the reference in kernels/), "triton" (kernels.masked_attention),
-    "auto" = triton on CUDA when importable, else sdpa.
-    """
-    if backend == "auto":
-        backend = "triton" if q.is_cuda and _triton_available() else "sdpa"
-    if backend == "sdpa":
-        Lq, Lk = q.shape[-2], k.shape[-2]
-        mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, Lk]
-        if causal and (mask is not None or Lq != Lk):
-            # explicit mask: SDPA's is_causal aligns top-left; ours aligns the last query with the last key
-            tri = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(Lk - Lq)
-            mask, causal = (tri if mask is None else mask & tri), False
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-    import kernels  # the eager reference and the Triton kernel live there
-
-    return kernels.masked_attention(q, k, v, key_mask, causal=causal, backend="torch" if backend == "eager" else "triton")
-
-
-def _triton_available():
-    try:
-        import triton  # noqa: F401
-
-        return True
-    except ImportError:
-        return False
-
-
 class Attention(nn.Module):
     """Multi-head self-attention with nn.MultiheadAttention's parameter names (in_proj_*, out_proj)."""
 
@@ -99,7 +68,7 @@ class Attention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))  # packed q, k, v (this order)
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
-        self.backend = "auto"
+        self.backend = "auto"  # kernels.masked_attention's backend (CLIP.set_attention)
 
     def qkv(self, x, bias=None):
         """x [B, L, W] -> q, k, v each [B, H, L, W/H]. `bias` overrides in_proj_bias (DA-VPT+ bias tuning)."""
@@ -108,10 +77,18 @@ class Attention(nn.Module):
         q, k, v = qkv.view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
         return q, k, v
 
-    def forward(self, x, causal=False, key_mask=None, bias=None):
+    def forward(self, x, causal=False, key_mask=None, bias=None, attn_mask=None, capture=None):
+        """x [B, L, W] -> [B, L, W]. key_mask bool [B, L] (True = visible key); attn_mask: a bool [L, L] mask
+        (True = allowed; DA-VPT's proxy mask, run by SDPA); capture: a dict that receives q, k, v [B, H, L, W/H]
+        and the heads' output o [B, H, L, W/H] before out_proj (DA-VPT's guided blocks, attention pictures)."""
         B, L, W = x.shape
         q, k, v = self.qkv(x, bias)
-        o = attention(q, k, v, causal=causal, key_mask=key_mask, backend=self.backend)
+        if attn_mask is not None:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        else:
+            o = masked_attention(q, k, v, key_mask, causal=causal, backend=self.backend)
+        if capture is not None:
+            capture.update(q=q, k=k, v=v, o=o)
         return self.out_proj(o.transpose(1, 2).reshape(B, L, W))
 
 
@@ -129,8 +106,11 @@ class ResidualAttentionBlock(nn.Module):
             ("c_proj", nn.Linear(width * 4, width)),
         ]))
 
-    def forward(self, x, causal=False, key_mask=None):
-        x = x + self.attn(self.ln_1(x), causal=causal, key_mask=key_mask)
+    def forward(self, x, causal=False, key_mask=None, **attn_kw):
+        """x [B, L, W], or (prefix, suffix) for causal sequences with a shared prefix (forward_prefixed)."""
+        if isinstance(x, tuple):
+            return self.forward_prefixed(*x)
+        x = x + self.attn(self.ln_1(x), causal=causal, key_mask=key_mask, **attn_kw)
         return x + self.mlp(self.ln_2(x))
 
     def forward_prefixed(self, xp, xs):
@@ -142,10 +122,10 @@ class ResidualAttentionBlock(nn.Module):
         R = xs.shape[0] // G
         qp, kp, vp = self.attn.qkv(self.ln_1(xp))  # [G, H, P, D]
         qs, ks, vs = self.attn.qkv(self.ln_1(xs))  # [G*R, H, S, D]
-        op = attention(qp, kp, vp, causal=True, backend=self.attn.backend)
+        op = masked_attention(qp, kp, vp, causal=True, backend=self.attn.backend)
         k = torch.cat([kp.repeat_interleave(R, dim=0), ks], dim=2)  # [G*R, H, P+S, D]
         v = torch.cat([vp.repeat_interleave(R, dim=0), vs], dim=2)
-        os_ = attention(qs, k, v, causal=True, backend=self.attn.backend)  # query i sees keys <= P + i
+        os_ = masked_attention(qs, k, v, causal=True, backend=self.attn.backend)  # query i sees keys <= P + i
         xp = xp + self.attn.out_proj(op.transpose(1, 2).reshape(G, P, W))
         xs = xs + self.attn.out_proj(os_.transpose(1, 2).reshape(xs.shape))
         return xp + self.mlp(self.ln_2(xp)), xs + self.mlp(self.ln_2(xs))
@@ -157,14 +137,40 @@ class Transformer(nn.Module):
         self.width, self.layers = width, layers
         self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads) for _ in range(layers)])
 
-    def forward(self, x, causal=False, key_mask=None, deep_prompts=None, prompt_slice=None):
-        """x [B, L, W]. deep_prompts: optional list (one entry per block, None = keep) of [n, W] or [B, n, W]
-        tensors written into x[:, prompt_slice] before that block (VPT-deep, MaPLe)."""
+    def forward(self, x, causal=False, key_mask=None, deep_prompts=None, prompt_slice=None, stop=None, hook=None):
+        """The one loop over the blocks, for both towers and every prompt method.
+
+        x: [B, L, W], or (prefix [G, P, W], suffix [G * R, S, W]) for causal sequences whose first P positions
+        are shared within each of G groups (ResidualAttentionBlock.forward_prefixed; prompts lie in the prefix).
+        deep_prompts: one entry per block (None = keep) of tokens [n, W] or [B, n, W] written into the prompt slot
+        before that block. The slot starts as `prompt_slice` and then holds the written tokens, whose count may
+        change from block to block (DA-VPT: M proxies in guided blocks, 8 prompts elsewhere).
+        key_mask: bool [B, L0] for the first L0 tokens (CLS + patches); tokens after them (prompts) are visible.
+        stop: return the input of block `stop` (its prompts written) instead of running every block (Grad-CAM).
+        hook: f(i, x) -> keyword arguments for block i's attention (bias, attn_mask, capture; DA-VPT)."""
         for i, block in enumerate(self.resblocks):
             if deep_prompts is not None and i < len(deep_prompts) and deep_prompts[i] is not None:
-                x = replace_tokens(x, deep_prompts[i], prompt_slice)
-            x = block(x, causal=causal, key_mask=key_mask)
+                x, prompt_slice = write_prompts(x, deep_prompts[i], prompt_slice)
+            if i == stop:
+                return x
+            kw = hook(i, x) if hook is not None else {}
+            if key_mask is not None and key_mask.shape[1] < x.shape[1]:  # prompt keys are always visible
+                key_mask = F.pad(key_mask, (0, x.shape[1] - key_mask.shape[1]), value=True)
+            x = block(x, causal=causal, key_mask=key_mask, **kw)
         return x
+
+
+def write_prompts(x, tokens, sl):
+    """(x with x[:, sl] replaced by tokens, the slice the tokens now occupy). x: [B, L, W] or a (prefix, suffix)
+    pair (the slot lies in the prefix; the count must not change there)."""
+    if isinstance(x, tuple):
+        xp, _ = x
+        start, stop, _ = sl.indices(xp.shape[1])
+        if tokens.shape[-2] != stop - start:
+            raise ValueError("prompts in a shared text prefix must keep their count")
+        return (replace_tokens(xp, tokens, sl), x[1]), sl
+    start, _, _ = sl.indices(x.shape[1])
+    return replace_tokens(x, tokens, sl), slice(start, start + tokens.shape[-2])
 
 
 def replace_tokens(x, tokens, sl):
@@ -201,22 +207,24 @@ class VisionTransformer(nn.Module):
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         return torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
 
-    def forward(self, images, prompts=None, prompt_ln_pre=True, deep_prompts=None, key_mask=None):
-        """Image features [B, E] (not normalised).
+    def forward(self, images, prompts=None, key_mask=None, hook=None):
+        """Image features [B, E] (not normalised) of the tower prompted by `prompts` (a VisualPrompts or None).
 
-        prompts: [n, W] or [B, n, W] tokens appended after the patch tokens (no positional embedding), before
-        `ln_pre` when prompt_ln_pre (MaPLe / VPT of the MaPLe repo) or after it (original VPT).
-        deep_prompts: per-block replacements of those n tokens (VPT-deep, MaPLe), see Transformer.forward.
-        key_mask: bool [B, 1 + grid^2 + n], True = visible key (token-level views).
-        """
-        x = self.tokens(images, prompts, prompt_ln_pre)
-        n = 0 if prompts is None else prompts.shape[-2]
-        x = self.transformer(x, key_mask=key_mask, deep_prompts=deep_prompts, prompt_slice=slice(x.shape[1] - n, None))
-        return self.head(x)
+        key_mask: bool [B, 1 + grid^2], True = visible key (token-level views); prompt tokens are always visible.
+        hook: see Transformer.forward."""
+        return self.head(self.run(images, prompts, key_mask, hook=hook))
+
+    def run(self, images, prompts=None, key_mask=None, stop=None, hook=None):
+        """The token sequence after the blocks [B, 1 + grid^2 + n, W] (or entering block `stop`)."""
+        p = prompts or VisualPrompts()
+        x = self.tokens(images, p.first, p.ln_pre)
+        n = 0 if p.first is None else p.first.shape[-2]
+        return self.transformer(x, key_mask=key_mask, deep_prompts=p.deep, prompt_slice=slice(x.shape[1] - n, None),
+                                stop=stop, hook=hook)
 
     def tokens(self, images, prompts=None, prompt_ln_pre=True):
-        """The sequence entering block 0 [B, 1 + grid^2 (+ n), W]: embeddings, then the prompt tokens appended
-        before `ln_pre` (prompt_ln_pre) or after it. Methods with their own block loop start here."""
+        """The sequence entering block 0 [B, 1 + grid^2 (+ n), W]: embeddings, then the prompt tokens [n, W] or
+        [B, n, W] appended (no positional embedding) before `ln_pre` (prompt_ln_pre) or after it."""
         x = self.embed(images)
         if prompts is None:
             return self.ln_pre(x)
@@ -225,6 +233,18 @@ class VisionTransformer(nn.Module):
     def head(self, x):
         """Read the CLS token: ln_post(x[:, 0]) @ proj."""
         return self.ln_post(x[:, 0]) @ self.proj.to(x.dtype)
+
+
+class VisualPrompts(NamedTuple):
+    """How a prompt model prompts the image tower (PromptModel.visual_prompts).
+
+    first: [n, W] or [B, n, W] tokens appended after the patch tokens at the input (no positional embedding),
+    before `ln_pre` when ln_pre (MaPLe / the MaPLe repository's VPT) or after it (original VPT); None = none.
+    deep: one entry per block: tokens that replace every token after CLS + patches before that block (None =
+    keep; the count may change: MMRL adds its tokens at block 5, DA-VPT's guided blocks hold M proxies)."""
+    first: Optional[torch.Tensor] = None
+    deep: Optional[list] = None
+    ln_pre: bool = True
 
 
 def append_tokens(x, tokens):
@@ -276,7 +296,7 @@ class CLIP(nn.Module):
         return self.visual.conv1.weight.dtype
 
     def set_attention(self, backend):
-        """Attention implementation of both towers: one of ATTN_BACKENDS."""
+        """Attention implementation of both towers: one of kernels.ATTN_BACKENDS (kernels.masked_attention)."""
         if backend not in ATTN_BACKENDS:
             raise ValueError(f"attention backend {backend!r}: expected one of {ATTN_BACKENDS}")
         for m in self.modules():
@@ -318,10 +338,7 @@ class CLIP(nn.Module):
             return self.ln_final(x[rows, eot]) @ self.text_projection.to(x.dtype)
         N = x.shape[0]
         xp, xs = x.view(groups, N // groups, *x.shape[1:])[:, 0, :P], x[:, P:]  # [G, P, W], [N, S, W]
-        for i, block in enumerate(self.transformer.resblocks):
-            if deep_prompts is not None and i < len(deep_prompts) and deep_prompts[i] is not None:
-                xp = replace_tokens(xp, deep_prompts[i], prompt_slice)
-            xp, xs = block.forward_prefixed(xp, xs)
+        _, xs = self.transformer((xp, xs), causal=True, deep_prompts=deep_prompts, prompt_slice=prompt_slice)
         return self.ln_final(xs[rows, eot - P]) @ self.text_projection.to(x.dtype)
 
     def forward(self, images, tokens):
@@ -378,10 +395,6 @@ def build_clip(state_dict):
     return model.eval()
 
 
-# A small random CLIP with OpenAI's names, for tests and the toy benchmark (real BPE vocabulary, 77 tokens).
-SMALL_CONFIG = dict(embed_dim=64, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
-                    context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
-                    transformer_layers=2)
 # Reference shapes (no weights): used by tests of architecture inference and by the benchmarks.
 VIT_B16_CONFIG = dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=16,
                       context_length=77, vocab_size=49408, transformer_width=512, transformer_heads=8,
@@ -390,17 +403,6 @@ VIT_B32_CONFIG = dict(VIT_B16_CONFIG, vision_patch_size=32)
 VIT_L14_CONFIG = dict(embed_dim=768, image_resolution=224, vision_layers=24, vision_width=1024, vision_patch_size=14,
                       context_length=77, vocab_size=49408, transformer_width=768, transformer_heads=12,
                       transformer_layers=12)
-
-
-def random_clip(config=SMALL_CONFIG, seed=0):
-    """A CLIP with OpenAI's initialisation drawn from a seeded generator (deterministic for a given seed)."""
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = CLIP(**config)
-    finally:
-        torch.random.set_rng_state(state)
-    return model.eval()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -653,27 +655,6 @@ def read_safetensors(path):
         t = torch.frombuffer(bytearray(data[begin:end]), dtype=dtype) if numel else torch.empty(0, dtype=dtype)
         out[name] = t.reshape(shape)
     return out
-
-
-def save_safetensors(tensors, path, metadata=None):
-    """Write name -> tensor as a .safetensors file (read_safetensors and the safetensors package read it)."""
-    codes = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-    header, chunks, offset = {}, [], 0
-    for name, t in tensors.items():
-        if t.dtype not in codes:
-            raise ValueError(f"{name}: dtype {t.dtype} has no safetensors code here ({', '.join(SAFETENSORS_DTYPES)})")
-        raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": codes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
-        chunks.append(raw)
-        offset += len(raw)
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    head = json.dumps(header).encode()
-    head += b" " * (-len(head) % 8)  # keeps the data 8-byte aligned, as the reference writer does
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(head)) + head)
-        for c in chunks:
-            f.write(c)
 
 
 # TorchScript archives (OpenAI's .pt): a zip with <archive>/data.pkl (the pickled module tree), the raw tensor

@@ -1,11 +1,15 @@
-"""Prompt tuning on a frozen CLIP: every method's prompt model and every method loss, in plain PyTorch.
+"""Prompt tuning on a frozen CLIP: every method's prompt model, each with its model defaults beside it.
 
-Read a method top to bottom beside its section of specs/methods.md. The CLIP towers, checkpoint loading and the
-tokenizer live in clip.py and tokenizer.py (split off to keep files readable) and are re-exported here, so
-`dapt.build_clip`, `dapt.load_clip` and `dapt.tokenize` are the public names.
+Read a method top to bottom beside its section of specs/methods.md. Every model is a `PromptModel`: the contract
+train.py relies on and the protocol through which DAPT and FVG-PT compose with a host (text features that can
+encode extra frozen texts, image features with an optional key mask, the host's visual prompts, its loss terms).
+A model is built from a CLIP, class names and a config: `METHODS["coop"](clip, classnames)` uses the class's
+`defaults`; train.py adds the run recipe (optimisation, per dataset) on top.
 
-Deliberately not here: data loading (data.py), the training loop (train.py), Triton kernels (kernels/: the
-methods call `kernels.*` dispatchers, which fall back to the references below on the CPU).
+The CLIP towers, checkpoint loading (clip.py), the tokenizer (tokenizer.py) and the method losses (kernels/:
+each loss's PyTorch reference beside its fused kernel) are re-exported here: `dapt.build_clip`, `dapt.load_clip`,
+`dapt.tokenize`, `dapt.pull_push_loss`, ... are the public names.
+Deliberately not here: data loading (data.py), the training loop and recipes (train.py), Triton kernels (kernels/).
 """
 import hashlib
 import logging
@@ -17,65 +21,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clip import CLIP, CheckpointError, append_tokens, build_clip, load_clip, replace_tokens  # noqa: F401  (public names)
-from clip import attention as clip_attention
+import data
 import kernels
-from tokenizer import tokenize  # noqa: F401  (public name)
+from clip import CLIP, CheckpointError, VisualPrompts, build_clip, load_clip  # noqa: F401  (public names)
+from kernels.losses import inter_dispersion_reference as inter_dispersion_loss  # noqa: F401  (public names:
+from kernels.losses import intra_dispersion_reference as intra_dispersion_loss  # noqa: F401   plain PyTorch)
+from kernels.losses import proxy_anchor_reference as proxy_anchor_loss  # noqa: F401
+from kernels.losses import pull_push_reference as pull_push_loss  # noqa: F401
+from tokenizer import tokenize
 
 log = logging.getLogger("dapt")
 
-# ----------------------------------------------------------------------------------------------------------
-# losses: plain PyTorch references, batch-mean scalars (kernels/ has fused versions with these signatures)
 
-
-def pull_push_loss(anchor, positive, negative, margin=1.5):
-    """DAPT's visual pull-push: mean_b max(d(a, p) - d(a, n) + margin, 0), d(a, b) = ||a - b + 1e-6||_2.
-
-    The semantics of torch.nn.functional.triplet_margin_loss (p=2, eps=1e-6, no swap). anchor, positive,
-    negative: [B, D] (DAPT passes normalised full / foreground / background features, the views detached)."""
-    d_pos = (anchor - positive + 1e-6).norm(dim=-1)
-    d_neg = (anchor - negative + 1e-6).norm(dim=-1)
-    return (d_pos - d_neg + margin).clamp_min(0).mean()
-
-
-def inter_dispersion_loss(text_features, t=2.0):
-    """Distribution-aware PT's inter-class dispersion: mean over pairs i < j of exp(-t ||w_i - w_j||^2).
-
-    text_features: [C, D] (the method passes L2-normalised class features). Computed in float32."""
-    w = text_features.float()
-    C = w.shape[0]
-    if C < 2:
-        return w.sum() * 0.0
-    d2 = (w[:, None, :] - w[None, :, :]).pow(2).sum(-1)  # [C, C]
-    i, j = torch.triu_indices(C, C, offset=1, device=w.device)
-    return torch.exp(-t * d2[i, j]).mean()
-
-
-def intra_dispersion_loss(image_features, prototypes, labels):
-    """Distribution-aware PT's intra-class dispersion: mean over batch and dimensions of
-    (z_b - proto_{y_b})^2. image_features [B, D], prototypes [C, D] (fixed), labels [B]."""
-    return (image_features.float() - prototypes.float()[labels]).pow(2).mean()
-
-
-def proxy_anchor_loss(samples, proxies, labels, alpha=32.0, delta=0.1, scale=1.0, paper_norm=False):
-    """Proxy-Anchor (DA-VPT): samples [B, D], proxies [M, D], labels [B] in 0..M-1 (mapped class -> proxy).
-
-    sim = scale * cos(x_i, p_k);
-    L = (1/M) sum_k log(1 + sum_{i: k_i = k} exp(-alpha (sim_ik - delta)))
-      + (1/M) sum_k log(1 + sum_{i: k_i != k} exp( alpha (sim_ik + delta))).
-    A proxy without positives adds 0 to the first sum but counts in its 1/M; paper_norm divides the first sum
-    by the number of proxies with positives instead (the paper's Eq. 4). log(1 + sum exp) is evaluated as a
-    logsumexp with a zero term, so large scales do not overflow."""
-    sim = scale * F.normalize(samples.float(), dim=-1) @ F.normalize(proxies.float(), dim=-1).t()  # [B, M]
-    M = proxies.shape[0]
-    pos = F.one_hot(labels, M).bool()  # [B, M]
-    zeros = sim.new_zeros(1, M)
-    pos_logits = torch.cat([zeros, (-alpha * (sim - delta)).masked_fill(~pos, float("-inf"))], dim=0)
-    neg_logits = torch.cat([zeros, (alpha * (sim + delta)).masked_fill(pos, float("-inf"))], dim=0)
-    pos_term = torch.logsumexp(pos_logits, dim=0)  # [M], 0 for a proxy without positives
-    neg_term = torch.logsumexp(neg_logits, dim=0)  # [M]
-    n_pos = pos.any(0).sum().clamp_min(1) if paper_norm else M
-    return pos_term.sum() / n_pos + neg_term.sum() / M
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key and says what to do."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -92,6 +51,20 @@ def freeze(module):
     return module
 
 
+def encode_texts(clip, texts, chunk=1000):
+    """Normalised CLIP features of plain texts [N, E], chunked so ImageNet-size class lists fit."""
+    device = clip.token_embedding.weight.device
+    feats = [clip.encode_text(tokenize(texts[i:i + chunk]).to(device)) for i in range(0, len(texts), chunk)]
+    return normalize(torch.cat(feats))
+
+
+def choice(cfg, key, options):
+    """cfg[key], checked against the allowed values (a ConfigError that names the key otherwise)."""
+    if cfg[key] not in options:
+        raise ConfigError(f"--{key.replace('_', '-')} {cfg[key]!r}: expected one of {', '.join(map(str, options))}")
+    return cfg[key]
+
+
 class TextPrompts(nn.Module):
     """Frozen token embeddings of "[SOS] <ctx slots> <classname> . [EOT]" for every class, and where the
     learnable context vectors go (methods.md §0, §2).
@@ -104,15 +77,15 @@ class TextPrompts(nn.Module):
         super().__init__()
         self.n_ctx, self.ctx_init, self.position = n_ctx, ctx_init, position
         if position not in ("end", "middle", "front"):
-            raise ValueError(f"class token position {position!r}: expected end, middle or front")
+            raise ConfigError(f"--class-token-position {position!r}: expected end, middle or front")
         if ctx_init and position != "end":
-            raise ValueError("an init phrase needs class token position 'end' (as CoOp)")
+            raise ConfigError("an init phrase (--ctx-init) needs --class-token-position end (as CoOp)")
         self.clip = [clip]  # a list keeps CLIP out of this module's parameters and state dict
         if ctx_init:
             ids = tokenize(ctx_init)[0]
             n_words = int(ids.argmax()) - 1
             if n_ctx > n_words:
-                raise ValueError(f"n_ctx={n_ctx} but the init phrase {ctx_init!r} has only {n_words} tokens")
+                raise ConfigError(f"--n-ctx {n_ctx} but the init phrase {ctx_init!r} has only {n_words} tokens")
             with torch.no_grad():
                 self.init_vectors = clip.embed_text(ids[None])[0, 1:1 + n_ctx].float().clone()  # [n, W]
         self.set_classnames(classnames)
@@ -146,50 +119,74 @@ class TextPrompts(nn.Module):
         same = (tokens == tokens[:1]).all(0).long()
         self.prefix_len = int(same.cumprod(0).sum()) if self.position == "end" else 0
 
-    def forward(self, ctx):
-        """ctx [n, W] (shared), [C, n, W] (class-specific) or [B, n, W] with B != C (per image, CoCoOp: the
-        result is [B * C, L, W], image-major) -> prompted embeddings [C or B*C, L, W] and EOT positions."""
+    def forward(self, ctx, per_image=False):
+        """ctx [n, W] (shared) or [C, n, W] (class-specific) -> prompted embeddings [C, L, W] and EOT positions;
+        per_image: ctx [B, n, W] is one context per image (CoCoOp) -> [B * C, L, W], image-major."""
         C, L, W = self.embedding.shape
         base, pos, eot = self.embedding, self.ctx_pos, self.eot
         ctx = ctx.to(base.dtype)
         if ctx.dim() == 2:
             ctx = ctx.expand(C, -1, -1)
-        elif getattr(self, "per_image", False):
+        elif per_image:
             B = ctx.shape[0]
             base, pos, eot = base.repeat(B, 1, 1), pos.repeat(B, 1), eot.repeat(B)
             ctx = ctx.repeat_interleave(C, dim=0)  # [B*C, n, W]: image i's context for each of the C classes
         index = pos.unsqueeze(-1).expand(-1, -1, W)  # [N, n, W]
         return base.scatter(1, index, ctx), eot
 
-    def encode(self, ctx, savings=True, **kw):
-        """Text features [C or B*C, E] (not normalised) of the prompted sequences. With `savings` (exact, see
-        clip.py) the sequences stop at the last end-of-text token and the positions before the class name run
-        once per distinct context; without, the full 77 positions of every sequence run (the reference)."""
-        x, eot = self(ctx)
-        groups = ctx.shape[0] if ctx.dim() == 3 and getattr(self, "per_image", False) else 1
+    def encode(self, ctx, savings=True, extra_tokens=None, per_image=False, **kw):
+        """Text features [C (+ N) or B*C, E] (not normalised) of the prompted sequences, then of the frozen
+        `extra_tokens` [N, L] (DAPT's background texts) through the same tower (**kw: MaPLe's deep prompts).
+        With `savings` (exact, see clip.py) the sequences stop at the last end-of-text token and the positions
+        before the class name run once per distinct context; without, all 77 positions run (the reference)."""
+        x, eot = self(ctx, per_image)
+        groups = ctx.shape[0] if per_image else 1
         shared = savings and (ctx.dim() == 2 or groups > 1)  # class-specific contexts share only SOS
-        return self.clip[0].encode_text_embeddings(x, eot, prefix_len=self.prefix_len if shared else 0,
-                                                   groups=groups, cut=savings, **kw)
+        clip = self.clip[0]
+        if extra_tokens is not None:  # the extra texts share no prefix with the class prompts
+            x = torch.cat([x, clip.embed_text(extra_tokens.to(x.device)).to(x.dtype)])
+            eot, shared = torch.cat([eot, extra_tokens.argmax(-1).to(eot.device)]), False
+        return clip.encode_text_embeddings(x, eot, prefix_len=self.prefix_len if shared else 0, groups=groups,
+                                           cut=savings, **kw)
+
+
+def init_image_prompts(shape, init, patch_size):
+    p = torch.empty(shape)
+    if init == "xavier":  # original VPT: U(-v, v), v = sqrt(6 / (3 p^2 + width))
+        v = math.sqrt(6.0 / (3 * patch_size ** 2 + shape[-1]))
+        nn.init.uniform_(p, -v, v)
+    elif init == "normal":  # MaPLe repository
+        nn.init.normal_(p, std=0.02)
+    else:
+        raise ConfigError(f"--prompt-init {init!r}: expected 'normal' or 'xavier'")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the protocol
 
 
 class PromptModel(nn.Module):
-    """Base class: a frozen CLIP, class names, and the prompt parameters a subclass adds.
+    """A frozen CLIP, class names, a config, and the prompt parameters a subclass adds: the contract of train.py.
 
-    Subclasses define `text_features()` ([C, E], normalised, with gradients to the text prompts) and
-    `image_features(images)` ([B, E], normalised); `loss(batch, epoch)` defaults to cross-entropy on the logits.
-    Only parameters with requires_grad are trained and checkpointed (`trainable_state`).
+    `defaults` (a plain dict beside each class) holds every model key the class reads; __init__ merges the given
+    config over it, after which the class reads `self.cfg[key]` only. Subclasses define `text_features` and,
+    when they prompt the image tower, `visual_prompts` (image_features follows); `loss` is CE on the logits plus
+    whatever `loss_terms` adds. Only parameters with requires_grad are trained and checkpointed.
 
-    Optional hooks train.py calls when a subclass defines them: `prepare(bench, train_tf, test_tf, device)` once
-    before training (data-dependent set-up: dapt-dist prototypes, DA-VPT clusters; not called for evaluation),
-    `param_groups()` (optimizer groups, e.g. per-group weight_decay). Subclasses with non-parameter learned state
-    override `extra_state()` / `load_extra_state(state)` (saved in checkpoints and resume files)."""
+    Hosts compose through this protocol (DAPT, FVG-PT): `text_features(extra_tokens)` encodes extra frozen texts
+    with the same prompted text tower, `image_features(images, key_mask)` takes token-level views,
+    `visual_prompts()` lets Grad-CAM run the prompted tower, `loss_terms` gives the host's own terms, and
+    `changes_image_tower` says whether the image features differ from frozen CLIP's."""
 
-    needs_masks = False  # the loader must provide fg_mask / fg_frac
+    defaults = dict(seed=1, text_savings=True)  # the run's seed (k-means, prototypes), the exact text savings
+    needs_masks = False  # the training loader must provide batch["fg_mask"] / batch["fg_frac"]
+    changes_image_tower = False  # image_features differ from frozen CLIP's (image prompts)
 
-    def __init__(self, clip, classnames, cfg):
+    def __init__(self, clip, classnames, cfg=None):
         super().__init__()
+        self.cfg = {**self.defaults, **(cfg or {})}
         self.clip = freeze(clip)
-        self.cfg = cfg
         self.classnames = list(classnames)
 
     @property
@@ -197,23 +194,48 @@ class PromptModel(nn.Module):
         return self.clip.logit_scale.exp().float()
 
     def set_classnames(self, classnames):
+        """A new class list (base -> new evaluation, cross-dataset): rebuild what depends on the class names."""
         self.classnames = list(classnames)
 
-    def text_features(self):
+    def text_features(self, extra_tokens=None):
+        """[C, E] normalised class features (gradients to the text prompts); with extra_tokens [N, L] (frozen
+        texts) the same prompted text tower also encodes them: [C + N, E]."""
         raise NotImplementedError
 
-    def image_features(self, images):
-        return normalize(self.clip.encode_image(images))
+    def visual_prompts(self):
+        """How this model prompts the image tower (clip.VisualPrompts), or None for the frozen tower."""
+        return None
+
+    def image_features(self, images, key_mask=None):
+        """[B, E] normalised. key_mask: bool [B, 1 + patches], True = visible (prompt tokens always are)."""
+        return normalize(self.clip.visual(images, self.visual_prompts(), key_mask))
 
     def forward(self, images, text_features=None):
         """Logits [B, C]. text_features: precomputed `text_features()` (evaluation computes them once)."""
         T = self.text_features() if text_features is None else text_features
         return self.logit_scale * self.image_features(images) @ T.t()
 
+    def loss_terms(self, batch, z, T, logits):
+        """{name: (weight, value)}: this method's training terms for the batch's image features z [B, E], the
+        class features T [C, E] and logits = s z T^T (all with gradients). Hosts add their own terms here."""
+        return {"cls": (1.0, F.cross_entropy(logits, batch["label"]))}
+
     def loss(self, batch, epoch):
-        logits = self(batch["image"])
-        loss = F.cross_entropy(logits, batch["label"])
-        return loss, {"acc": (logits.argmax(-1) == batch["label"]).float().mean().item()}
+        """(scalar loss, stats): the weighted sum of loss_terms."""
+        z, T = self.image_features(batch["image"]), self.text_features()
+        logits = self.logit_scale * z @ T.t()
+        return total(self.loss_terms(batch, z, T, logits), logits, batch["label"])
+
+    def prepare(self, bench, train_tf, test_tf, device):
+        """Once before training: data-dependent set-up (dapt-dist prototypes, DA-VPT clusters). Not called for
+        evaluation, and before a resume restores `load_extra_state`."""
+
+    def param_groups(self):
+        """Optimizer parameter groups (e.g. per-group weight decay); default: every trainable tensor."""
+        return [dict(params=[p for p in self.parameters() if p.requires_grad])]
+
+    def epoch_end(self, epoch, loader=None):
+        """After each training epoch (DA-VPT re-clusters here)."""
 
     def trainable_state(self):
         return {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
@@ -240,15 +262,13 @@ class PromptModel(nn.Module):
         self.load_trainable_state(state["params"])
         self.load_extra_state(state.get("extra"))
 
-    def epoch_end(self, epoch, loader=None):
-        """Hook after each training epoch (DA-VPT re-clusters here)."""
 
-
-def encode_texts(clip, texts, chunk=1000):
-    """Normalised CLIP features of plain texts [N, E], chunked so ImageNet-size class lists fit."""
-    device = clip.token_embedding.weight.device
-    feats = [clip.encode_text(tokenize(texts[i:i + chunk]).to(device)) for i in range(0, len(texts), chunk)]
-    return normalize(torch.cat(feats))
+def total(terms, logits, labels):
+    """(sum of weight * value, stats): accuracy of the logits and every term's unweighted value."""
+    loss = sum(w * t for w, t in terms.values())
+    stats = {"acc": (logits.argmax(-1) == labels).float().mean().item()}
+    stats.update({f"L_{k}": t.item() for k, (_, t) in terms.items()})
+    return loss, stats
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -256,11 +276,20 @@ def encode_texts(clip, texts, chunk=1000):
 
 
 class ZeroShotCLIP(PromptModel):
-    """No training: t_c = n(E_t(template(name_c))), or the re-normalised mean over an ensemble of templates."""
+    """No training: t_c = n(E_t(template(name_c))), or the re-normalised mean over an ensemble of templates:
+    "imagenet80" (CLIP's 80) or "select" (CoOp's 7, plus the dataset's own template outside ImageNet)."""
 
-    def __init__(self, clip, classnames, cfg):
+    defaults = dict(PromptModel.defaults, template="a photo of a {}.", ensemble="", dataset="")
+
+    def __init__(self, clip, classnames, cfg=None):
         super().__init__(clip, classnames, cfg)
-        self.templates = cfg.get("templates") or [cfg.get("template", "a photo of a {}.")]
+        ensemble, own = choice(self.cfg, "ensemble", ("", "imagenet80", "select")), self.cfg["template"]
+        if ensemble == "imagenet80":
+            self.templates = list(data.IMAGENET_TEMPLATES)
+        elif ensemble == "select":
+            self.templates = list(data.SELECT_TEMPLATES) + ([] if self.cfg["dataset"].startswith("imagenet") else [own])
+        else:
+            self.templates = [own]
         self.set_classnames(classnames)
 
     @torch.no_grad()
@@ -270,8 +299,17 @@ class ZeroShotCLIP(PromptModel):
         per_template = [encode_texts(self.clip, [t.format(n) for n in names]) for t in self.templates]
         self.register_buffer("T", normalize(torch.stack(per_template).mean(0)), persistent=False)
 
-    def text_features(self):
-        return self.T
+    def text_features(self, extra_tokens=None):
+        return frozen_with_extra(self.clip, self.T, extra_tokens)
+
+
+def frozen_with_extra(clip, T, extra_tokens):
+    """Frozen class features T [C, E], then frozen CLIP's features of extra_tokens [N, L] when given."""
+    if extra_tokens is None:
+        return T
+    with torch.no_grad():
+        extra = normalize(clip.encode_text(extra_tokens.to(T.device)))
+    return torch.cat([T, extra])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -281,28 +319,29 @@ class ZeroShotCLIP(PromptModel):
 class CoOp(PromptModel):
     """Learned context `ctx` shared by all classes (or one per class: csc), CLIP frozen; loss CE."""
 
-    def __init__(self, clip, classnames, cfg):
+    defaults = dict(PromptModel.defaults, n_ctx=16, ctx_init="", csc=False, class_token_position="end")
+
+    def __init__(self, clip, classnames, cfg=None):
         super().__init__(clip, classnames, cfg)
-        n, init, W = cfg["n_ctx"], cfg.get("ctx_init") or None, clip.transformer.width
-        self.prompts = TextPrompts(clip, classnames, n, init, cfg.get("class_token_position", "end"))
+        n, init, W = self.cfg["n_ctx"], self.cfg["ctx_init"] or None, clip.transformer.width
+        self.prompts = TextPrompts(clip, classnames, n, init, self.cfg["class_token_position"])
         if init:
             ctx = self.prompts.init_vectors.clone()  # [n, W]
-            if cfg.get("csc"):
+            if self.cfg["csc"]:
                 ctx = ctx.expand(len(classnames), -1, -1).clone()
         else:
-            ctx = torch.empty(len(classnames), n, W) if cfg.get("csc") else torch.empty(n, W)
+            ctx = torch.empty(len(classnames), n, W) if self.cfg["csc"] else torch.empty(n, W)
             nn.init.normal_(ctx, std=0.02)
         self.ctx = nn.Parameter(ctx)  # [n, W] or [C, n, W]
 
     def set_classnames(self, classnames):
         super().set_classnames(classnames)
-        if hasattr(self, "prompts"):
-            if self.cfg.get("csc") and len(classnames) != self.ctx.shape[0]:
-                raise ValueError("class-specific context (csc) cannot be applied to other classes")
-            self.prompts.set_classnames(classnames)
+        if self.cfg["csc"] and len(classnames) != self.ctx.shape[0]:
+            raise ConfigError("class-specific context (--csc true) cannot be applied to other classes")
+        self.prompts.set_classnames(classnames)
 
-    def text_features(self):
-        return normalize(self.prompts.encode(self.ctx, self.cfg.get("text_savings", True)))
+    def text_features(self, extra_tokens=None):
+        return normalize(self.prompts.encode(self.ctx, self.cfg["text_savings"], extra_tokens))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -313,14 +352,15 @@ class CoCoOp(CoOp):
     """CoOp + Meta-Net: ctx_i = ctx + MetaNet(u_i), u_i = n(E_v(x_i)); text features per image, batched as
     B*C sequences in one call (not a loop over images)."""
 
-    def __init__(self, clip, classnames, cfg):
+    defaults = dict(CoOp.defaults, n_ctx=4, ctx_init="a photo of a", text_chunk=20000)
+
+    def __init__(self, clip, classnames, cfg=None):
         super().__init__(clip, classnames, cfg)
         E, W = clip.text_projection.shape[1], clip.transformer.width
         self.meta_net = nn.Sequential(OrderedDict([
             ("linear1", nn.Linear(E, E // 16)), ("relu", nn.ReLU(inplace=True)), ("linear2", nn.Linear(E // 16, W))]))
-        self.prompts.per_image = True
 
-    def text_features(self):
+    def text_features(self, extra_tokens=None):
         return None  # depends on the image
 
     def forward(self, images, text_features=None, chunk=None):
@@ -328,64 +368,59 @@ class CoCoOp(CoOp):
         shift = self.meta_net(u)  # [B, W]
         ctx = self.ctx.unsqueeze(0) + shift.unsqueeze(1)  # [B, n, W]: the same shift for every context vector
         C = len(self.classnames)
-        chunk = chunk or max(1, self.cfg.get("text_chunk", 20000) // C)  # images per text call (memory bound)
+        chunk = chunk or max(1, self.cfg["text_chunk"] // C)  # images per text call (memory bound)
         logits = []
         for i in range(0, len(u), chunk):
-            t = self.prompts.encode(ctx[i:i + chunk], self.cfg.get("text_savings", True))  # [b*C, E]
+            t = self.prompts.encode(ctx[i:i + chunk], self.cfg["text_savings"], per_image=True)  # [b*C, E]
             t = normalize(t).view(-1, C, u.shape[1])  # [b, C, E]
             logits.append(torch.einsum("be,bce->bc", u[i:i + chunk], t))
         return self.logit_scale * torch.cat(logits)
+
+    def loss(self, batch, epoch):
+        logits = self(batch["image"])
+        return total({"cls": (1.0, F.cross_entropy(logits, batch["label"]))}, logits, batch["label"])
 
 
 # ----------------------------------------------------------------------------------------------------------
 # 4. VPT on CLIP's image tower (methods.md §4)
 
 
-def init_image_prompts(shape, init, patch_size):
-    p = torch.empty(shape)
-    if init == "xavier":  # original VPT: U(-v, v), v = sqrt(6 / (3 p^2 + width))
-        v = math.sqrt(6.0 / (3 * patch_size ** 2 + shape[-1]))
-        nn.init.uniform_(p, -v, v)
-    elif init == "normal":  # MaPLe repository
-        nn.init.normal_(p, std=0.02)
-    else:
-        raise ValueError(f"prompt init {init!r}: expected 'normal' or 'xavier'")
-    return p
-
-
 class FrozenTextClassifier(PromptModel):
-    """Text side of the image-prompt methods: frozen n(E_t("a photo of a {c}.")), recomputed per class list."""
+    """Text side of the image-prompt methods: frozen n(E_t(classifier_template(c))), recomputed per class list."""
+
+    defaults = dict(PromptModel.defaults, classifier_template="a photo of a {}.")
+    changes_image_tower = True
 
     @torch.no_grad()
     def set_classnames(self, classnames):
         super().set_classnames(classnames)
-        template = self.cfg.get("classifier_template", "a photo of a {}.")
         names = [c.replace("_", " ") for c in classnames]
-        self.register_buffer("T", encode_texts(self.clip, [template.format(n) for n in names]), persistent=False)
+        texts = [self.cfg["classifier_template"].format(n) for n in names]
+        self.register_buffer("T", encode_texts(self.clip, texts), persistent=False)
 
-    def text_features(self):
-        return self.T
+    def text_features(self, extra_tokens=None):
+        return frozen_with_extra(self.clip, self.T, extra_tokens)
 
 
 class VPT(FrozenTextClassifier):
     """m learnable tokens appended to the image sequence; deep: fresh tokens before each of the first `depth`
     blocks (the outputs at the prompt positions are discarded)."""
 
-    def __init__(self, clip, classnames, cfg):
+    defaults = dict(FrozenTextClassifier.defaults, n_prompts=8, vpt_depth=12, prompt_init="normal",
+                    prompt_ln_pre=True, prompt_dropout=0.0)
+
+    def __init__(self, clip, classnames, cfg=None):
         super().__init__(clip, classnames, cfg)
         self.set_classnames(classnames)
-        v = clip.visual
-        depth = min(cfg["vpt_depth"], v.transformer.layers)
-        shape = (depth, cfg["n_prompts"], v.conv1.weight.shape[0])
-        self.image_prompts = nn.Parameter(init_image_prompts(shape, cfg.get("prompt_init", "normal"), v.patch_size))
-        self.dropout = nn.Dropout(cfg.get("prompt_dropout", 0.0))
+        v, c = clip.visual, self.cfg
+        shape = (min(c["vpt_depth"], v.transformer.layers), c["n_prompts"], v.conv1.weight.shape[0])
+        self.image_prompts = nn.Parameter(init_image_prompts(shape, c["prompt_init"], v.patch_size))  # [depth, m, W]
+        self.dropout = nn.Dropout(c["prompt_dropout"])
 
-    def image_features(self, images):
+    def visual_prompts(self):
         p = self.dropout(self.image_prompts)
-        deep = [None] + list(p[1:])  # block 0 reads the input tokens; blocks 1..depth-1 get fresh ones
-        z = self.clip.visual(images, prompts=p[0], prompt_ln_pre=self.cfg.get("prompt_ln_pre", True),
-                             deep_prompts=deep)
-        return normalize(z)
+        # block 0 reads the input tokens; blocks 1..depth-1 get fresh ones
+        return VisualPrompts(p[0], [None] + list(p[1:]), self.cfg["prompt_ln_pre"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -396,35 +431,32 @@ class MaPLe(PromptModel):
     """Text context ctx (n tokens of "a photo of a"), deep text prompts P_1..P_{J-1}, and vision prompts made
     from them by coupling maps F_0..F_{J-1} (Linear text width -> image width)."""
 
-    def __init__(self, clip, classnames, cfg):
+    defaults = dict(PromptModel.defaults, n_ctx=2, ctx_init="a photo of a", prompt_depth=9)
+    changes_image_tower = True
+
+    def __init__(self, clip, classnames, cfg=None):
         super().__init__(clip, classnames, cfg)
-        n, W_t, W_v = cfg["n_ctx"], clip.transformer.width, clip.visual.conv1.weight.shape[0]
-        self.depth = J = min(cfg["prompt_depth"], clip.transformer.layers, clip.visual.transformer.layers)
-        self.prompts = TextPrompts(clip, classnames, n, cfg.get("ctx_init", "a photo of a"))
+        n, W_t, W_v = self.cfg["n_ctx"], clip.transformer.width, clip.visual.conv1.weight.shape[0]
+        J = min(self.cfg["prompt_depth"], clip.transformer.layers, clip.visual.transformer.layers)
+        self.prompts = TextPrompts(clip, classnames, n, self.cfg["ctx_init"])
         self.ctx = nn.Parameter(self.prompts.init_vectors.clone())  # [n, W_t]
         self.compound_prompts = nn.Parameter(torch.empty(J - 1, n, W_t).normal_(std=0.02))  # P_1..P_{J-1}
         self.couplings = nn.ModuleList([nn.Linear(W_t, W_v) for _ in range(J)])  # F_0..F_{J-1}
 
     def set_classnames(self, classnames):
         super().set_classnames(classnames)
-        if hasattr(self, "prompts"):
-            self.prompts.set_classnames(classnames)
+        self.prompts.set_classnames(classnames)
 
-    def text_features(self):
+    def text_features(self, extra_tokens=None):
         deep = [None] + list(self.compound_prompts)  # before text block i = 1..J-1, positions 1..n <- P_i
-        z = self.prompts.encode(self.ctx, self.cfg.get("text_savings", True), deep_prompts=deep,
+        z = self.prompts.encode(self.ctx, self.cfg["text_savings"], extra_tokens, deep_prompts=deep,
                                 prompt_slice=slice(1, 1 + self.cfg["n_ctx"]))
         return normalize(z)
 
-    def vision_prompts(self):
-        """F_0(ctx) for the input, F_i(P_i) for image blocks 1..J-1: list of [n, W_v]."""
-        return [self.couplings[0](self.ctx)] + [f(p) for f, p in zip(self.couplings[1:], self.compound_prompts)]
-
-    def image_features(self, images, key_mask=None):
-        vp = self.vision_prompts()
-        z = self.clip.visual(images, prompts=vp[0], prompt_ln_pre=True, deep_prompts=[None] + vp[1:],
-                             key_mask=key_mask)
-        return normalize(z)
+    def visual_prompts(self):
+        """F_0(ctx) for the input, F_i(P_i) for image blocks 1..J-1 (each [n, W_v])."""
+        vp = [self.couplings[0](self.ctx)] + [f(p) for f, p in zip(self.couplings[1:], self.compound_prompts)]
+        return VisualPrompts(vp[0], [None] + vp[1:], ln_pre=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -433,26 +465,23 @@ class MaPLe(PromptModel):
 
 class KgCoOp(CoOp):
     """CoOp + W * (1 - mean_c cos(t_c, t0_c)): the prompted class features stay near the frozen hand-crafted
-    ones, t0_c = n(E_t(template(name_c))) with the dataset's template (cfg "template", filled by build_model)."""
+    ones, t0_c = n(E_t(template(name_c))) with the dataset's template (train.py sets `template`)."""
 
-    def __init__(self, clip, classnames, cfg):
+    defaults = dict(CoOp.defaults, n_ctx=4, ctx_init="a photo of a", template="a photo of a {}.", kg_weight=2.0)
+
+    def __init__(self, clip, classnames, cfg=None):
         super().__init__(clip, classnames, cfg)
         self.set_classnames(classnames)
 
     @torch.no_grad()
     def set_classnames(self, classnames):
         super().set_classnames(classnames)
-        template = self.cfg.get("template") or "a photo of a {}."
-        self.register_buffer("t0", encode_texts(self.clip, [template.format(c) for c in self.prompts.classnames]),
-                             persistent=False)  # [C, E]
+        texts = [self.cfg["template"].format(c) for c in self.prompts.classnames]
+        self.register_buffer("t0", encode_texts(self.clip, texts), persistent=False)  # [C, E]
 
-    def loss(self, batch, epoch):
-        T = self.text_features()  # [C, E]
-        logits = self.logit_scale * self.image_features(batch["image"]) @ T.t()
-        kg = 1 - (T * self.t0).sum(-1).mean()  # both normalised: the mean cosine
-        ce = F.cross_entropy(logits, batch["label"])
-        loss = ce + self.cfg["kg_weight"] * kg
-        return loss, {"acc": (logits.argmax(-1) == batch["label"]).float().mean().item(), "kg": kg.item()}
+    def loss_terms(self, batch, z, T, logits):
+        kg = 1 - (T[:len(self.t0)] * self.t0).sum(-1).mean()  # both normalised: the mean cosine
+        return dict(super().loss_terms(batch, z, T, logits), kg=(self.cfg["kg_weight"], kg))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -465,172 +494,133 @@ DAPT_BACKGROUNDS = [
     "bridge", "sign", "table", "forks", "tablecloth", "hands", "spoon", "glasses", "dishes"]
 
 
-def views_key_mask(fg_frac, n_prompts, threshold=0.5):
-    """Token-level views: bool key masks [B, 1 + P + n] for the foreground and the background view.
+def views_key_mask(fg_frac, threshold=0.5):
+    """Token-level views: bool key masks [B, 1 + P] (CLS + patches) for the foreground and the background view.
 
-    fg_frac [B, P] (foreground fraction of each patch, row-major). CLS and the n prompt tokens are always visible;
-    a patch is a key of the foreground view when its fraction >= threshold, of the background view otherwise."""
-    B = fg_frac.shape[0]
+    fg_frac [B, P] (foreground fraction of each patch, row-major). CLS is always visible (and the tower keeps
+    prompt tokens visible); a patch is a key of the foreground view when its fraction >= threshold, of the
+    background view otherwise."""
     keep = fg_frac >= threshold  # [B, P]
-    always = torch.ones(B, 1, dtype=torch.bool, device=fg_frac.device)
-    prompts = torch.ones(B, n_prompts, dtype=torch.bool, device=fg_frac.device)
-    return torch.cat([always, keep, prompts], 1), torch.cat([always, ~keep, prompts], 1)
+    cls = torch.ones(fg_frac.shape[0], 1, dtype=torch.bool, device=fg_frac.device)
+    return torch.cat([cls, keep], 1), torch.cat([cls, ~keep], 1)
+
+
+def grad_cam(visual, images, prompts, score):
+    """Grad-CAM over the image tower's blocks: [B, P] maps (>= 0, not normalised) on the patch grid.
+
+    The tower runs with `prompts` (clip.VisualPrompts or None) up to its last block without gradients;
+    A = that block's ln_1 output [B, L, W] is the only tensor that gets one: score(features [B, E]) -> scalar,
+    w_b = mean over the P patch tokens of dscore/dA, cam_p = ReLU(sum_ch A_p,ch w_ch). No parameter .grad is
+    touched. DAPT-G uses it as its cue; eval.py draws it."""
+    last = visual.transformer.resblocks[-1]
+    with torch.no_grad():
+        x = visual.run(images, prompts, stop=len(visual.transformer.resblocks) - 1)  # entering the last block
+        A = last.ln_1(x)
+    with torch.enable_grad():
+        A = A.detach().requires_grad_(True)
+        h = x + last.attn(A)
+        h = h + last.mlp(last.ln_2(h))
+        (grad,) = torch.autograd.grad(score(visual.head(h)), A)
+    P = visual.grid ** 2
+    w = grad[:, 1:1 + P].float().mean(1, keepdim=True)  # [B, 1, W]
+    return torch.relu((A.detach()[:, 1:1 + P].float() * w).sum(-1))  # [B, P]
 
 
 class DAPT(PromptModel):
-    """A host prompt model (MaPLe by default; CoOp or VPT) trained on the full image and its foreground /
-    background views: L_cls, the visual pull-push L_v, text alignment of the foreground view L_f and of the
+    """A host prompt model (MaPLe by default) trained on the full image and its foreground / background views:
+    the host's own terms (L_cls), the visual pull-push L_v, text alignment of the foreground view L_f and of the
     background view with 32 background texts L_b, on the staged (default) or joint schedule.
 
     Views: pixel (x*m, x*(1-m), the paper) or token (patch keys hidden by key_mask; faster, NOT the same model).
     Views that need no gradient in the current phase (z_f always; z_b outside the alignment phase) run in one
-    no_grad call, the others in one call with gradients: the same numbers as one 3B call, less backward work."""
+    no_grad call, the others in one call with gradients: the same numbers as one 3B call, less backward work.
+    The host's keys (n_ctx, prompt_depth, ...) are its class defaults, overridable as usual."""
 
-    def __init__(self, clip, classnames, cfg):
+    hosts = ("maple", "coop", "kgcoop", "vpt")  # composed through the protocol; each is tested
+    defaults = dict(PromptModel.defaults, host="maple", cue="masks", decouple="pixel", dapt_schedule="staged",
+                    dapt_switch_epoch=7, dapt_w_v=0.8, dapt_w_f=0.1, dapt_w_b=0.5, dapt_margin=1.5,
+                    bg_template="a clean origami {}.", bg_slice_quirk=False, gradcam_threshold=0.5,
+                    gradcam_batch_max=False, decouple_threshold=0.5)
+
+    def __init__(self, clip, classnames, cfg=None):
         super().__init__(clip, classnames, cfg)
-        hosts = {"maple": MaPLe, "coop": CoOp, "vpt": VPT}
-        if cfg["host"] not in hosts:
-            raise ValueError(f"dapt host {cfg['host']!r}: expected one of {', '.join(hosts)}")
-        if cfg["cue"] not in ("masks", "gradcam") or cfg["decouple"] not in ("pixel", "token"):
-            raise ValueError(f"dapt: cue {cfg['cue']!r} (masks|gradcam), decouple {cfg['decouple']!r} (pixel|token)")
-        if cfg["dapt_schedule"] not in ("staged", "joint"):
-            raise ValueError(f"dapt schedule {cfg['dapt_schedule']!r}: expected staged or joint")
-        self.host = hosts[cfg["host"]](clip, classnames, cfg)
-        self.needs_masks = cfg["cue"] == "masks"  # Grad-CAM masks are made in the step
-        # background texts: frozen layer-0 embeddings, encoded by the same prompted text tower as the classes
-        tokens = tokenize([cfg["bg_template"].format(b) for b in DAPT_BACKGROUNDS])
-        device = clip.token_embedding.weight.device
-        with torch.no_grad():
-            self.register_buffer("bg_embedding", clip.embed_text(tokens.to(device)), persistent=False)  # [32, L, W]
-        self.register_buffer("bg_eot", tokens.argmax(-1).to(device), persistent=False)
+        c = self.cfg
+        for key, options in (("host", self.hosts), ("cue", ("masks", "gradcam")), ("decouple", ("pixel", "token")),
+                             ("dapt_schedule", ("staged", "joint"))):
+            choice(c, key, options)
+        self.host = METHODS[c["host"]](clip, classnames, c)
+        self.needs_masks = c["cue"] == "masks"  # Grad-CAM masks are made in the step
+        self.changes_image_tower = self.host.changes_image_tower
+        # background texts, encoded by the host's prompted text tower after the classes
+        tokens = tokenize([c["bg_template"].format(b) for b in DAPT_BACKGROUNDS])
+        self.register_buffer("bg_tokens", tokens.to(clip.token_embedding.weight.device), persistent=False)
 
     def set_classnames(self, classnames):
         super().set_classnames(classnames)
-        if hasattr(self, "host"):
-            self.host.set_classnames(classnames)
-
-    def n_prompts(self):
-        """Image prompt tokens the host appends (they sit after the patches)."""
-        h = self.host
-        return h.cfg["n_ctx"] if isinstance(h, MaPLe) else h.image_prompts.shape[1] if isinstance(h, VPT) else 0
-
-    # -- towers
-
-    def all_text_features(self):
-        """[C + 32, E]: class prompts then the background texts, one pass of the host's prompted text tower."""
-        h = self.host
-        if isinstance(h, VPT):  # frozen classifier: the background texts are frozen too
-            if not hasattr(self, "bg_T"):
-                with torch.no_grad():
-                    self.bg_T = encode_texts(self.clip, [self.cfg["bg_template"].format(b) for b in DAPT_BACKGROUNDS])
-            return torch.cat([h.T, self.bg_T.to(h.T.device)])
-        x, eot = h.prompts(h.ctx)  # [C, L, W]
-        x, eot = torch.cat([x, self.bg_embedding.to(x.dtype)]), torch.cat([eot, self.bg_eot])
-        cut = self.cfg.get("text_savings", True)  # classes and backgrounds share no prefix: only the EOT cut
-        if isinstance(h, MaPLe):  # deep prompts overwrite positions 1..n of every sequence, backgrounds included
-            deep = [None] + list(h.compound_prompts)
-            z = self.clip.encode_text_embeddings(x, eot, deep_prompts=deep, prompt_slice=slice(1, 1 + h.cfg["n_ctx"]),
-                                                 cut=cut)
-        else:
-            z = self.clip.encode_text_embeddings(x, eot, cut=cut)
-        return normalize(z)
+        self.host.set_classnames(classnames)
 
     def split_texts(self, T_all):
         """(T_fg, T_bg). Clean: C classes / 32 backgrounds. bg_slice_quirk (official): C + first 7 / last 25."""
-        C = len(self.classnames)
-        k = C + 7 if self.cfg["bg_slice_quirk"] else C
-        return T_all[:k], T_all[k:]
+        k = len(self.classnames) + (7 if self.cfg["bg_slice_quirk"] else 0)
+        return T_all[:k], T_all[k:len(self.classnames) + len(DAPT_BACKGROUNDS)]
 
-    def text_features(self):
-        """Inference classifier: the C classes (with bg_slice_quirk C + 7 columns, argmax over all as official)."""
-        return self.split_texts(self.all_text_features())[0]
+    def text_features(self, extra_tokens=None):
+        """Inference classifier: the C classes (with bg_slice_quirk C + 7 columns, argmax over all as official),
+        computed with the backgrounds as in training; then the extra texts' features when given."""
+        tokens = self.bg_tokens if extra_tokens is None else torch.cat([self.bg_tokens, extra_tokens.to(self.bg_tokens.device)])
+        T_all = self.host.text_features(tokens)
+        T_fg = self.split_texts(T_all)[0]
+        return T_fg if extra_tokens is None else torch.cat([T_fg, T_all[len(self.classnames) + len(DAPT_BACKGROUNDS):]])
 
     def visual_prompts(self):
-        """(layer-0 prompts or None, per-block deep prompts or None, prompt_ln_pre) of the host's image side."""
-        h = self.host
-        if isinstance(h, MaPLe):
-            vp = h.vision_prompts()
-            return vp[0], [None] + vp[1:], True
-        if isinstance(h, VPT):
-            p = h.dropout(h.image_prompts)
-            return p[0], [None] + list(p[1:]), h.cfg.get("prompt_ln_pre", True)
-        return None, None, True
+        return self.host.visual_prompts()
 
     def image_features(self, images, key_mask=None):
-        prompts, deep, ln_pre = self.visual_prompts()
-        return normalize(self.clip.visual(images, prompts=prompts, prompt_ln_pre=ln_pre, deep_prompts=deep,
-                                          key_mask=key_mask))
-
-    # -- cues
+        return self.host.image_features(images, key_mask)
 
     def gradcam(self, images, labels, T, return_cam=False):
-        """DAPT-G foreground masks [B, 1, S, S] in {0, 1} for exactly these (augmented) images.
-
-        Grad-CAM of the current prompted model: A = ln_1 output of the last image block, score = sum_b of the
-        ground-truth logit against T [C, E]; w = mean over patch tokens of dscore/dA; cam = ReLU(A w) on the
-        patches; grid -> image size (bilinear, align_corners=True); / (per-image max + 1e-6) (batch max with
-        gradcam_batch_max); >= gradcam_threshold. Only A gets a gradient: no parameter .grad is touched."""
-        v = self.clip.visual
-        blocks = v.transformer.resblocks
+        """DAPT-G foreground masks [B, 1, S, S] in {0, 1} for exactly these (augmented) images: grad_cam of the
+        current model with score = sum_b of the ground-truth logit against T [C, E]; the patch map is upsampled
+        to the image (bilinear, align_corners=True), divided by (per-image max + 1e-6) (the batch max with
+        gradcam_batch_max) and thresholded at gradcam_threshold."""
         with torch.no_grad():
-            prompts, deep, ln_pre = self.visual_prompts()
-            x = v.tokens(images, prompts, ln_pre)  # [B, 1 + P + n, W]
-            n = 0 if prompts is None else prompts.shape[-2]
-            sl = slice(x.shape[1] - n, None)
-            for i, block in enumerate(blocks):
-                if deep is not None and i < len(deep) and deep[i] is not None:
-                    x = replace_tokens(x, deep[i], sl)
-                if i < len(blocks) - 1:
-                    x = block(x)
-            last = blocks[-1]
-            A = last.ln_1(x)
-        with torch.enable_grad():
-            A = A.detach().requires_grad_(True)
-            h = x + last.attn(A)
-            h = h + last.mlp(last.ln_2(h))
-            logits = self.logit_scale * normalize(v.head(h)) @ T.detach().t()
-            score = logits.gather(1, labels[:, None]).sum()
-            (grad,) = torch.autograd.grad(score, A)
-        P, g = v.grid ** 2, v.grid
-        w = grad[:, 1:1 + P].float().mean(1, keepdim=True)  # [B, 1, W]
-        cam = torch.relu((A.detach()[:, 1:1 + P].float() * w).sum(-1))  # [B, P]
+            prompts = self.visual_prompts()
+        s, T = self.logit_scale, T.detach()
+        cam = grad_cam(self.clip.visual, images, prompts,
+                       lambda f: (s * normalize(f) @ T.t()).gather(1, labels[:, None]).sum())
+        g = self.clip.visual.grid
         cam = F.interpolate(cam.view(-1, 1, g, g), size=images.shape[-2:], mode="bilinear", align_corners=True)
         peak = cam.max() if self.cfg["gradcam_batch_max"] else cam.flatten(1).max(1)[0].view(-1, 1, 1, 1)
         cam = cam / (peak + 1e-6)
         m = (cam >= self.cfg["gradcam_threshold"]).to(images.dtype)
         return (m, cam) if return_cam else m
 
-    # -- training
-
     def loss(self, batch, epoch):
-        terms, stats = self.loss_terms(batch, epoch)
-        cfg = self.cfg
-        w = {"cls": 1.0, "v": cfg["dapt_w_v"], "f": cfg["dapt_w_f"], "b": cfg["dapt_w_b"]}
-        stats.update({f"L_{k}": t.item() for k, t in terms.items()})
-        return sum(w[k] * t for k, t in terms.items()), stats
+        terms, logits, stats = self.view_terms(batch, epoch)
+        loss, more = total(terms, logits, batch["label"])
+        return loss, dict(more, **stats)
 
-    def loss_terms(self, batch, epoch):
-        """The active unweighted terms {"cls", "v"} (staged, epoch < switch), {"cls", "f", "b"} (staged, later) or
-        all four (joint), and stats."""
-        x, y = batch["image"], batch["label"]
-        cfg = self.cfg
-        staged = cfg["dapt_schedule"] == "staged"
-        align = not staged or epoch >= cfg["dapt_switch_epoch"]  # L_f, L_b active
-        pull_push = not staged or epoch < cfg["dapt_switch_epoch"]  # L_v active
-        T_all = self.all_text_features()  # [C + 32, E]
+    def view_terms(self, batch, epoch):
+        """({name: (weight, value)}, logits, stats): the host's terms on the full view ("cls", ...), then L_v
+        (staged: epochs < switch) or L_f and L_b (staged: later), or all of them (joint)."""
+        x, y, c = batch["image"], batch["label"], self.cfg
+        staged = c["dapt_schedule"] == "staged"
+        align = not staged or epoch >= c["dapt_switch_epoch"]  # L_f, L_b active
+        pull_push = not staged or epoch < c["dapt_switch_epoch"]  # L_v active
+        T_all = self.host.text_features(self.bg_tokens)  # [C + 32, E]
         T_fg, T_bg = self.split_texts(T_all)
-        if cfg["cue"] == "masks":
+        if c["cue"] == "masks":
             m, frac = batch["fg_mask"].to(x.dtype), batch.get("fg_frac")
         else:  # Grad-CAM on this step's crop
             m = self.gradcam(x, y, T_all[:len(self.classnames)])
             frac = F.avg_pool2d(m, self.clip.visual.patch_size).flatten(1)
-        # views: (name, images, key mask); only views that need gradients go through the graph
-        if cfg["decouple"] == "pixel":
+        # views: name -> (images, key mask); only views that need gradients go through the graph
+        if c["decouple"] == "pixel":
             views = {"full": (x, None), "fg": (x * m, None), "bg": (x * (1 - m), None)}
         else:
             if frac is None:
-                raise ValueError("decouple=token needs batch['fg_frac'] (the loader's patch_size)")
-            km_f, km_b = views_key_mask(frac.to(x.device), self.n_prompts(), cfg["decouple_threshold"])
+                raise ConfigError("--decouple token needs batch['fg_frac'] (the loader's patch_size)")
+            km_f, km_b = views_key_mask(frac.to(x.device), c["decouple_threshold"])
             views = {"full": (x, None), "fg": (x, km_f), "bg": (x, km_b)}
         z = {}
         grad_views = ["full", "bg"] if align else ["full"]
@@ -639,14 +629,15 @@ class DAPT(PromptModel):
         z.update(self.encode_views(views, grad_views))
         s = self.logit_scale
         logits = s * z["full"] @ T_fg.t()
-        terms = {"cls": F.cross_entropy(logits, y)}
-        if pull_push:  # fused kernel on CUDA, the reference above elsewhere
-            terms["v"] = kernels.pull_push_loss(z["full"], z["fg"].detach(), z["bg"].detach(), margin=cfg["dapt_margin"])
+        terms = self.host.loss_terms(batch, z["full"], T_fg, logits)
+        if pull_push:  # fused kernel on CUDA, the reference elsewhere
+            v = kernels.pull_push_loss(z["full"], z["fg"].detach(), z["bg"].detach(), margin=c["dapt_margin"])
+            terms["v"] = (c["dapt_w_v"], v)
         if align:
-            terms["f"] = F.cross_entropy(s * z["fg"].detach() @ T_fg.t(), y)  # text side only
+            terms["f"] = (c["dapt_w_f"], F.cross_entropy(s * z["fg"].detach() @ T_fg.t(), y))  # text side only
             bg_logits = s * z["bg"] @ T_bg.t()
-            terms["b"] = F.cross_entropy(bg_logits, bg_logits.detach().argmax(-1))  # pseudo-label, no gradient
-        return terms, {"acc": (logits.argmax(-1) == y).float().mean().item(), "fg_area": m.mean().item()}
+            terms["b"] = (c["dapt_w_b"], F.cross_entropy(bg_logits, bg_logits.detach().argmax(-1)))  # pseudo-label
+        return terms, logits, {"fg_area": m.mean().item()}
 
     def encode_views(self, views, names):
         """One batched image-tower call for the named views -> {name: [B, E]}."""
@@ -656,10 +647,10 @@ class DAPT(PromptModel):
         masks = [views[k][1] for k in names]
         key_mask = None
         if any(km is not None for km in masks):
-            L = 1 + self.clip.visual.grid ** 2 + self.n_prompts()
-            full = torch.ones(len(views[names[0]][0]), L, dtype=torch.bool, device=images.device)
+            full = torch.ones(len(views[names[0]][0]), 1 + self.clip.visual.grid ** 2, dtype=torch.bool,
+                              device=images.device)
             key_mask = torch.cat([full if km is None else km for km in masks])
-        return dict(zip(names, self.image_features(images, key_mask=key_mask).chunk(len(names))))
+        return dict(zip(names, self.image_features(images, key_mask).chunk(len(names))))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -681,30 +672,35 @@ def bottleneck(dim, hidden):
 
 
 class FVGPT(PromptModel):
-    """Adapters and gates on a frozen host (any of our prompt models with class text features).
+    """Adapters and gates on a frozen host (any prompt model with class text features).
 
     Per batch, in one no-grad pass: host features f, f_fg of the full and foreground views (one batched call),
-    the host class features T (cached per class list), zero-shot CLIP f0 (= f for text-only hosts) and
-    T0 = n(E_t("a photo of a {c}.")) (cached). Trained: FDC adapters + alphas, the FRG and the backbone gate.
-    Prediction: z_FDC on the training classes, z_PC on any other class list (predict_mode auto); see
-    `set_classnames`."""
+    the host class features T (cached per class list), zero-shot CLIP f0 (= f when the host leaves the image
+    tower unchanged) and T0 = n(E_t("a photo of a {c}.")) (cached). Trained: FDC adapters + alphas, the FRG and
+    the backbone gate. Prediction: z_FDC on the training classes, z_PC on any other class list (predict_mode
+    auto); see `set_classnames`."""
 
-    def __init__(self, host, classnames, cfg):
+    defaults = dict(PromptModel.defaults, predict_mode="auto", mask_fill="black", fvgpt_bottleneck=64,
+                    fvgpt_gate_hidden=32, fvgpt_scale=100.0, fvgpt_lambda_base=10.0, fvgpt_lambda_new=1.0,
+                    fvgpt_lambda_rg=1.0, fvgpt_tau=2.0, fvgpt_delta=0.0, fvgpt_area=(0.02, 0.98),
+                    fvgpt_alpha_init=1e-3, fvgpt_use_kl=True, no_detach_r=False)
+    needs_masks = True
+
+    def __init__(self, host, classnames, cfg=None):
         super().__init__(host.clip, classnames, cfg)
         self.host = freeze(host).eval()
         if host.text_features() is None:
-            raise ValueError(f"fvgpt: host {type(host).__name__} has image-conditioned text features (CoCoOp); "
-                             "use a host with class text features (coop, kgcoop, maple, vpt, ...)")
-        E, hid = host.clip.text_projection.shape[1], cfg["fvgpt_gate_hidden"]
-        self.adapter_v, self.adapter_t = bottleneck(E, cfg["fvgpt_bottleneck"]), bottleneck(E, cfg["fvgpt_bottleneck"])
-        self.alpha_v = nn.Parameter(torch.tensor(cfg["fvgpt_alpha_init"]))
-        self.alpha_t = nn.Parameter(torch.tensor(cfg["fvgpt_alpha_init"]))
+            raise ConfigError(f"fvgpt: host {type(host).__name__} has image-conditioned text features (CoCoOp); "
+                              "use a host with class text features (coop, kgcoop, maple, vpt, ...)")
+        c = self.cfg
+        choice(c, "predict_mode", ("auto", "fdc", "pc"))
+        E, hid = host.clip.text_projection.shape[1], c["fvgpt_gate_hidden"]
+        self.adapter_v, self.adapter_t = bottleneck(E, c["fvgpt_bottleneck"]), bottleneck(E, c["fvgpt_bottleneck"])
+        self.alpha_v = nn.Parameter(torch.tensor(c["fvgpt_alpha_init"]))
+        self.alpha_t = nn.Parameter(torch.tensor(c["fvgpt_alpha_init"]))
         self.frg = nn.Sequential(nn.Linear(3, hid), nn.ReLU(), nn.Linear(hid, 1))  # foreground reliability gate
         self.brg = nn.Sequential(nn.Linear(3, hid), nn.ReLU(), nn.Linear(hid, 1))  # backbone reliability gate
-        # text-only hosts (CoOp, KgCoOp) do not change the image tower: f0 = f
-        self.text_only_host = type(host).image_features is PromptModel.image_features
         self.train_classnames = list(classnames)
-        self.needs_masks = True
         self.set_classnames(classnames)
 
     def train(self, mode=True):
@@ -717,12 +713,8 @@ class FVGPT(PromptModel):
         """New class list: refresh the cached host / CLIP class features. predict_mode auto: z_FDC when the list
         is the training list (base test, all-class few-shot), z_PC otherwise (new classes, cross-dataset)."""
         super().set_classnames(classnames)
-        if not hasattr(self, "host"):
-            return
         self.host.set_classnames(classnames)
         mode = self.cfg["predict_mode"]
-        if mode not in ("auto", "fdc", "pc"):
-            raise ValueError(f"predict_mode {mode!r}: expected auto, fdc or pc")
         self.mode = mode if mode != "auto" else ("fdc" if list(classnames) == self.train_classnames else "pc")
         self.T_host = None  # host class features, computed on first use (device / autocast of the caller)
         names = [c.replace("_", " ") for c in classnames]
@@ -734,8 +726,8 @@ class FVGPT(PromptModel):
                 self.T_host = normalize(self.host.text_features())
         return self.T_host
 
-    def text_features(self):
-        return self.host_text()
+    def text_features(self, extra_tokens=None):
+        return self.host_text() if extra_tokens is None else normalize(self.host.text_features(extra_tokens))
 
     @torch.no_grad()
     def frozen_features(self, images, fg_images=None):
@@ -743,7 +735,7 @@ class FVGPT(PromptModel):
         both = images if fg_images is None else torch.cat([images, fg_images])
         f_all = normalize(self.host.image_features(both))
         f, f_fg = (f_all, None) if fg_images is None else f_all.chunk(2)
-        f0 = f if self.text_only_host else normalize(self.clip.encode_image(images))
+        f0 = normalize(self.clip.encode_image(images)) if self.host.changes_image_tower else f
         return f, f_fg, f0
 
     def fdc_logits(self, f, T):
@@ -765,10 +757,10 @@ class FVGPT(PromptModel):
         return self.pc_logits(s * f @ T.t(), s * f0 @ self.T0.t())
 
     def loss(self, batch, epoch):
-        cfg, x, y, m = self.cfg, batch["image"], batch["label"], batch["fg_mask"].to(batch["image"].dtype)
-        s, tau = cfg["fvgpt_scale"], cfg["fvgpt_tau"]
+        c, x, y, m = self.cfg, batch["image"], batch["label"], batch["fg_mask"].to(batch["image"].dtype)
+        s, tau = c["fvgpt_scale"], c["fvgpt_tau"]
         T = self.host_text()
-        x_fg = masked_view(x, m, cfg["mask_fill"])
+        x_fg = data.masked_view(x, m, c["mask_fill"])
         f, f_fg, f0 = self.frozen_features(x, x_fg)
         z_full, z_fg, z_clip = s * f @ T.t(), s * f_fg @ T.t(), s * f0 @ self.T0.t()
         a = m.flatten(1).mean(1)  # foreground area [B]
@@ -776,45 +768,34 @@ class FVGPT(PromptModel):
         p_full, p_fg = z_full.softmax(-1), z_fg.softmax(-1)
         r = torch.sigmoid(self.frg(torch.stack([entropy(p_full) - entropy(p_fg),
                                                 F.cosine_similarity(p_full, p_fg, dim=-1), a], -1))).squeeze(-1)
-        lo, hi = cfg["fvgpt_area"]
+        lo, hi = c["fvgpt_area"]
         valid = (a >= lo) & (a <= hi)
-        target = ((F.cross_entropy(z_fg, y, reduction="none") + cfg["fvgpt_delta"])
+        target = ((F.cross_entropy(z_fg, y, reduction="none") + c["fvgpt_delta"])
                   < F.cross_entropy(z_full, y, reduction="none")).float()
         l_rg = F.binary_cross_entropy(r[valid], target[valid]) if valid.any() else r.sum() * 0
         r = torch.where(valid, r, torch.zeros_like(r))
         # FDC: adapted logits distilled from the full / foreground view, weighted by the trust
         z_fdc = self.fdc_logits(f, T)
-        rw = r if cfg["no_detach_r"] else r.detach()
+        rw = r if c["no_detach_r"] else r.detach()
         l_dist = ((1 - rw) * kl_div(z_full, z_fdc, tau) + rw * kl_div(z_fg, z_fdc, tau)).mean()
         # PC: host calibrated toward zero-shot CLIP
         z_pc = self.pc_logits(z_full, z_clip)
-        l_pc = F.cross_entropy(z_pc, y) + (kl_div(z_clip, z_pc, tau).mean() if cfg["fvgpt_use_kl"] else 0)
+        l_pc = F.cross_entropy(z_pc, y) + (kl_div(z_clip, z_pc, tau).mean() if c["fvgpt_use_kl"] else 0)
         ce = F.cross_entropy(z_fdc, y)
-        loss = ce + cfg["fvgpt_lambda_base"] * (l_dist + cfg["fvgpt_lambda_rg"] * l_rg) + cfg["fvgpt_lambda_new"] * l_pc
+        loss = ce + c["fvgpt_lambda_base"] * (l_dist + c["fvgpt_lambda_rg"] * l_rg) + c["fvgpt_lambda_new"] * l_pc
         return loss, {"acc": (z_fdc.argmax(-1) == y).float().mean().item(), "L_dist": l_dist.item(),
                       "L_RG": l_rg.item(), "L_PC": l_pc.item(), "r": r.mean().item()}
 
 
-def masked_view(x, m, fill):
-    """Foreground view (protocol §5): "mean" = x * m (DAPT), "black" = black before normalisation (FVG-PT)."""
-    import data  # the loader module holds the CLIP normalisation constants
-
-    return data.masked_view(x, m, fill)
-
-
 # ----------------------------------------------------------------------------------------------------------
-# 10. Distribution-aware prompt tuning (methods.md §10) and 11. DA-VPT (methods.md §11)
-# Both need the training images before training: PromptModel subclasses may define
-# `prepare(bench, train_tf, test_tf, device)`, which train.train calls once before the first epoch (and before
-# a resume restores `load_extra_state`). Evaluation never calls it.
+# 10. Distribution-aware prompt tuning (methods.md §10) and 11. DA-VPT (methods.md §11): both need the training
+# images before training (`prepare`); evaluation never calls it.
 
 
 @torch.no_grad()
 def image_features_of(fn, items, transform, seed, device, batch=100, epoch=0):
     """fn(images) -> [N, D] features of Benchmark items in order; a training transform draws its augmentation
     from the generator seeded by (seed, epoch, index), as the training loader does."""
-    import data  # data loading lives in data.py; imported here so dapt.py stays importable on its own
-
     loader = data.build_loader(items, transform, batch, train=False, seed=seed, pin_memory=False)
     loader.set_epoch(epoch)
     return torch.cat([fn(b["image"].to(device)).float().cpu() for b in loader])
@@ -867,35 +848,33 @@ class DistributionAwarePT(CoOp):
     L = CE + beta_v * L_intra (MSE of z to fixed class prototypes) + beta_t * L_inter (RBF repulsion of the
     class text features)."""
 
-    def __init__(self, clip, classnames, cfg):
+    defaults = dict(CoOp.defaults, n_prompts=16, prompt_init="xavier", prompt_ln_pre=False, beta_v=0.1,
+                    beta_t=0.1, dispersion_t=2.0, proto_train_view=False)
+    changes_image_tower = True
+
+    def __init__(self, clip, classnames, cfg=None):
         super().__init__(clip, classnames, cfg)
         v = clip.visual
-        shape = (cfg["n_prompts"], v.conv1.weight.shape[0])  # [16, W_v]
-        self.image_prompts = nn.Parameter(init_image_prompts(shape, cfg.get("prompt_init", "xavier"), v.patch_size))
+        shape = (self.cfg["n_prompts"], v.conv1.weight.shape[0])  # [16, W_v]
+        self.image_prompts = nn.Parameter(init_image_prompts(shape, self.cfg["prompt_init"], v.patch_size))
         self.prototypes = None  # [C, E], set by prepare()
 
     def prepare(self, bench, train_tf, test_tf, device):
-        train_view = self.cfg.get("proto_train_view", False)
-        tf, view = (train_tf, "train") if train_view else (test_tf, "test")
+        tf, view = (train_tf, "train") if self.cfg["proto_train_view"] else (test_tf, "test")
         self.prototypes = class_prototypes(self.clip, bench, tf, self.cfg["seed"], device, view).to(device)
 
-    def image_features(self, images):
-        z = self.clip.visual(images, prompts=self.image_prompts, prompt_ln_pre=self.cfg.get("prompt_ln_pre", False))
-        return normalize(z)
+    def visual_prompts(self):
+        return VisualPrompts(self.image_prompts, None, self.cfg["prompt_ln_pre"])
 
-    def loss(self, batch, epoch):
+    def loss_terms(self, batch, z, T, logits):
         if self.prototypes is None:
             raise RuntimeError("dapt-dist: prototypes are missing; call model.prepare(bench, train_tf, test_tf, "
                                "device) before training (train.train does)")
-        y = batch["label"]
-        z, T = self.image_features(batch["image"]), self.text_features()  # [B, E], [C, E]
-        logits = self.logit_scale * z @ T.t()
-        ce = F.cross_entropy(logits, y)
-        intra = kernels.intra_dispersion_loss(z, self.prototypes, y)  # fused on CUDA, the references elsewhere
+        # fused on CUDA, the references elsewhere
+        intra = kernels.intra_dispersion_loss(z, self.prototypes, batch["label"])
         inter = kernels.inter_dispersion_loss(T, self.cfg["dispersion_t"])
-        loss = ce + self.cfg["beta_v"] * intra + self.cfg["beta_t"] * inter
-        return loss, {"acc": (logits.argmax(-1) == y).float().mean().item(), "ce": ce.item(),
-                      "intra": intra.item(), "inter": inter.item()}
+        return dict(super().loss_terms(batch, z, T, logits), intra=(self.cfg["beta_v"], intra),
+                    inter=(self.cfg["beta_t"], inter))
 
 
 def cosine_kmeans(x, k, generator, init=None, iters=20, tol=1e-4):
@@ -919,56 +898,134 @@ def cosine_kmeans(x, k, generator, init=None, iters=20, tol=1e-4):
     return (xn @ F.normalize(c, dim=-1).t()).argmax(-1), c
 
 
+class ProxyMap(nn.Module):
+    """DA-VPT's class -> proxy map: cosine k-means of LayerNorm-ed (no affine) class means into M clusters, the
+    identity when C <= M. `fit` sets the first map; `accumulate` keeps running class means of the training
+    features over an epoch and `update` re-clusters from them, warm-started from the previous centroids
+    (the map is kept when every class falls into one cluster). The map and centroids are checkpointed."""
+
+    def __init__(self, n_classes, n_proxies, seed, iters, tol):
+        super().__init__()
+        self.C, self.M, self.seed, self.iters, self.tol = n_classes, min(n_proxies, n_classes), seed, iters, tol
+        self.register_buffer("class_to_proxy", torch.arange(n_classes) % self.M, persistent=False)
+        self.centroids = None
+        self.ready = n_classes <= self.M  # the identity needs no data
+        self.sums = self.counts = None
+
+    def cluster(self, class_means, init=None):
+        """(map [C], centroids [M, D] or None)."""
+        if self.C <= self.M:
+            return torch.arange(self.C), None
+        x = F.layer_norm(class_means.float(), class_means.shape[-1:])
+        g = torch.Generator().manual_seed(self.seed)
+        return cosine_kmeans(x.cpu(), self.M, g, None if init is None else init.cpu(), self.iters, self.tol)
+
+    def fit(self, class_means):
+        mapping, self.centroids = self.cluster(class_means)
+        self.class_to_proxy, self.ready = mapping.to(self.class_to_proxy.device), True
+        return mapping
+
+    @torch.no_grad()
+    def accumulate(self, feat, labels):
+        f = feat.detach().float()
+        if self.sums is None:
+            self.sums, self.counts = f.new_zeros(self.C, f.shape[1]), f.new_zeros(self.C)
+        self.sums.index_add_(0, labels, f)
+        self.counts.index_add_(0, labels, torch.ones_like(labels, dtype=f.dtype))
+
+    @torch.no_grad()
+    def update(self, epoch):
+        if self.sums is None or self.centroids is None:
+            self.sums = self.counts = None
+            return
+        seen = self.counts > 0
+        means = self.sums / self.counts.clamp_min(1)[:, None]
+        if not seen.all():  # a class absent this epoch: cluster it by its last known map's centroid
+            log.warning("davpt: %d classes had no training image this epoch", int((~seen).sum()))
+            means[~seen] = self.centroids.to(means.device)[self.class_to_proxy[~seen]]
+        mapping, centroids = self.cluster(means, init=self.centroids)
+        self.sums = self.counts = None
+        sizes = torch.bincount(mapping, minlength=self.M)
+        if (sizes > 0).sum() <= 1:
+            log.info("davpt epoch %d: every class fell into one cluster: mapping kept", epoch + 1)
+            return
+        changed = int((mapping.to(self.class_to_proxy.device) != self.class_to_proxy).sum())
+        self.class_to_proxy, self.centroids = mapping.to(self.class_to_proxy.device), centroids
+        log.info("davpt epoch %d: re-clustered, %d classes moved; cluster sizes %s", epoch + 1, changed, sizes.tolist())
+
+    def state(self):
+        return dict(class_to_proxy=self.class_to_proxy.cpu(), centroids=self.centroids)
+
+    def load_state(self, state):
+        self.class_to_proxy = state["class_to_proxy"].to(self.class_to_proxy.device)
+        self.centroids, self.ready = state["centroids"], True
+
+
+def kv_bias_params(visual, extra=False):
+    """DA-VPT+: trainable copies of the K and V slices of every block's packed in_proj_bias (the q slice stays
+    frozen: the model passes the packed bias per block); `extra` also unfreezes what the released configs do
+    (out_proj.bias, mlp.c_proj.bias, ln_2.bias, ln_1 weight and bias, class_embedding)."""
+    blocks, W = visual.transformer.resblocks, visual.conv1.weight.shape[0]
+    bias_k = nn.ParameterList([nn.Parameter(b.attn.in_proj_bias[W:2 * W].detach().clone()) for b in blocks])
+    bias_v = nn.ParameterList([nn.Parameter(b.attn.in_proj_bias[2 * W:].detach().clone()) for b in blocks])
+    if extra:
+        for b in blocks:
+            for p in (b.attn.out_proj.bias, b.mlp.c_proj.bias, b.ln_2.bias, b.ln_1.weight, b.ln_1.bias):
+                p.requires_grad_(True)
+        visual.class_embedding.requires_grad_(True)
+    return bias_k, bias_v
+
+
+def first_per_class(items, k):
+    """The first k items of each class, in order."""
+    seen, out = {}, []
+    for item in items:
+        if seen.get(item[1], 0) < k:
+            seen[item[1]] = seen.get(item[1], 0) + 1
+            out.append(item)
+    return out
+
+
 class DAVPT(FrozenTextClassifier):
     """VPT-deep (8 prompts in every image block); in the guided blocks the prompt set is M proxies, one per
-    cluster of classes, pulled toward the block's patch samples and the CLS query by Proxy-Anchor losses.
-    DA-VPT+ (bias_tuning) also trains the K and V slices of every block's packed in_proj_bias."""
+    cluster of classes (ProxyMap), pulled toward the block's patch samples and the CLS query by Proxy-Anchor
+    losses. DA-VPT+ (bias_tuning) also trains the K and V slices of every block's packed in_proj_bias."""
 
-    def __init__(self, clip, classnames, cfg):
+    defaults = dict(FrozenTextClassifier.defaults, n_prompts=8, prompt_init="normal", prompt_ln_pre=True,
+                    n_proxies=10, guided_layers="-1", beta_patch=0.05, lambda_cls=0.05, pa_alpha=32.0, pa_delta=0.1,
+                    pa_scale=1.0, paper_norm=False, patch_sample="mean", proxy_mask=False, bias_tuning=False,
+                    bias_extra=False, head="text", kmeans_images=10, kmeans_iters=20, kmeans_tol=1e-4,
+                    subsample="all")
+
+    def __init__(self, clip, classnames, cfg=None):
         super().__init__(clip, classnames, cfg)
-        v = clip.visual
+        c, v = self.cfg, clip.visual
         L, W, C = v.transformer.layers, v.conv1.weight.shape[0], len(classnames)
-        self.guided = sorted({int(i) % L for i in str(cfg["guided_layers"]).split(",")})
-        if cfg.get("patch_sample", "mean") not in ("mean", "attn_slot"):
-            raise ValueError(f"davpt patch_sample {cfg['patch_sample']!r}: expected 'mean' or 'attn_slot'")
-        self.M = min(cfg["n_proxies"], C)  # C < M: one proxy per class, identity map
-        init = cfg.get("prompt_init", "normal")
+        self.guided = sorted({int(i) % L for i in str(c["guided_layers"]).split(",")})
+        choice(c, "patch_sample", ("mean", "attn_slot"))
+        self.proxy_map = ProxyMap(C, c["n_proxies"], c["seed"], c["kmeans_iters"], c["kmeans_tol"])
+        M = self.proxy_map.M  # C < M: one proxy per class, identity map
         self.deep_prompts = nn.ParameterList([  # block i's tokens: [M, W] proxies in guided blocks, else [8, W]
-            nn.Parameter(init_image_prompts((self.M if i in self.guided else cfg["n_prompts"], W), init, v.patch_size))
+            nn.Parameter(init_image_prompts((M if i in self.guided else c["n_prompts"], W), c["prompt_init"], v.patch_size))
             for i in range(L)])
-        self.head_kind = cfg.get("head", "text")
-        if self.head_kind == "linear":
-            if cfg.get("subsample", "all") != "all":
-                raise ValueError("davpt head=linear learns one weight row per training class and cannot score new "
-                                 "classes: use it with --subsample all (few-shot), or use --head text for base-to-novel")
+        if choice(c, "head", ("text", "linear")) == "linear":
+            if c["subsample"] != "all":
+                raise ConfigError("davpt --head linear learns one weight row per training class and cannot score "
+                                  "new classes: use it with --subsample all (few-shot), or --head text for base-to-novel")
             self.linear = nn.Linear(W, C)
             nn.init.trunc_normal_(self.linear.weight, std=0.02)
             nn.init.zeros_(self.linear.bias)
-        elif self.head_kind != "text":
-            raise ValueError(f"davpt head {self.head_kind!r}: expected 'text' or 'linear'")
         self.set_classnames(classnames)
-        if cfg.get("bias_tuning"):  # trainable copies of the K and V slices (the q slice stays frozen)
-            blocks = v.transformer.resblocks
-            self.bias_k = nn.ParameterList([nn.Parameter(b.attn.in_proj_bias[W:2 * W].detach().clone()) for b in blocks])
-            self.bias_v = nn.ParameterList([nn.Parameter(b.attn.in_proj_bias[2 * W:].detach().clone()) for b in blocks])
-            if cfg.get("bias_extra"):  # what the released configs also unfreeze
-                for b in blocks:
-                    for p in (b.attn.out_proj.bias, b.mlp.c_proj.bias, b.ln_2.bias, b.ln_1.weight, b.ln_1.bias):
-                        p.requires_grad_(True)
-                v.class_embedding.requires_grad_(True)
-        elif cfg.get("bias_extra"):
-            raise ValueError("davpt: bias_extra needs bias_tuning true (DA-VPT+)")
+        if c["bias_extra"] and not c["bias_tuning"]:
+            raise ConfigError("davpt: --bias-extra needs --bias-tuning true (DA-VPT+)")
+        if c["bias_tuning"]:
+            self.bias_k, self.bias_v = kv_bias_params(v, c["bias_extra"])
         log.info("davpt: trainable tensors %s", [n for n, p in self.named_parameters() if p.requires_grad])
-        # class -> proxy map and cluster centroids (learned state: extra_state); running class means per epoch
-        self.register_buffer("class_to_proxy", torch.arange(C) % self.M, persistent=False)
-        self.centroids = None
-        self.mapped = C <= self.M  # the identity needs no data; otherwise prepare() or load_extra_state()
-        self.feat_sum = self.feat_count = None
 
     def set_classnames(self, classnames):
-        if self.head_kind == "linear" and hasattr(self, "linear") and len(classnames) != self.linear.out_features:
-            raise ValueError("davpt head=linear was trained on other classes and cannot score new classes: "
-                             "use --head text for base-to-novel or cross-dataset evaluation")
+        if self.cfg["head"] == "linear" and len(classnames) != self.linear.out_features:
+            raise ConfigError("davpt --head linear was trained on other classes and cannot score new classes: "
+                              "use --head text for base-to-novel or cross-dataset evaluation")
         super().set_classnames(classnames)
 
     def param_groups(self):
@@ -979,154 +1036,105 @@ class DAVPT(FrozenTextClassifier):
                   dict(params=[p for p in params if p.dim() <= 1], weight_decay=0.0)]
         return [g for g in groups if g["params"]]
 
-    def attn_bias(self, i):
-        if not self.cfg.get("bias_tuning"):
-            return None
-        attn = self.clip.visual.transformer.resblocks[i].attn
-        W = self.bias_k[i].shape[0]
-        return torch.cat([attn.in_proj_bias[:W], self.bias_k[i], self.bias_v[i]])  # packed [3W]
+    def visual_prompts(self):
+        return VisualPrompts(self.deep_prompts[0], [None] + list(self.deep_prompts[1:]), self.cfg["prompt_ln_pre"])
 
-    def encode(self, images, mapped=None):
+    def encode(self, images, mapped=None, key_mask=None):
         """-> (classifier input [B, D], per guided block (proxies [M, W], patch sample [B, W], CLS query [B, W])).
 
-        Our own loop over the blocks: the prompt count changes between blocks (8 vs M), the guided blocks expose
-        their queries and attention outputs. mapped [B] (the proxy of each image's class) is needed only for
-        patch_sample=attn_slot."""
-        v = self.clip.visual
-        x = v.tokens(images, self.deep_prompts[0], self.cfg.get("prompt_ln_pre", True))  # [B, 1 + N + p, W]
+        The tower's block loop with a hook per block: the DA-VPT+ attention bias, the proxy mask, and in guided
+        blocks a capture of the block input and of its attention. mapped [B] (the proxy of each image's class)
+        is needed only for patch_sample=attn_slot."""
+        v, c = self.clip.visual, self.cfg
         N = v.grid ** 2
-        guided = []
-        for i, blk in enumerate(v.transformer.resblocks):
-            if i > 0:  # discard the previous block's prompt outputs, append this block's prompts
-                x = append_tokens(x[:, :1 + N], self.deep_prompts[i])
-            B, Lx, W = x.shape
-            mask = None
-            if self.cfg.get("proxy_mask"):  # prompt queries see only the patches
-                mask = torch.ones(Lx, Lx, dtype=torch.bool, device=x.device)
+        seen = []  # (block, input tokens, captured q / k / v / o) of the guided blocks
+
+        def hook(i, x):
+            kw = {}
+            if c["bias_tuning"]:
+                attn = v.transformer.resblocks[i].attn
+                kw["bias"] = torch.cat([attn.in_proj_bias[:x.shape[-1]], self.bias_k[i], self.bias_v[i]])  # packed [3W]
+            if c["proxy_mask"]:  # prompt queries see only the patches
+                mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device)
                 mask[1 + N:, 0] = False
                 mask[1 + N:, 1 + N:] = False
-            h = blk.ln_1(x)
-            q, k, val = blk.attn.qkv(h, self.attn_bias(i))  # [B, H, L, D]
-            if mask is None:
-                o = clip_attention(q, k, val, backend=blk.attn.backend)
-            else:
-                o = F.scaled_dot_product_attention(q, k, val, attn_mask=mask)
-            o = o.transpose(1, 2).reshape(B, Lx, W)  # heads concatenated, before out_proj
+                kw["attn_mask"] = mask
             if i in self.guided:
-                cls_query = q[:, :, 0].reshape(B, W)  # W_q ln_1(x_cls) + b_q
-                if self.cfg.get("patch_sample", "mean") == "attn_slot":
-                    if mapped is None:
-                        raise ValueError("patch_sample=attn_slot needs the mapped labels")
-                    patch = o[torch.arange(B, device=x.device), 1 + N + mapped]  # attention output at slot k_i
-                else:  # the released code: mean of the patch tokens entering the block
-                    patch = x[:, 1:1 + N].mean(1)
-                guided.append((self.deep_prompts[i], patch, cls_query))
-            x = x + blk.attn.out_proj(o)
-            x = x + blk.mlp(blk.ln_2(x))
+                kw["capture"] = {}
+                seen.append((i, x, kw["capture"]))
+            return kw
+
+        x = v.run(images, self.visual_prompts(), key_mask, hook=hook)
+        guided = []
+        for i, x_in, cap in seen:
+            B, Lx, W = x_in.shape
+            cls_query = cap["q"][:, :, 0].reshape(B, W)  # W_q ln_1(x_cls) + b_q
+            if c["patch_sample"] == "attn_slot":
+                if mapped is None:
+                    raise ValueError("patch_sample=attn_slot needs the mapped labels")
+                o = cap["o"].transpose(1, 2).reshape(B, Lx, W)  # heads concatenated, before out_proj
+                patch = o[torch.arange(B, device=x.device), 1 + N + mapped]  # attention output at slot k_i
+            else:  # the released code: mean of the patch tokens entering the block
+                patch = x_in[:, 1:1 + N].mean(1)
+            guided.append((self.deep_prompts[i], patch, cls_query))
         cls = v.ln_post(x[:, 0])  # [B, W]
-        feat = cls if self.head_kind == "linear" else normalize(cls @ v.proj.to(cls.dtype))
+        feat = cls if c["head"] == "linear" else normalize(cls @ v.proj.to(cls.dtype))
         return feat, guided
 
-    def image_features(self, images):
-        return self.encode(images)[0]
+    def image_features(self, images, key_mask=None):
+        return self.encode(images, key_mask=key_mask)[0]
 
-    def text_features(self):
-        return self.T if self.head_kind == "text" else None
+    def text_features(self, extra_tokens=None):
+        return super().text_features(extra_tokens) if self.cfg["head"] == "text" else None
 
     def forward(self, images, text_features=None):
-        return self.logits(self.image_features(images), text_features)
-
-    def logits(self, feat, T=None):
-        if self.head_kind == "linear":
+        feat = self.image_features(images)
+        if self.cfg["head"] == "linear":
             return self.linear(feat)
-        return self.logit_scale * feat @ (self.T if T is None else T).t()
+        return self.logit_scale * feat @ (self.T if text_features is None else text_features).t()
 
     def loss(self, batch, epoch):
-        if not self.mapped:
+        if not self.proxy_map.ready:
             raise RuntimeError("davpt: no class -> proxy map yet; call model.prepare(bench, train_tf, test_tf, device) "
                                "before training (train.train does) or load_extra_state")
-        y = batch["label"]
-        mapped = self.class_to_proxy[y]  # [B] in 0..M-1
+        c, y = self.cfg, batch["label"]
+        mapped = self.proxy_map.class_to_proxy[y]  # [B] in 0..M-1
         feat, guided = self.encode(batch["image"], mapped)
-        logits = self.logits(feat)
-        task = F.cross_entropy(logits, y)
-        c = self.cfg
+        logits = self.linear(feat) if c["head"] == "linear" else self.logit_scale * feat @ self.T.t()
         pa = dict(alpha=c["pa_alpha"], delta=c["pa_delta"], scale=c["pa_scale"], paper_norm=c["paper_norm"])
-        # kernels.*: the fused kernel on CUDA, the reference above elsewhere
+        # kernels.*: the fused kernel on CUDA, the reference elsewhere
         l_x = sum(kernels.proxy_anchor_loss(patch, proxies, mapped, **pa) for proxies, patch, _ in guided) / len(guided)
         l_c = sum(kernels.proxy_anchor_loss(q, proxies, mapped, **pa) for proxies, _, q in guided) / len(guided)
-        loss = task + c["beta_patch"] * l_x + c["lambda_cls"] * l_c
-        with torch.no_grad():  # running class means of the classifier input (training views) for re-clustering
-            f = feat.detach().float()
-            if self.feat_sum is None:
-                self.feat_sum = f.new_zeros(len(self.classnames), f.shape[1])
-                self.feat_count = f.new_zeros(len(self.classnames))
-            self.feat_sum.index_add_(0, y, f)
-            self.feat_count.index_add_(0, y, torch.ones_like(y, dtype=f.dtype))
-        return loss, {"acc": (logits.argmax(-1) == y).float().mean().item(), "task": task.item(),
-                      "pa_patch": l_x.item(), "pa_cls": l_c.item()}
-
-    def cluster(self, class_means, init=None):
-        """k-means on LayerNorm-ed (no affine) class means -> (map [C], centroids [M, D]); identity when C <= M."""
-        C = class_means.shape[0]
-        if C <= self.M:
-            return torch.arange(C), None
-        x = F.layer_norm(class_means.float(), class_means.shape[-1:])
-        g = torch.Generator().manual_seed(self.cfg["seed"])
-        return cosine_kmeans(x.cpu(), self.M, g, None if init is None else init.cpu(), self.cfg["kmeans_iters"],
-                             self.cfg["kmeans_tol"])
+        self.proxy_map.accumulate(feat, y)  # running class means of the training views, for re-clustering
+        terms = {"task": (1.0, F.cross_entropy(logits, y)), "pa_patch": (c["beta_patch"], l_x),
+                 "pa_cls": (c["lambda_cls"], l_c)}
+        return total(terms, logits, y)
 
     @torch.no_grad()
     def prepare(self, bench, train_tf, test_tf, device):
         """Initial class -> proxy map: class means of the frozen prompt-free tower's classifier input over up to
         `kmeans_images` training images per class (training transform)."""
-        per_class, items = {}, []
-        for item in bench.train:
-            if per_class.get(item[1], 0) < self.cfg["kmeans_images"]:
-                per_class[item[1]] = per_class.get(item[1], 0) + 1
-                items.append(item)
+        items = first_per_class(bench.train, self.cfg["kmeans_images"])
         v = self.clip.visual
-        fn = (lambda im: v.ln_post(v.transformer(v.ln_pre(v.embed(im)))[:, 0])) if self.head_kind == "linear" \
-            else (lambda im: normalize(v(im)))
+        fn = (lambda im: v.ln_post(v.run(im)[:, 0])) if self.cfg["head"] == "linear" else (lambda im: normalize(v(im)))
         feats = image_features_of(fn, items, train_tf, self.cfg["seed"], device)
         labels = torch.tensor([y for _, y, _ in items])
         C = len(bench.classnames)
         means = torch.zeros(C, feats.shape[1]).index_add_(0, labels, feats) / torch.bincount(labels, minlength=C).clamp_min(1)[:, None]
-        mapping, self.centroids = self.cluster(means)
-        self.class_to_proxy, self.mapped = mapping.to(self.class_to_proxy.device), True
-        log.info("davpt: %d classes -> %d proxies in blocks %s; cluster sizes %s", C, self.M, self.guided,
-                 torch.bincount(mapping, minlength=self.M).tolist())
+        mapping = self.proxy_map.fit(means)
+        log.info("davpt: %d classes -> %d proxies in blocks %s; cluster sizes %s", C, self.proxy_map.M, self.guided,
+                 torch.bincount(mapping, minlength=self.proxy_map.M).tolist())
 
-    @torch.no_grad()
     def epoch_end(self, epoch, loader=None):
-        """Re-cluster from this epoch's running class means, warm-started from the previous centroids; the map
-        is kept when every class falls into one cluster (or when C <= M)."""
-        if self.feat_sum is None or self.centroids is None:
-            self.feat_sum = self.feat_count = None
-            return
-        seen = self.feat_count > 0
-        means = self.feat_sum / self.feat_count.clamp_min(1)[:, None]
-        if not seen.all():  # a class absent this epoch: cluster it by its last known map's centroid
-            log.warning("davpt: %d classes had no training image this epoch", int((~seen).sum()))
-            means[~seen] = self.centroids.to(means.device)[self.class_to_proxy[~seen]]
-        mapping, centroids = self.cluster(means, init=self.centroids)
-        self.feat_sum = self.feat_count = None
-        sizes = torch.bincount(mapping, minlength=self.M)
-        if (sizes > 0).sum() <= 1:
-            log.info("davpt epoch %d: every class fell into one cluster: mapping kept", epoch + 1)
-            return
-        changed = int((mapping.to(self.class_to_proxy.device) != self.class_to_proxy).sum())
-        self.class_to_proxy, self.centroids = mapping.to(self.class_to_proxy.device), centroids
-        log.info("davpt epoch %d: re-clustered, %d classes moved; cluster sizes %s", epoch + 1, changed, sizes.tolist())
+        self.proxy_map.update(epoch)
 
     def extra_state(self):
-        return dict(class_to_proxy=self.class_to_proxy.cpu(), centroids=self.centroids)
+        return self.proxy_map.state()
 
     def load_extra_state(self, state):
         if state is None:
             raise ValueError("davpt: the checkpoint has no class -> proxy map (extra state); it was not written by davpt")
-        self.class_to_proxy = state["class_to_proxy"].to(self.class_to_proxy.device)
-        self.centroids, self.mapped = state["centroids"], True
+        self.proxy_map.load_state(state)
 
 
 METHODS = {
@@ -1141,3 +1149,12 @@ METHODS = {
     "dapt-dist": DistributionAwarePT,
     "davpt": DAVPT,
 }
+
+
+def model_defaults(method, host=None):
+    """Every model key of `method` and its default: the class's `defaults`, under them its host's for DAPT
+    (`host` overrides the class's default host)."""
+    cls = METHODS[method]
+    if "host" not in cls.defaults:
+        return dict(cls.defaults)
+    return {**METHODS[host or cls.defaults["host"]].defaults, **cls.defaults}

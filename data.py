@@ -22,6 +22,7 @@ Deliberately left out: downloading datasets or split files (the user fetches the
 split files are never regenerated), Dassl / torchvision / yacs, other augmentations than CoOp's, mask creation.
 """
 import argparse
+import copyreg
 import hashlib
 import json
 import logging
@@ -30,6 +31,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 import sys
 from dataclasses import dataclass, field
 
@@ -160,28 +162,36 @@ def coop_classname(name, raw):
 # errors: each says what is wrong, where, and what to do
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DataError(Exception):
+    """Base of the data errors below (command lines print them as one line)."""
+
+
+class DatasetNotFoundError(DataError, FileNotFoundError):
     pass
 
 
-class SplitFileError(FileNotFoundError):
+class SplitFileError(DataError, FileNotFoundError):
     pass
 
 
-class MissingImageError(FileNotFoundError):
+class MissingImageError(DataError, FileNotFoundError):
     pass
 
 
-class CorruptImageError(OSError):
+class CorruptImageError(DataError, OSError):
     pass
 
 
-class EmptyClassError(ValueError):
+class EmptyClassError(DataError, ValueError):
     pass
 
 
-class MissingMaskError(FileNotFoundError):
+class MissingMaskError(DataError, FileNotFoundError):
     pass
+
+
+class DataValueError(DataError, ValueError):
+    """A data option or file content that cannot work (subsample, shots, mask encoding, ...)."""
 
 
 def _layout_help(info, root):
@@ -391,7 +401,6 @@ class _DatumStub:
 
 class _DasslUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
-        import copyreg
         if name == "Datum" and module.startswith("dassl."):
             return _DatumStub
         if (module, name) in (("copyreg", "_reconstructor"), ("copy_reg", "_reconstructor")):
@@ -418,17 +427,17 @@ def import_dassl_pickle(path, name, root=None, prefix=None):
         p = p.replace("\\", "/")
         if prefix is not None:
             if not p.startswith(prefix):
-                raise ValueError(f"{path}: image path {p} does not start with prefix {prefix}")
+                raise DataValueError(f"{path}: image path {p} does not start with prefix {prefix}")
             return p[len(prefix):].lstrip("/")
         if anchor not in p:
-            raise ValueError(f"{path}: image path {p} contains no '{anchor}'; pass prefix=<the old image dir>")
+            raise DataValueError(f"{path}: image path {p} contains no '{anchor}'; pass prefix=<the old image dir>")
         return p[p.rindex(anchor) + len(anchor):]
 
     out = {s: [(rel(x._impath), int(x._label), str(x._classname)) for x in d.get(s, [])] for s in ("train", "val")}
     if root is not None:
         m = re.match(r"shot_(-?\d+)-seed_(\d+)\.pkl$", os.path.basename(path))
         if not m:
-            raise ValueError(f"{path}: expected a file name shot_<K>-seed_<S>.pkl to know K and the seed")
+            raise DataValueError(f"{path}: expected a file name shot_<K>-seed_<S>.pkl to know K and the seed")
         dataset_dir = os.path.join(root, info.folder)
         _, split_file, sha = read_full_split(info, dataset_dir)
         shots, seed = int(m.group(1)), int(m.group(2))
@@ -448,7 +457,7 @@ def subsample_classes(train, val, test, subsample="all"):
 
     -> (train, val, test, {old label: new label} or None)."""
     if subsample not in ("all", "base", "new"):
-        raise ValueError(f"subsample must be 'all', 'base' or 'new', got {subsample!r}")
+        raise DataValueError(f"subsample must be 'all', 'base' or 'new', got {subsample!r}")
     if subsample == "all":
         return train, val, test, None
     labels = sorted({y for _, y, _ in (train or test)})  # test-only sets (domain shift): their own labels
@@ -476,7 +485,7 @@ def load_benchmark(name, root, shots=16, seed=1, subsample="all", cache=True):
     base/new subsampling and cached as JSON (relative paths) under <dataset>/split_fewshot/. ImageNet has no
     val split (its val folder is the test set): val = []. ImageNetV2/-Sketch/-A/-R are test-only."""
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+        raise DataValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     info = DATASETS[name]
     root = os.path.abspath(os.path.expanduser(str(root)))
     dataset_dir = os.path.join(root, info.folder)
@@ -513,7 +522,7 @@ def load_benchmark(name, root, shots=16, seed=1, subsample="all", cache=True):
             log.warning("%s: train/val/test = %s images, CoOp paper says %s (unverified; check the copy)",
                         name, counts, tuple(info.counts))
     else:
-        raise ValueError(f"shots must be >= 1, or 0 / -1 for the full split; got {shots}")
+        raise DataValueError(f"shots must be >= 1, or 0 / -1 for the full split; got {shots}")
 
     train, val, test, relabel = subsample_classes(train, val, test, subsample)
     classnames = _classnames_of(test if info.test_only else train, where + f" ({subsample} classes)")
@@ -597,7 +606,7 @@ class Transform:
                  generator=None):
         for k in (interpolation, mask_interpolation):
             if k not in _RESAMPLE:
-                raise ValueError(f"interpolation {k!r} not in {sorted(_RESAMPLE)}")
+                raise DataValueError(f"interpolation {k!r} not in {sorted(_RESAMPLE)}")
         self.train, self.size, self.scale, self.ratio = bool(train), int(size), tuple(scale), tuple(ratio)
         self.interpolation, self.hflip, self.resize_only = interpolation, float(hflip), bool(resize_only)
         self.mean, self.std, self.mask_interpolation = tuple(mean), tuple(std), mask_interpolation
@@ -681,9 +690,6 @@ def build_transform(train, size=224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), in
                      generator)
 
 
-def transform_constants(train=True, **kwargs):
-    return build_transform(train, **kwargs).constants()
-
 # ----------------------------------------------------------------------------------------------------------
 # foreground masks (protocol §5)
 
@@ -708,7 +714,7 @@ def read_mask_encoding(dataset_dir, default="white"):
         with open(path) as f:
             enc = f.read().strip().lower()
         if enc not in MASK_ENCODINGS:
-            raise ValueError(f"{path} says {enc!r}; it must be one word out of {MASK_ENCODINGS}")
+            raise DataValueError(f"{path} says {enc!r}; it must be one word out of {MASK_ENCODINGS}")
         return enc
     return default
 
@@ -722,7 +728,7 @@ def mask_score(mask, encoding):
         a = np.asarray(mask)
         a = a[..., 0] if a.ndim == 3 else a
         return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
-    raise ValueError(f"mask encoding must be one of {MASK_ENCODINGS}, got {encoding!r}")
+    raise DataValueError(f"mask encoding must be one of {MASK_ENCODINGS}, got {encoding!r}")
 
 
 def binarise(score, encoding):
@@ -742,7 +748,7 @@ def masked_view(image, mask, fill="mean", mean=CLIP_MEAN, std=CLIP_STD):
         m = torch.tensor(mean, dtype=image.dtype, device=image.device)[:, None, None]
         s = torch.tensor(std, dtype=image.dtype, device=image.device)[:, None, None]
         return ((image * s + m) * mask - m) / s
-    raise ValueError(f"fill must be 'mean' or 'black', got {fill!r}")
+    raise DataValueError(f"fill must be 'mean' or 'black', got {fill!r}")
 
 
 def open_mask(path):
@@ -873,10 +879,10 @@ def build_loader(items, transform, batch_size, train, workers=0, seed=1, masks=F
     encoding, mpaths = None, None
     if masks:
         if dataset_dir is None:
-            raise ValueError("masks=True needs dataset_dir (Benchmark.meta['dataset_dir'])")
+            raise DataValueError("masks=True needs dataset_dir (Benchmark.meta['dataset_dir'])")
         encoding = mask_encoding or read_mask_encoding(dataset_dir)
         if encoding not in MASK_ENCODINGS:
-            raise ValueError(f"mask_encoding must be one of {MASK_ENCODINGS}, got {encoding!r}")
+            raise DataValueError(f"mask_encoding must be one of {MASK_ENCODINGS}, got {encoding!r}")
         mpaths = [mask_path(dataset_dir, p) for p, _, _ in items]
         missing = [m for m in mpaths if not os.path.isfile(m)]
         if missing and not allow_missing_masks:
@@ -890,7 +896,7 @@ def build_loader(items, transform, batch_size, train, workers=0, seed=1, masks=F
             mpaths = [m if os.path.isfile(m) else None for m in mpaths]
         check_mask_encoding([m for m in mpaths if m is not None], encoding)
     if patch_size and transform.size % patch_size:
-        raise ValueError(f"image size {transform.size} is not a multiple of patch size {patch_size}")
+        raise DataValueError(f"image size {transform.size} is not a multiple of patch size {patch_size}")
     ds = ImageDataset(items, transform, seed, mpaths, encoding, patch_size if masks else None)
     drop_last = bool(train and dassl_drop_last and len(items) >= batch_size)
     loader = Loader(ds, batch_size=batch_size, sampler=EpochSampler(len(items), bool(train), seed, [y for _, y, _ in items], class_balanced),
@@ -1121,7 +1127,6 @@ def main(argv=None):
             if not a.force:
                 print(f"{out} exists; use --force to replace it")
                 return 0
-            import shutil
             shutil.rmtree(out)
         print(make_toy(a.root, a.seed))
         return 0

@@ -32,7 +32,7 @@ def load_run(run_dir, device="cpu", root=None):
     """(model, cfg, root) rebuilt from a run folder's checkpoint (learnable parameters + config)."""
     path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.exists(path):
-        raise SystemExit(f"{run_dir}: no checkpoint.pt (is this a run folder of train.py, and did it finish an epoch?)")
+        raise train.RunError(f"{run_dir}: no checkpoint.pt (is this a run folder of train.py, and did it finish an epoch?)")
     ckpt = torch.load(path, map_location=device, weights_only=False)
     cfg = ckpt["config"]
     with open(os.path.join(run_dir, "config.json")) as f:
@@ -153,7 +153,7 @@ def render(tables_b2n, tables_fs):
 def table(root, out=None):
     groups = collect(root)
     if not groups:
-        raise SystemExit(f"no result.json below {root}: train runs first (python train.py ...)")
+        raise train.RunError(f"no result.json below {root}: train runs first (python train.py ...)")
     b2n, fs = b2n_table(groups), fewshot_table(groups)
     md, rows = render(b2n, fs)
     print(md)
@@ -180,9 +180,13 @@ def main(argv=None):
     r.add_argument("--root", help="data root (default: the one the run was trained with)")
     r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    if args.command == "table":
-        return table(args.root, args.out)
-    return {run: evaluate_run(run, args.dataset, args.subsample, args.root, args.device) for run in args.runs}
+    try:
+        if args.command == "table":
+            return table(args.root, args.out)
+        return {run: evaluate_run(run, args.dataset, args.subsample, args.root, args.device) for run in args.runs}
+    except train.USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -8,9 +8,11 @@ A run folder `<out>/<setting>/<dataset>/<method><tag>/shots<K>_seed<S>/` holds `
 preprocessing and optimisation constant), `log.txt`, `metrics.jsonl` (one line per epoch), `checkpoint.pt`
 (learnable parameters + config + class names), `resume.pt` (optimizer state for --resume) and `result.json`.
 
-Configuration is plain values: COMMON, then the method's row of METHOD_DEFAULTS for the setting, then
-DATASET_OVERRIDES, then `--key value` from the command line. Unknown keys are errors.
-Deliberately not here: multi-GPU, schedulers other than the protocol's, evaluation tables (eval.py).
+Configuration is plain values, in this order: COMMON (the run), the model's `defaults` (dapt.py, beside each
+class), the method's RECIPES row for the setting, DATASET_OVERRIDES, `--key value` from the command line, then
+SWITCHES (a boolean key that swaps in a whole recipe). Unknown keys are errors.
+Deliberately not here: the models (dapt.py), multi-GPU, schedulers other than the protocol's, evaluation tables
+(eval.py).
 """
 import argparse
 import datetime
@@ -22,88 +24,65 @@ import platform
 import sys
 import time
 
+import numpy
+import PIL
 import torch
 import torch.nn.functional as F
 
 import clip as clip_module
 import data
 import dapt
+from dapt import ConfigError
 
 log = logging.getLogger("dapt")
 
 # ----------------------------------------------------------------------------------------------------------
-# configuration: one visible table (methods.md, protocol.md §7)
+# configuration: one visible table (methods.md, protocol.md §7); model keys live beside the models (dapt.py)
 
 COMMON = dict(
-    shots=16, seed=1, subsample="all", setting="",  # setting "" = b2n when subsample != all, else fewshot
+    shots=16, subsample="all", setting="",  # setting "" = b2n when subsample != all, else fewshot
     data_fraction=1.0,  # < 1: a class-balanced fraction of the FULL train split (shots set to 0; DAPT's 3rd setting)
     clip="ViT-B/16",  # a name (ViT-B/16, ViT-B/32, ViT-L/14) or a checkpoint path; toy: the toy CLIP
     # transforms (protocol §5); image_size 0 = the dataset's (224; toy 32)
     image_size=0, rrc_scale=(0.08, 1.0), rrc_ratio=(0.75, 4 / 3), interpolation="bicubic", hflip=0.5,
     resize_only=False, mask_encoding="", allow_missing_masks=False,
+    mask_bicubic=False,  # masks resized bicubic as the image (DAPT's official quirk) instead of nearest
     class_balanced=0,  # k > 0: training batches of k images per class (DA-VPT's official recipe uses 2)
-    # optimisation (protocol §6)
+    # optimisation (protocol §6); schedule per_step: linear warm-up then cosine to min_lr, per update
     optimizer="sgd", lr=0.002, momentum=0.9, weight_decay=5e-4, batch=32, epochs=10,
-    warmup_epochs=1, warmup_lr=1e-5, schedule="cosine", selection="last", dassl_drop_last=False,
-    precision="auto", attn="auto", text_savings=True, workers=2, test_batch=100, log_every=20, tag="",
-)
+    warmup_epochs=1, warmup_lr=1e-5, schedule="cosine", min_lr=0.0, grad_clip=0.0, selection="last",
+    dassl_drop_last=False, precision="auto", attn="auto", workers=2, test_batch=100, log_every=20, tag="",
+)  # seed and text_savings are model keys every model has (dapt.PromptModel.defaults)
 
-# Per method and setting (fewshot / b2n / xd). `epochs` may be a {shots: epochs} table.
+# Per method and setting (fewshot / b2n / xd; "all" = any): optimisation and the setting's model keys.
+# `epochs` may be a {shots: epochs} table.
 COOP_FS_EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
-METHOD_DEFAULTS = {
-    "zsclip": {"all": dict(epochs=0, template="", ensemble="")},
-    "coop": {
-        "fewshot": dict(n_ctx=16, ctx_init="", csc=False, class_token_position="end", batch=32, lr=0.002,
-                        epochs=COOP_FS_EPOCHS),
-        "b2n": dict(n_ctx=4, ctx_init="a photo of a", csc=False, class_token_position="end", batch=32,
-                    lr=0.002, epochs=200),
-    },
-    "cocoop": {"all": dict(n_ctx=4, ctx_init="a photo of a", class_token_position="end", batch=1, lr=0.002,
-                           epochs=10, text_chunk=20000)},
-    "vpt": {"all": dict(n_prompts=8, vpt_depth=12, prompt_init="normal", prompt_ln_pre=True, prompt_dropout=0.0,
-                        batch=4, lr=0.0025, epochs=5)},
-    "maple": {
-        "fewshot": dict(n_ctx=2, ctx_init="a photo of a", prompt_depth=9, batch=4, lr=0.0035, epochs=10),
-        "b2n": dict(n_ctx=2, ctx_init="a photo of a", prompt_depth=9, batch=4, lr=0.0035, epochs=5),
-        "xd": dict(n_ctx=2, ctx_init="a photo of a", prompt_depth=3, batch=4, lr=0.0026, epochs=2),
-    },
-    # methods.md §10: CoOp context 16 + VPT-shallow 16 (xavier, after ln_pre); lr / betas per dataset below
-    "dapt-dist": {"all": dict(n_ctx=16, ctx_init="", csc=False, class_token_position="end", n_prompts=16,
-                              prompt_init="xavier", prompt_ln_pre=False, beta_v=0.1, beta_t=0.1, dispersion_t=2.0,
-                              proto_train_view=False, batch=32, lr=0.002, epochs=COOP_FS_EPOCHS)},
-    # methods.md §11: VPT-deep 8/layer, M proxies in the guided blocks ("-1" = last; "9,10,11"), our VPT recipe
-    "davpt": {"all": dict(n_prompts=8, prompt_init="normal", prompt_ln_pre=True, n_proxies=10, guided_layers="-1",
-                          beta_patch=0.05, lambda_cls=0.05, pa_alpha=32.0, pa_delta=0.1, pa_scale=1.0,
-                          paper_norm=False, patch_sample="mean", proxy_mask=False, bias_tuning=False,
-                          bias_extra=False, head="text", kmeans_images=10, kmeans_iters=20, kmeans_tol=1e-4,
-                          official_optim=False, min_lr=0.0, grad_clip=0.0, batch=4, lr=0.0025, epochs=5)},
+RECIPES = {
+    "zsclip": {"all": dict(epochs=0, template="")},  # template "" = the dataset's
+    "coop": {"fewshot": dict(batch=32, lr=0.002, epochs=COOP_FS_EPOCHS),
+             "b2n": dict(n_ctx=4, ctx_init="a photo of a", batch=32, lr=0.002, epochs=200)},
+    "cocoop": {"all": dict(batch=1, lr=0.002, epochs=10)},
+    "vpt": {"all": dict(batch=4, lr=0.0025, epochs=5)},
+    "maple": {"fewshot": dict(batch=4, lr=0.0035, epochs=10), "b2n": dict(batch=4, lr=0.0035, epochs=5),
+              "xd": dict(prompt_depth=3, batch=4, lr=0.0026, epochs=2)},
+    "kgcoop": {"all": dict(template="", batch=4, lr=0.0035, epochs=10)},
+    # DAPT (methods.md §8) on its host (MaPLe by default; --host)
+    "dapt": {"fewshot": dict(batch=4, lr=0.0035, epochs=10, selection="best_val"),
+             "b2n": dict(batch=4, lr=0.0035, epochs=5)},
+    # FVG-PT (methods.md §9): stage 2 on a finished host run; optimisation as the FVG-PT CoOp host config
+    "fvgpt": {"all": dict(host_run="", batch=4, lr=0.0035, epochs=10)},
+    # methods.md §10: lr / betas per dataset below
+    "dapt-dist": {"all": dict(batch=32, lr=0.002, epochs=COOP_FS_EPOCHS)},
+    # methods.md §11: our VPT-deep recipe; official_optim switches to the released one (SWITCHES)
+    "davpt": {"all": dict(official_optim=False, batch=4, lr=0.0025, epochs=5)},
 }
-# A boolean key that switches a whole recipe; keys given explicitly (--key value) still win.
-OPTION_PRESETS = {
+# A boolean key that swaps in a whole recipe; keys given explicitly (--key value) still win.
+SWITCHES = {
     # DA-VPT's released recipe (methods.md §11), with its class-balanced sampler (2 images per class)
     "official_optim": dict(optimizer="adamw", lr=1e-3, weight_decay=0.05, epochs=100, warmup_epochs=10,
                            warmup_lr=1e-8, schedule="per_step", min_lr=1e-9, grad_clip=10.0, batch=32,
                            class_balanced=2),
 }
-# DAPT (methods.md §8): a host's keys (MaPLe by default; CoOp, VPT) + the views, cues, losses and schedule
-DAPT_KEYS = dict(
-    host="maple", cue="masks", decouple="pixel", dapt_schedule="staged", dapt_switch_epoch=7, dapt_w_v=0.8,
-    dapt_w_f=0.1, dapt_w_b=0.5, dapt_margin=1.5, bg_template="a clean origami {}.", bg_slice_quirk=False,
-    gradcam_threshold=0.5, gradcam_batch_max=False, decouple_threshold=0.5, mask_bicubic=False,
-    n_ctx=2, ctx_init="a photo of a", prompt_depth=9, csc=False, class_token_position="end",  # maple / coop host
-    n_prompts=8, vpt_depth=12, prompt_init="normal", prompt_ln_pre=True, prompt_dropout=0.0,  # vpt host
-    batch=4, lr=0.0035)
-METHOD_DEFAULTS.update({
-    "kgcoop": {"all": dict(n_ctx=4, ctx_init="a photo of a", csc=False, class_token_position="end", template="",
-                           kg_weight=2.0, batch=4, lr=0.0035, epochs=10)},
-    "dapt": {"fewshot": dict(DAPT_KEYS, epochs=10, selection="best_val"), "b2n": dict(DAPT_KEYS, epochs=5)},
-    # FVG-PT (methods.md §9): stage 2 on a finished host run; optimisation as the FVG-PT CoOp host config
-    "fvgpt": {"all": dict(host_run="", predict_mode="auto", mask_fill="black", fvgpt_bottleneck=64,
-                          fvgpt_gate_hidden=32, fvgpt_scale=100.0, fvgpt_lambda_base=10.0, fvgpt_lambda_new=1.0,
-                          fvgpt_lambda_rg=1.0, fvgpt_tau=2.0, fvgpt_delta=0.0, fvgpt_area=(0.02, 0.98),
-                          fvgpt_alpha_init=1e-3, fvgpt_use_kl=True, no_detach_r=False, batch=4, lr=0.0035,
-                          epochs=10)},
-})
 # (method, dataset) -> overrides; "*" matches every method.
 DATASET_OVERRIDES = {
     ("coop", "imagenet"): dict(epochs=50),
@@ -134,37 +113,38 @@ def setting_of(cfg):
 
 
 def resolve_config(method, dataset, overrides):
-    """COMMON <- METHOD_DEFAULTS[method][setting] <- DATASET_OVERRIDES <- overrides (already typed)."""
-    if method not in METHOD_DEFAULTS:
-        raise SystemExit(f"unknown method {method!r}: expected one of {', '.join(METHOD_DEFAULTS)}")
+    """COMMON <- the model's defaults <- RECIPES[method][setting] <- DATASET_OVERRIDES <- overrides (typed)
+    <- SWITCHES that are on. Raises ConfigError for unknown methods, datasets and keys."""
+    if method not in RECIPES:
+        raise ConfigError(f"unknown method {method!r}: expected one of {', '.join(RECIPES)}")
     if dataset not in data.DATASETS:
-        raise SystemExit(f"unknown dataset {dataset!r}: expected one of {', '.join(data.DATASETS)}")
-    cfg = dict(COMMON, method=method, dataset=dataset)
+        raise ConfigError(f"unknown dataset {dataset!r}: expected one of {', '.join(data.DATASETS)}")
+    cfg = dict(dapt.model_defaults(method, overrides.get("host")), **COMMON, method=method, dataset=dataset)
     for key in ("subsample", "setting", "shots"):  # the setting decides which row applies
         if key in overrides:
             cfg[key] = overrides[key]
-    rows = METHOD_DEFAULTS[method]
+    rows = RECIPES[method]
     setting = setting_of(cfg)
-    row = rows.get(setting) or rows.get("all") or rows.get("b2n" if setting == "xd" else "fewshot")
-    cfg.update(row)
+    cfg.update(rows.get(setting) or rows.get("all") or rows.get("b2n" if setting == "xd" else "fewshot"))
     for (m, d), extra in DATASET_OVERRIDES.items():
         if d == dataset and m in ("*", method):
             cfg.update(extra)
-    known = set(cfg)
-    unknown = sorted(set(overrides) - known)
+    unknown = sorted(set(overrides) - set(cfg))
     if unknown:
-        raise SystemExit(f"unknown config key(s) {unknown} for method {method!r}. Valid keys: {', '.join(sorted(known))}")
+        raise ConfigError(f"unknown config key(s) {unknown} for method {method!r}. Valid keys: {', '.join(sorted(cfg))}")
     cfg.update(overrides)
-    for key, preset in OPTION_PRESETS.items():
+    for key, switch in SWITCHES.items():
         if cfg.get(key):
-            cfg.update({k: v for k, v in preset.items() if k not in overrides})
+            cfg.update({k: v for k, v in switch.items() if k not in overrides})
     if not 0 < cfg["data_fraction"] <= 1:
-        raise SystemExit(f"--data-fraction {cfg['data_fraction']}: expected a value in (0, 1]")
+        raise ConfigError(f"--data-fraction {cfg['data_fraction']}: expected a value in (0, 1]")
     if cfg["data_fraction"] < 1:
         cfg["shots"] = 0  # the fraction is drawn from the full train split
     if isinstance(cfg["epochs"], dict):
         table = cfg["epochs"]
         cfg["epochs"] = table.get(cfg["shots"], table[max(k for k in table if k <= max(cfg["shots"], 1))])
+    if cfg.get("template") == "":  # "" = the dataset's hand-crafted template (zsclip, kgcoop; protocol §8)
+        cfg["template"] = data.DATASETS[dataset].template
     cfg["setting"] = setting_of(cfg)
     return cfg
 
@@ -188,14 +168,14 @@ def parse_value(key, text, default):
             return int(text)
         return text
     except ValueError:
-        raise SystemExit(f"--{key.replace('_', '-')}: cannot read {text!r} as {type(default).__name__}") from None
+        raise ConfigError(f"--{key.replace('_', '-')}: cannot read {text!r} as {type(default).__name__}") from None
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], allow_abbrev=False,
         epilog="Any config key can be set with --key value (see --show-config); unknown keys are errors.")
-    p.add_argument("--method", required=True, help=f"one of {', '.join(METHOD_DEFAULTS)}")
+    p.add_argument("--method", required=True, help=f"one of {', '.join(RECIPES)}")
     p.add_argument("--dataset", required=True, help="a name of data.DATASETS (toy works offline)")
     p.add_argument("--root", default="DATA", help="data root holding the dataset folders (default DATA)")
     p.add_argument("--out", default="runs", help="where run folders go (default runs)")
@@ -215,7 +195,7 @@ def parse_args(argv):
             known.append(argv[i])
             i += 1
     args = p.parse_args(known)
-    base = resolve_config(args.method, args.dataset, {})
+    base = resolve_config(args.method, args.dataset, {k: overrides[k] for k in ("host",) if k in overrides})
     typed = {}
     for k, v in overrides.items():
         if k not in base:
@@ -239,7 +219,7 @@ def lr_at(cfg, epoch, step=0, steps_per_epoch=1):
             return cfg["warmup_lr"] + (lr0 - cfg["warmup_lr"]) * t / max(warm, 1)
         return cfg.get("min_lr", 0.0) + (lr0 - cfg.get("min_lr", 0.0)) * (1 + math.cos(math.pi * (t - warm) / max(total - warm, 1))) / 2
     if cfg["schedule"] != "cosine":
-        raise SystemExit(f"schedule {cfg['schedule']!r}: expected cosine or per_step")
+        raise ConfigError(f"--schedule {cfg['schedule']!r}: expected cosine or per_step")
     if epoch < W:
         return cfg["warmup_lr"]
     return lr0 * (1 + math.cos(math.pi * (epoch - W) / E)) / 2
@@ -379,9 +359,6 @@ def setup_logging(run_dir):
 
 
 def versions(device):
-    import numpy
-    import PIL
-
     v = dict(python=platform.python_version(), torch=torch.__version__, numpy=numpy.__version__,
              pillow=PIL.__version__, platform=platform.platform())
     try:
@@ -400,12 +377,12 @@ def versions(device):
 
 
 def precision_of(cfg, device):
-    """(weights dtype, autocast dtype or None, loss scaling) — protocol §6: fp32 on the CPU."""
+    """(name, weights dtype, autocast dtype or None, loss scaling) — protocol §6: fp32 on the CPU."""
     p = cfg["precision"]
     if p == "auto":
         p = "bf16" if str(device).startswith("cuda") else "fp32"
     if p not in ("fp32", "bf16", "fp16"):
-        raise SystemExit(f"precision {p!r}: expected auto, fp32, bf16 or fp16")
+        raise ConfigError(f"--precision {p!r}: expected auto, fp32, bf16 or fp16")
     dtype = dict(fp32=torch.float32, bf16=torch.bfloat16, fp16=torch.float16)[p]
     return p, dtype, (None if p == "fp32" else dtype), p == "fp16"
 
@@ -426,7 +403,7 @@ def transforms_of(cfg, bench, resolution=None):
     size = cfg["image_size"] or resolution or bench.meta["image_size"]
     kw = dict(size=size, scale=tuple(cfg["rrc_scale"]), ratio=tuple(cfg["rrc_ratio"]),
               interpolation=cfg["interpolation"], hflip=cfg["hflip"],
-              mask_interpolation="bicubic" if cfg.get("mask_bicubic") else "nearest")  # DAPT's official quirk
+              mask_interpolation="bicubic" if cfg["mask_bicubic"] else "nearest")  # DAPT's official quirk
     train_tf = data.build_transform(True, resize_only=cfg["resize_only"], **kw)
     test_tf = data.build_transform(False, **kw)
     return train_tf, test_tf
@@ -451,51 +428,50 @@ def data_fraction_split(bench, fraction, seed):
     return bench
 
 
-def load_host(cfg, clip, classnames, bench=None):
+def load_host(cfg, clip, classnames):
     """The frozen first-stage model of an fvgpt run: cfg["host_run"]'s checkpoint on this run's CLIP."""
     path = os.path.join(cfg["host_run"], "checkpoint.pt")
     if not cfg["host_run"] or not os.path.exists(path):
-        raise SystemExit(f"fvgpt needs --host-run RUN_DIR, a finished run folder of train.py holding checkpoint.pt "
-                         f"(got {cfg['host_run']!r}); train the host first, e.g. --method coop --subsample base")
+        raise ConfigError(f"fvgpt needs --host-run RUN_DIR, a finished run folder of train.py holding checkpoint.pt "
+                          f"(got {cfg['host_run']!r}); train the host first, e.g. --method coop --subsample base")
     ckpt = torch.load(path, map_location=clip.logit_scale.device, weights_only=False)
     host_cfg = ckpt["config"]
     if host_cfg["method"] == "fvgpt":
-        raise SystemExit(f"{cfg['host_run']}: the host of fvgpt cannot be an fvgpt run")
+        raise ConfigError(f"{cfg['host_run']}: the host of fvgpt cannot be an fvgpt run")
     for key, default in (("dataset", None), ("subsample", None), ("shots", None), ("seed", None), ("clip", None),
                          ("data_fraction", 1.0)):
         if host_cfg.get(key, default) != cfg.get(key, default):
-            raise SystemExit(f"fvgpt: {key} = {cfg.get(key)!r} but the host run {cfg['host_run']} has "
-                             f"{host_cfg.get(key, default)!r}; stage 2 trains on the host's data and backbone")
-    host = build_model(host_cfg, clip, classnames, bench)
+            raise ConfigError(f"fvgpt: {key} = {cfg.get(key)!r} but the host run {cfg['host_run']} has "
+                              f"{host_cfg.get(key, default)!r}; stage 2 trains on the host's data and backbone")
+    host = build_model(host_cfg, clip, classnames)
     host.load_checkpoint(ckpt)
     return host
 
 
-def build_model(cfg, clip, classnames, bench=None):
-    cls = dapt.METHODS[cfg["method"]]
-    model_cfg = dict(cfg)
+def build_model(cfg, clip, classnames):
+    """The run's prompt model: dapt.METHODS[method] with the run config (fvgpt: on its host run's model)."""
     if cfg["method"] == "fvgpt":
-        return dapt.FVGPT(load_host(cfg, clip, classnames, bench), classnames, model_cfg)
-    if cfg["method"] in ("zsclip", "kgcoop"):  # kgcoop: t0 from the dataset template (only the loss reads it)
-        model_cfg["template"] = cfg["template"] or (bench.template if bench else "a photo of a {}.")
-        if cfg.get("ensemble") == "imagenet80":
-            model_cfg["templates"] = list(data.IMAGENET_TEMPLATES)
-        elif cfg.get("ensemble") == "select":  # CoOp's zsclip: the 7 select templates (+ the dataset's own outside ImageNet)
-            own = [] if cfg["dataset"].startswith("imagenet") else [model_cfg["template"]]
-            model_cfg["templates"] = list(data.SELECT_TEMPLATES) + own
-        elif cfg.get("ensemble"):
-            raise SystemExit(f"--ensemble {cfg['ensemble']!r}: expected imagenet80 or select")
-    return cls(clip, classnames, model_cfg)
+        return dapt.FVGPT(load_host(cfg, clip, classnames), classnames, cfg)
+    return dapt.METHODS[cfg["method"]](clip, classnames, cfg)
 
 
 def make_loader(cfg, bench, items, transform, train, model, patch_size):
-    masks = train and getattr(model, "needs_masks", False)
+    masks = train and model.needs_masks
     return data.build_loader(
         items, transform, cfg["batch"] if train else cfg["test_batch"], train=train, workers=cfg["workers"],
         seed=cfg["seed"], masks=masks, dataset_dir=bench.meta["dataset_dir"],
         mask_encoding=cfg["mask_encoding"] or None, allow_missing_masks=cfg["allow_missing_masks"],
         patch_size=patch_size if masks else None, dassl_drop_last=cfg["dassl_drop_last"],
         class_balanced=cfg["class_balanced"] if train else 0)
+
+
+def make_optimizer(cfg, model):
+    params = model.param_groups()  # the model's own groups, e.g. no weight decay on biases
+    if cfg["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
+    if cfg["optimizer"] == "adamw":
+        return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    raise ConfigError(f"--optimizer {cfg['optimizer']!r}: expected sgd or adamw")
 
 
 def to_device(batch, device):
@@ -519,55 +495,93 @@ def evaluate(model, loader, device, autocast_dtype=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# training
+# one run: open the folder, build, fit, select, evaluate
 
 
-class NonFiniteLoss(RuntimeError):
+class RunError(RuntimeError):
+    """A run that cannot start or go on (its folder, a non-finite loss); the message says what to do."""
+
+
+class NonFiniteLoss(RunError):
     pass
 
 
 def train(cfg, root="DATA", out="runs", device="cpu", resume=False):
     """Train and evaluate one run; returns the result dict (also written to result.json)."""
-    run_dir = run_dir_of(out, cfg)
-    ckpt_path, resume_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "resume.pt")
-    if os.path.exists(os.path.join(run_dir, "config.json")) and not resume:
-        if os.path.exists(os.path.join(run_dir, "result.json")) or os.path.exists(resume_path):
-            raise SystemExit(f"{run_dir} already holds a run: pass --resume to continue it, or choose --out / --tag")
-    os.makedirs(run_dir, exist_ok=True)
-    setup_logging(run_dir)
+    run_dir = open_run(cfg, out, resume)
     torch.manual_seed(cfg["seed"])
     t_start = time.time()
+    bench, model, train_tf, test_tf, precision = build_run(cfg, root, device)
+    record = record_config(cfg, run_dir, root, device, bench, model, train_tf, test_tf, precision)
+    best, samples = fit(cfg, run_dir, model, bench, train_tf, test_tf, device, resume)
+    accuracies = evaluate_settings(cfg, model, bench, root, test_tf, device)
+    result = dict(
+        method=cfg["method"], dataset=cfg["dataset"], setting=cfg["setting"], shots=cfg["shots"], seed=cfg["seed"],
+        subsample=cfg["subsample"], tag=cfg["tag"], data_fraction=cfg["data_fraction"], accuracy=accuracies,
+        classnames=accuracies.pop("classnames"), config=record, samples_per_epoch=samples,
+        selected_epoch=best["epoch"] if best else (cfg["epochs"] - 1),
+        checkpoint_sha256=clip_module.file_sha256(os.path.join(run_dir, "checkpoint.pt")),
+        seconds=round(time.time() - t_start, 1), finished=datetime.datetime.now().isoformat(timespec="seconds"))
+    write_json(os.path.join(run_dir, "result.json"), result)
+    log.info("result: %s", json.dumps(result["accuracy"]))
+    return result
 
+
+def open_run(cfg, out, resume):
+    """The run folder, created, with logging to its log.txt; an existing run needs --resume."""
+    run_dir = run_dir_of(out, cfg)
+    if os.path.exists(os.path.join(run_dir, "config.json")) and not resume:
+        if os.path.exists(os.path.join(run_dir, "result.json")) or os.path.exists(os.path.join(run_dir, "resume.pt")):
+            raise RunError(f"{run_dir} already holds a run: pass --resume to continue it, or choose --out / --tag")
+    os.makedirs(run_dir, exist_ok=True)
+    setup_logging(run_dir)
+    return run_dir
+
+
+def build_run(cfg, root, device):
+    """(benchmark, model on device with float32 prompts, train / test transforms, precision name)."""
     bench = data.load_benchmark(cfg["dataset"], root, shots=cfg["shots"], seed=cfg["seed"], subsample=cfg["subsample"])
     if cfg["data_fraction"] < 1:
         bench = data_fraction_split(bench, cfg["data_fraction"], cfg["seed"])
     clip = load_backbone(cfg, root, device)
-    precision, _, autocast_dtype, scale_loss = precision_of(cfg, device)
-    model = build_model(cfg, clip, bench.classnames, bench).to(device)
+    precision = precision_of(cfg, device)[0]
+    model = build_model(cfg, clip, bench.classnames).to(device)
     train_tf, test_tf = transforms_of(cfg, bench, clip.visual.input_resolution)
-    if hasattr(model, "prepare") and cfg["epochs"] > 0:  # one-off set-up from the training images (dapt.PromptModel)
+    if cfg["epochs"] > 0:  # one-off set-up from the training images (dapt-dist prototypes, DA-VPT clusters)
         model.prepare(bench, train_tf, test_tf, device)
-    patch = clip.visual.patch_size
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_params = sum(p.numel() for p in params)
-    for p in params:  # prompt parameters and optimizer state in float32 (protocol §6)
-        p.data = p.data.float()
+    for p in model.parameters():  # prompt parameters and optimizer state in float32 (protocol §6)
+        if p.requires_grad:
+            p.data = p.data.float()
+    return bench, model, train_tf, test_tf, precision
 
-    config_record = dict(cfg, root=os.path.abspath(root), device=str(device), precision_resolved=precision,
-                         transform_train=train_tf.constants(), transform_test=test_tf.constants(),
-                         trainable_values=n_params, benchmark=bench.meta, versions=versions(device))
-    write_json(os.path.join(run_dir, "config.json"), config_record)
+
+def record_config(cfg, run_dir, root, device, bench, model, train_tf, test_tf, precision):
+    """config.json: the run config and every constant it resolved to (transforms, sizes, versions)."""
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    record = dict(cfg, root=os.path.abspath(root), device=str(device), precision_resolved=precision,
+                  transform_train=train_tf.constants(), transform_test=test_tf.constants(),
+                  trainable_values=n_params, benchmark=bench.meta, versions=versions(device))
+    write_json(os.path.join(run_dir, "config.json"), record)
     log.info("run %s", run_dir)
-    log.info("config %s", json.dumps({k: v for k, v in config_record.items() if k != "benchmark"}, default=str))
+    log.info("config %s", json.dumps({k: v for k, v in record.items() if k != "benchmark"}, default=str))
     log.info("data: %d train / %d val / %d test images, %d classes; trainable values: %d",
              len(bench.train), len(bench.val), len(bench.test), len(bench.classnames), n_params)
+    return record
 
+
+def fit(cfg, run_dir, model, bench, train_tf, test_tf, device, resume):
+    """The epochs (from resume.pt with --resume), a checkpoint after each, then the selected epoch's parameters
+    in the model. Returns (best-validation record or None, training samples per epoch)."""
+    ckpt_path, resume_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "resume.pt")
+    _, _, autocast_dtype, scale_loss = precision_of(cfg, device)
+    patch = model.clip.visual.patch_size
     epochs = cfg["epochs"] if cfg["method"] != "zsclip" else 0
-    opt = None
-    if epochs > 0:
-        if not params:
-            raise SystemExit(f"method {cfg['method']} has no trainable parameters")
-        opt = make_optimizer(cfg, model)
+    if epochs == 0:
+        atomic_save(checkpoint_of(model, cfg), ckpt_path)
+        return None, 0
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"method {cfg['method']} has no trainable parameters")
+    opt = make_optimizer(cfg, model)
     scaler = torch.amp.GradScaler(enabled=scale_loss)
     start_epoch, best = 0, None
     if resume and os.path.exists(resume_path):
@@ -578,15 +592,13 @@ def train(cfg, root="DATA", out="runs", device="cpu", resume=False):
         log.info("resumed from epoch %d", state["epoch"])
     elif resume:
         log.info("--resume: no resume.pt in %s, starting from epoch 0", run_dir)
-
-    loader = make_loader(cfg, bench, bench.train, train_tf, True, model, patch) if epochs > 0 else None
+    loader = make_loader(cfg, bench, bench.train, train_tf, True, model, patch)
     val_loader = None
     if cfg["selection"] == "best_val":
         if bench.val:
             val_loader = make_loader(cfg, bench, bench.val, test_tf, False, model, patch)
         else:
             log.warning("selection=best_val but %s has no val split: using the last epoch", cfg["dataset"])
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
     try:
         for epoch in range(start_epoch, epochs):
             stats = train_one_epoch(cfg, model, opt, scaler, loader, epoch, device, autocast_dtype)
@@ -595,52 +607,27 @@ def train(cfg, root="DATA", out="runs", device="cpu", resume=False):
                 stats["val_acc"], _ = evaluate(model, val_loader, device, autocast_dtype)
                 if best is None or stats["val_acc"] > best["val_acc"]:
                     best = dict(epoch=epoch, val_acc=stats["val_acc"])
-                    atomic_save(checkpoint_of(model, cfg, bench), os.path.join(run_dir, "best.pt"))
-            atomic_save(checkpoint_of(model, cfg, bench), ckpt_path)
+                    atomic_save(checkpoint_of(model, cfg), os.path.join(run_dir, "best.pt"))
+            atomic_save(checkpoint_of(model, cfg), ckpt_path)
             atomic_save(dict(params=model.trainable_state(), optimizer=opt.state_dict(), epoch=epoch, best=best,
                              extra=model.extra_state()), resume_path)
-            with open(metrics_path, "a") as f:
+            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(dict(epoch=epoch, **stats)) + "\n")
             log.info("epoch %d/%d done: %s", epoch + 1, epochs, ", ".join(f"{k} {v:.4g}" for k, v in stats.items()))
     except KeyboardInterrupt:
         log.warning("interrupted: the last completed epoch is saved in %s; continue with --resume", run_dir)
-        raise SystemExit(130)
+        raise
     except NonFiniteLoss as e:
         log.error("%s. Stopped; the last good checkpoint (previous epoch) is kept in %s", e, run_dir)
-        raise SystemExit(f"non-finite loss: {e}")
-
+        raise NonFiniteLoss(f"non-finite loss: {e}") from None
     if best is not None and cfg["selection"] == "best_val":
         state = torch.load(os.path.join(run_dir, "best.pt"), map_location=device, weights_only=False)
         model.load_checkpoint(state)  # parameters and extra state (DA-VPT's map) of the best epoch
         log.info("model selection: best val accuracy %.2f at epoch %d", best["val_acc"], best["epoch"])
-    if epochs == 0:
-        atomic_save(checkpoint_of(model, cfg, bench), ckpt_path)
-
-    accuracies = evaluate_settings(cfg, model, bench, root, test_tf, device, autocast_dtype, patch)
-    result = dict(
-        method=cfg["method"], dataset=cfg["dataset"], setting=cfg["setting"], shots=cfg["shots"], seed=cfg["seed"],
-        subsample=cfg["subsample"], tag=cfg["tag"], data_fraction=cfg["data_fraction"], accuracy=accuracies, classnames=accuracies.pop("classnames"),
-        config=config_record, samples_per_epoch=loader.samples_per_epoch if loader else 0,
-        selected_epoch=best["epoch"] if best else (epochs - 1), checkpoint_sha256=clip_module.file_sha256(ckpt_path),
-        seconds=round(time.time() - t_start, 1), finished=datetime.datetime.now().isoformat(timespec="seconds"))
-    write_json(os.path.join(run_dir, "result.json"), result)
-    log.info("result: %s", json.dumps(result["accuracy"]))
-    return result
+    return best, loader.samples_per_epoch
 
 
-def make_optimizer(cfg, model):
-    if hasattr(model, "param_groups"):  # the model's own groups, e.g. no weight decay on biases (dapt.PromptModel)
-        params = model.param_groups()
-    else:
-        params = [p for p in model.parameters() if p.requires_grad]
-    if cfg["optimizer"] == "sgd":
-        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["weight_decay"])
-    if cfg["optimizer"] == "adamw":
-        return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    raise SystemExit(f"optimizer {cfg['optimizer']!r}: expected sgd or adamw")
-
-
-def checkpoint_of(model, cfg, bench):
+def checkpoint_of(model, cfg):
     return dict(params=model.trainable_state(), config=cfg, classnames=list(model.classnames),
                 extra=model.extra_state())
 
@@ -666,7 +653,7 @@ def train_one_epoch(cfg, model, opt, scaler, loader, epoch, device, autocast_dty
                                 f"(lr {lr:.3g}); lower --lr or check the inputs")
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        if cfg.get("grad_clip"):
+        if cfg["grad_clip"]:
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_value_([p for p in model.parameters() if p.requires_grad], cfg["grad_clip"])
         scaler.step(opt)
@@ -689,8 +676,9 @@ def train_one_epoch(cfg, model, opt, scaler, loader, epoch, device, autocast_dty
                 **{k: v / max(seen, 1) for k, v in parts.items()})
 
 
-def evaluate_settings(cfg, model, bench, root, test_tf, device, autocast_dtype, patch):
+def evaluate_settings(cfg, model, bench, root, test_tf, device):
     """Test accuracy on the run's classes; for a base run also on the new classes with the same checkpoint."""
+    autocast_dtype, patch = precision_of(cfg, device)[2], model.clip.visual.patch_size
     acc, classnames = {}, {}
     name = cfg["subsample"]
     loader = make_loader(cfg, bench, bench.test, test_tf, False, model, patch)
@@ -711,12 +699,22 @@ def hm(base, new):
     return 2 * base * new / (base + new) if base + new > 0 else 0.0
 
 
+# the project's own errors: one line and exit code 1 from main(), no traceback
+USER_ERRORS = (ConfigError, RunError, clip_module.CheckpointError, data.DataError)
+
+
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.show_config:
-        print(json.dumps(args.cfg, indent=1, default=str))
-        return None
-    result = train(args.cfg, root=args.root, out=args.out, device=args.device, resume=args.resume)
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        if args.show_config:
+            print(json.dumps(args.cfg, indent=1, default=str))
+            return None
+        result = train(args.cfg, root=args.root, out=args.out, device=args.device, resume=args.resume)
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
     acc = result["accuracy"]
     print(" ".join(f"{k} {v:.2f}" for k, v in acc.items()))
     return result

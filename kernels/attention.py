@@ -3,7 +3,8 @@
 Shape of the code (after the Triton fused-attention tutorial, written anew): `attention_reference` (what the
 kernel is tested against), `_attn_fwd_inner` (the online-softmax loop over key blocks), `_attn_fwd`, the backward
 kernels (`_attn_bwd_delta`, `_attn_bwd_dkdv`, `_attn_bwd_dq`: P is recomputed from the saved logsumexp), and
-`triton_attention`, an autograd.Function exposed as a plain function. The benchmark is kernels/bench.py.
+`triton_attention`, an autograd.Function exposed as a plain function, and `masked_attention`, the one attention
+dispatcher of the project (eager | sdpa | triton; the CLIP towers call it). The benchmark is kernels/bench.py.
 
 The per-key mask is the point of this kernel: the masked views of an image (foreground / background patches
 hidden, CLS and prompt tokens always visible) go through the image tower with a key mask [B, L] instead of as
@@ -35,6 +36,19 @@ try:
     import triton.language as tl
 except ImportError:  # CPU-only installs: the reference works; the kernels are defined but never launched
     triton = tl = types.SimpleNamespace(jit=lambda fn: fn, constexpr=None)
+
+ATTN_BACKENDS = ("auto", "eager", "sdpa", "triton")  # "torch" is accepted for "eager", None for "auto"
+
+
+def use_triton(backend, *tensors):
+    """The dispatch rule of every kernel: "triton" forces the kernel, "torch" the reference, None picks the kernel
+    when every tensor is on CUDA and triton imports."""
+    if backend not in (None, "triton", "torch"):
+        raise ValueError(f"backend {backend!r}: expected None, 'triton' or 'torch'")
+    if backend is not None:
+        return backend == "triton"
+    return all(t.is_cuda for t in tensors) and not isinstance(triton, types.SimpleNamespace)
+
 
 # ----------------------------------------------------------------------------------------------------------
 # reference
@@ -386,3 +400,31 @@ def triton_attention(q, k, v, key_mask=None, causal=False, scale=None):
     _check(q, k, v, key_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return _MaskedAttention.apply(q, k, v, key_mask, bool(causal), scale)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# dispatcher
+
+
+def masked_attention(q, k, v, key_mask=None, causal=False, scale=None, backend=None):
+    """softmax(q k^T * scale + mask) v on [B, H, L, D]; key_mask bool [B, Lk], True = visible key; causal aligns
+    the last query with the last key (query i sees keys j <= i + Lk - Lq).
+
+    backend: "eager" (or "torch": attention_reference), "sdpa" (torch's scaled_dot_product_attention), "triton"
+    (triton_attention: fully masked key blocks are skipped; a query that sees no key gets 0), or None / "auto":
+    on CUDA the Triton kernel where a key mask is given (when triton imports) and SDPA otherwise; SDPA on the CPU."""
+    if backend in (None, "auto"):
+        backend = "triton" if key_mask is not None and use_triton(None, q, k, v) else "sdpa"
+    if backend == "triton":
+        return triton_attention(q, k, v, key_mask, causal=causal, scale=scale)
+    if backend in ("eager", "torch"):
+        return attention_reference(q, k, v, key_mask, causal=causal, scale=scale)
+    if backend != "sdpa":
+        raise ValueError(f"attention backend {backend!r}: expected one of {ATTN_BACKENDS} (or 'torch', None)")
+    Lq, Lk = q.shape[-2], k.shape[-2]
+    mask = None if key_mask is None else key_mask[:, None, None, :]  # [B, 1, 1, Lk]
+    if causal and (mask is not None or Lq != Lk):
+        # explicit mask: SDPA's is_causal aligns top-left; ours aligns the last query with the last key
+        tri = torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(Lk - Lq)
+        mask, causal = (tri if mask is None else mask & tri), False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)

@@ -7,7 +7,7 @@ head dim 64, bfloat16; every sequence has half its patches hidden (7 of the 14 p
 a foreground / background view would), CLS and prompts visible. Compared: the eager reference
 (kernels.attention_reference), SDPA with a boolean mask, FlexAttention with a block mask built from the key mask
 (torch.compile'd; skipped with a note where unavailable), and the Triton kernel. Losses (forward + backward):
-batch 32 / 256, 100 / 1000 classes, dim 512, float32 features; reference = the dapt.py function.
+batch 32 / 256, 100 / 1000 classes, dim 512, float32 features; reference = the loss's `*_reference` (kernels/losses.py).
 
 Columns: median time of one forward + backward (CUDA events on the GPU, perf_counter on the CPU), ratio to the
 reference of the same table, peak memory above what the inputs hold (torch.cuda.max_memory_allocated; n/a on
@@ -23,7 +23,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+import clip as clip_module
+import dapt
 import kernels
+import train
 from kernels.attention import attention_reference, visible_key_blocks
 
 
@@ -136,8 +139,6 @@ def bench_attention(device, small, reps):
 
 
 def bench_losses(device, small, reps):
-    import dapt
-
     on_gpu = device.type == "cuda"
     shapes = [(32, 100), (256, 1000)] if not small else [(32, 100)]
     D = 512
@@ -158,7 +159,7 @@ def bench_losses(device, small, reps):
                 return lambda: torch.autograd.grad(f(*inputs, *extra), inputs)
 
             triton_fn = getattr(kernels, name)
-            cands = {"torch eager (reference)": step(getattr(dapt, name)),
+            cands = {"torch eager (reference)": step(lambda *a: triton_fn(*a, backend="torch")),
                      "triton": step(lambda *a: triton_fn(*a, backend="triton")) if on_gpu else
                      "not timed on CPU (interpreter)"}
             for r in run_rows(cands, device, reps, "torch eager (reference)"):
@@ -186,9 +187,6 @@ def bench_text_side(device, small, reps):
     """CoOp's text side (16 shared context vectors, 100 classes), forward + backward into the context, at
     ViT-B/16 text-tower width (512, 8 heads; 12 layers, 2 with --small: the ratios are per token):
     the full 77 positions, cut at the last end-of-text token, and cut + the shared prefix run once."""
-    import clip as clip_module
-    import dapt
-
     assert len(CALTECH101) == 100
     cfg = dict(clip_module.VIT_B16_CONFIG, vision_layers=1, vision_width=64, transformer_layers=2 if small else 12)
     torch.manual_seed(0)
@@ -223,10 +221,6 @@ def bench_train_step(device, small, reps, methods=("coop", "maple", "dapt")):
     --small: a 4-layer, 256-wide CLIP on 64 px images, batch 8. Rows per method: the reference (eager attention,
     full-length text, dapt's three dense pixel-view passes) against SDPA / the Triton kernels + exact savings
     (and dapt's token-level views with the masked-attention kernel, which skips hidden patch blocks)."""
-    import clip as clip_module
-    import dapt
-    import train
-
     if small:
         cfg_clip = dict(clip_module.VIT_B16_CONFIG, image_resolution=64, vision_layers=4, vision_width=256,
                         transformer_layers=4, transformer_width=256, transformer_heads=4, embed_dim=256)
@@ -238,7 +232,6 @@ def bench_train_step(device, small, reps, methods=("coop", "maple", "dapt")):
     if device.type == "cuda":
         clip = clip.to(torch.bfloat16)
     R, p = cfg_clip["image_resolution"], cfg_clip["vision_patch_size"]
-    g = R // p
     fg = torch.zeros(batch, 1, R, R, device=device)
     fg[:, :, R // 4: 3 * R // 4, R // 4: 3 * R // 4] = 1  # a centred object: a quarter of the area
     data_batch = dict(image=torch.randn(batch, 3, R, R, device=device), label=torch.arange(batch, device=device) % 100,

@@ -1,8 +1,13 @@
-"""Fused Triton kernels for the method losses of dapt.py, forward and backward (torch.autograd.Function each).
+"""The method losses: per loss, the PyTorch reference (the formula), a fused Triton kernel forward and backward,
+its autograd wrapper exposed as a plain function, and the dispatcher the methods call.
 
-The PyTorch references are dapt.pull_push_loss, dapt.inter_dispersion_loss, dapt.intra_dispersion_loss and
-dapt.proxy_anchor_loss; every function here has their signature (less `backend`, handled in kernels/__init__.py)
-and is tested against them. What is fused:
+Each section is laid out as the Triton fused-attention tutorial lays out a kernel: `<name>_reference` (what the
+kernel is tested against; `dapt.<name>_loss` re-exports it), the `@triton.jit` kernels, a
+torch.autograd.Function, `<name>_triton` (the kernel as a plain function) and `<name>_loss(..., backend=None)`,
+the dispatcher (None: the kernel on CUDA tensors when triton imports, the reference elsewhere; "triton" forces
+the kernel, which on CPU tensors runs under TRITON_INTERPRET=1; "torch" forces the reference).
+
+What is fused:
 - pull-push: both distances, the hinge, and their gradients for anchor, positive and negative, one pass each;
 - inter-class dispersion: pairwise exp(-t ||w_i - w_j||^2) over class blocks (|w_i|^2 + |w_j|^2 - 2 w_i.w_j on
   tiles), so memory is linear in the number of classes: the C x C matrix is never stored, forward or backward;
@@ -18,6 +23,8 @@ import types
 
 import torch
 import torch.nn.functional as F
+
+from .attention import use_triton
 
 try:
     import triton
@@ -49,6 +56,16 @@ def _check_labels(labels, n, what):
 
 # ----------------------------------------------------------------------------------------------------------
 # pull-push: mean_b max(||a - p + eps|| - ||a - n + eps|| + margin, 0)
+
+
+def pull_push_reference(anchor, positive, negative, margin=1.5):
+    """DAPT's visual pull-push: mean_b max(d(a, p) - d(a, n) + margin, 0), d(a, b) = ||a - b + 1e-6||_2.
+
+    The semantics of torch.nn.functional.triplet_margin_loss (p=2, eps=1e-6, no swap). anchor, positive,
+    negative: [B, D] (DAPT passes normalised full / foreground / background features, the views detached)."""
+    d_pos = (anchor - positive + 1e-6).norm(dim=-1)
+    d_neg = (anchor - negative + 1e-6).norm(dim=-1)
+    return (d_pos - d_neg + margin).clamp_min(0).mean()
 
 
 @triton.jit
@@ -124,8 +141,8 @@ class _PullPush(torch.autograd.Function):
         return ga, gp, gn, None
 
 
-def pull_push_loss(anchor, positive, negative, margin=1.5):
-    """Fused dapt.pull_push_loss: anchor, positive, negative [B, D] -> scalar (anchor's dtype)."""
+def pull_push_triton(anchor, positive, negative, margin=1.5):
+    """pull_push_reference, fused: anchor, positive, negative [B, D] -> scalar (anchor's dtype)."""
     _need_triton()
     if anchor.dim() != 2 or positive.shape != anchor.shape or negative.shape != anchor.shape:
         raise ValueError(f"kernels.pull_push_loss: anchor, positive, negative must all be [B, D], got "
@@ -133,8 +150,28 @@ def pull_push_loss(anchor, positive, negative, margin=1.5):
     return _PullPush.apply(anchor, positive, negative, float(margin)).mean().to(anchor.dtype)
 
 
+def pull_push_loss(anchor, positive, negative, margin=1.5, backend=None):
+    """DAPT's visual pull-push (pull_push_reference), fused on CUDA; differentiable in all three inputs."""
+    if use_triton(backend, anchor, positive, negative):
+        return pull_push_triton(anchor, positive, negative, margin)
+    return pull_push_reference(anchor, positive, negative, margin)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # inter-class dispersion: mean_{i<j} exp(-t ||w_i - w_j||^2), tiled over class blocks
+
+
+def inter_dispersion_reference(text_features, t=2.0):
+    """Distribution-aware PT's inter-class dispersion: mean over pairs i < j of exp(-t ||w_i - w_j||^2).
+
+    text_features: [C, D] (the method passes L2-normalised class features). Computed in float32."""
+    w = text_features.float()
+    C = w.shape[0]
+    if C < 2:
+        return w.sum() * 0.0
+    d2 = (w[:, None, :] - w[None, :, :]).pow(2).sum(-1)  # [C, C]
+    i, j = torch.triu_indices(C, C, offset=1, device=w.device)
+    return torch.exp(-t * d2[i, j]).mean()
 
 
 @triton.jit
@@ -219,8 +256,8 @@ class _InterDispersion(torch.autograd.Function):
         return gw, None
 
 
-def inter_dispersion_loss(text_features, t=2.0):
-    """Fused dapt.inter_dispersion_loss: text_features [C, D] -> float32 scalar; memory O(C), not O(C^2)."""
+def inter_dispersion_triton(text_features, t=2.0):
+    """inter_dispersion_reference, fused: text_features [C, D] -> float32 scalar; memory O(C), not O(C^2)."""
     _need_triton()
     if text_features.dim() != 2:
         raise ValueError(f"kernels.inter_dispersion_loss: text_features must be [C, D], got "
@@ -230,8 +267,21 @@ def inter_dispersion_loss(text_features, t=2.0):
     return _InterDispersion.apply(text_features, float(t))
 
 
+def inter_dispersion_loss(text_features, t=2.0, backend=None):
+    """Distribution-aware PT's inter-class dispersion (inter_dispersion_reference); memory linear in C on CUDA."""
+    if use_triton(backend, text_features):
+        return inter_dispersion_triton(text_features, t)
+    return inter_dispersion_reference(text_features, t)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # intra-class dispersion: mean_{b, d} (z_bd - proto_{y_b, d})^2
+
+
+def intra_dispersion_reference(image_features, prototypes, labels):
+    """Distribution-aware PT's intra-class dispersion: mean over batch and dimensions of
+    (z_b - proto_{y_b})^2. image_features [B, D], prototypes [C, D] (fixed), labels [B]."""
+    return (image_features.float() - prototypes.float()[labels]).pow(2).mean()
 
 
 @triton.jit
@@ -289,8 +339,8 @@ class _IntraDispersion(torch.autograd.Function):
         return gz.to(z.dtype), g_proto, None
 
 
-def intra_dispersion_loss(image_features, prototypes, labels):
-    """Fused dapt.intra_dispersion_loss: image_features [B, D], prototypes [C, D], labels [B] -> float32 scalar."""
+def intra_dispersion_triton(image_features, prototypes, labels):
+    """intra_dispersion_reference, fused: image_features [B, D], prototypes [C, D], labels [B] -> float32 scalar."""
     _need_triton()
     if image_features.dim() != 2 or prototypes.dim() != 2 or prototypes.shape[1] != image_features.shape[1]:
         raise ValueError(f"kernels.intra_dispersion_loss: image_features [B, D] and prototypes [C, D] expected, "
@@ -299,9 +349,37 @@ def intra_dispersion_loss(image_features, prototypes, labels):
     return _IntraDispersion.apply(image_features, prototypes, labels.contiguous())
 
 
+def intra_dispersion_loss(image_features, prototypes, labels, backend=None):
+    """Distribution-aware PT's intra-class dispersion (intra_dispersion_reference), a fused gather on CUDA."""
+    if use_triton(backend, image_features, prototypes):
+        return intra_dispersion_triton(image_features, prototypes, labels)
+    return intra_dispersion_reference(image_features, prototypes, labels)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # proxy-anchor: per proxy k, log(1 + sum_{i: y_i = k} exp(-alpha (s_ik - delta))) and
 # log(1 + sum_{i: y_i != k} exp(alpha (s_ik + delta))), s = scale * cos(x_i, p_k)
+
+
+def proxy_anchor_reference(samples, proxies, labels, alpha=32.0, delta=0.1, scale=1.0, paper_norm=False):
+    """Proxy-Anchor (DA-VPT): samples [B, D], proxies [M, D], labels [B] in 0..M-1 (mapped class -> proxy).
+
+    sim = scale * cos(x_i, p_k);
+    L = (1/M) sum_k log(1 + sum_{i: k_i = k} exp(-alpha (sim_ik - delta)))
+      + (1/M) sum_k log(1 + sum_{i: k_i != k} exp( alpha (sim_ik + delta))).
+    A proxy without positives adds 0 to the first sum but counts in its 1/M; paper_norm divides the first sum
+    by the number of proxies with positives instead (the paper's Eq. 4). log(1 + sum exp) is evaluated as a
+    logsumexp with a zero term, so large scales do not overflow."""
+    sim = scale * F.normalize(samples.float(), dim=-1) @ F.normalize(proxies.float(), dim=-1).t()  # [B, M]
+    M = proxies.shape[0]
+    pos = F.one_hot(labels, M).bool()  # [B, M]
+    zeros = sim.new_zeros(1, M)
+    pos_logits = torch.cat([zeros, (-alpha * (sim - delta)).masked_fill(~pos, float("-inf"))], dim=0)
+    neg_logits = torch.cat([zeros, (alpha * (sim + delta)).masked_fill(pos, float("-inf"))], dim=0)
+    pos_term = torch.logsumexp(pos_logits, dim=0)  # [M], 0 for a proxy without positives
+    neg_term = torch.logsumexp(neg_logits, dim=0)  # [M]
+    n_pos = pos.any(0).sum().clamp_min(1) if paper_norm else M
+    return pos_term.sum() / n_pos + neg_term.sum() / M
 
 
 @triton.jit
@@ -392,8 +470,8 @@ class _ProxyAnchor(torch.autograd.Function):
         return dsim @ p, dsim.t() @ x, None, None, None, None
 
 
-def proxy_anchor_loss(samples, proxies, labels, alpha=32.0, delta=0.1, scale=1.0, paper_norm=False):
-    """Fused dapt.proxy_anchor_loss: samples [B, D], proxies [M, D], labels [B] in 0..M-1 -> float32 scalar."""
+def proxy_anchor_triton(samples, proxies, labels, alpha=32.0, delta=0.1, scale=1.0, paper_norm=False):
+    """proxy_anchor_reference, fused: samples [B, D], proxies [M, D], labels [B] in 0..M-1 -> float32 scalar."""
     _need_triton()
     if samples.dim() != 2 or proxies.dim() != 2 or proxies.shape[1] != samples.shape[1]:
         raise ValueError(f"kernels.proxy_anchor_loss: samples [B, D] and proxies [M, D] expected, got "
@@ -405,3 +483,10 @@ def proxy_anchor_loss(samples, proxies, labels, alpha=32.0, delta=0.1, scale=1.0
     pos_term, neg_term = _ProxyAnchor.apply(x, p, labels.contiguous(), float(alpha), float(delta), float(scale))
     n_pos = (torch.bincount(labels, minlength=M) > 0).sum().clamp_min(1) if paper_norm else M
     return pos_term.sum() / n_pos + neg_term.sum() / M
+
+
+def proxy_anchor_loss(samples, proxies, labels, alpha=32.0, delta=0.1, scale=1.0, paper_norm=False, backend=None):
+    """Proxy-Anchor (DA-VPT; proxy_anchor_reference); similarity and both reductions in one kernel on CUDA."""
+    if use_triton(backend, samples, proxies):
+        return proxy_anchor_triton(samples, proxies, labels, alpha, delta, scale, paper_norm)
+    return proxy_anchor_reference(samples, proxies, labels, alpha, delta, scale, paper_norm)

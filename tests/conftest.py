@@ -8,7 +8,13 @@ import sys
 os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import json  # noqa: E402
+import struct  # noqa: E402
+
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import clip as clip_module  # noqa: E402
 
 # A small toy benchmark and a briefly pretrained toy CLIP, shared by every end-to-end test of the session.
 # The real toy CLIP recipe (train.TOY_PRETRAIN) takes minutes; tests only need a CLIP that runs through the
@@ -66,3 +72,98 @@ def interrupt_at_epoch(monkeypatch, epoch):
 
     monkeypatch.setattr(train, "train_one_epoch", interrupted)
     return lambda: monkeypatch.setattr(train, "train_one_epoch", real)
+
+
+def cli_error(capsys, main, argv):
+    """Run a command line's main(argv) that must fail with one clear line: returns (exit code, stderr)."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    return e.value.code, capsys.readouterr().err
+
+
+# A small random CLIP with OpenAI's names (real BPE vocabulary, 77 tokens), built through the project's CLIP class.
+SMALL_CONFIG = dict(embed_dim=64, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
+                    context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
+                    transformer_layers=2)
+
+
+def random_clip(config=SMALL_CONFIG, seed=0):
+    """A CLIP with OpenAI's initialisation drawn under a seed, without touching the global random state."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = clip_module.CLIP(**config)
+    return model.eval()
+
+
+def save_safetensors(tensors, path, metadata=None):
+    """Write name -> tensor as a .safetensors file (clip.read_safetensors and the safetensors package read it)."""
+    codes = {v: k for k, v in clip_module.SAFETENSORS_DTYPES.items()}
+    header, chunks, offset = {}, [], 0
+    for name, t in tensors.items():
+        raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": codes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)  # keeps the data 8-byte aligned, as the reference writer does
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        for c in chunks:
+            f.write(c)
+
+
+# A random toy-shaped CLIP (2 layers per tower, 32 px, patch 8) and a batch with box foreground masks: the method
+# tests check wiring (which tensors get gradients, masks, schedules), not accuracy.
+TINY_TOY_CONFIG = dict(embed_dim=64, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
+                       context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
+                       transformer_layers=2)
+NAMES = ["red circle", "red square", "blue circle", "green cross"]
+
+
+def make_clip(seed=0):
+    return random_clip(TINY_TOY_CONFIG, seed=seed)
+
+
+def toy_batch(B=4, seed=0, patch=8):
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, 3, 32, 32, generator=g)
+    m = torch.zeros(B, 1, 32, 32)
+    for b in range(B):  # a box of foreground per image
+        i, j = torch.randint(0, 16, (2,), generator=g).tolist()
+        m[b, :, i:i + 14, j:j + 14] = 1
+    return {"image": x, "label": torch.arange(B) % len(NAMES), "fg_mask": m,
+            "fg_frac": F.avg_pool2d(m, patch).flatten(1)}
+
+
+def grads(model):
+    return {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture(scope="module")
+def random_toy(tmp_path_factory):
+    """(root holding a tiny toy benchmark: 4 train / 1 val / 2 test images per class, a random toy CLIP's path)."""
+    import data
+
+    root = tmp_path_factory.mktemp("toydata")
+    data.make_toy(str(root), per_class={"train": 4, "val": 1, "test": 2})
+    path = str(root / "random_toy_clip.pt")
+    torch.save(make_clip().state_dict(), path)
+    return str(root), path
+
+
+def run_random_toy(random_toy, out, *args):
+    """train.main on the random toy: base classes, 4 shots, no warm-up."""
+    import train
+
+    root, clip_path = random_toy
+    return train.main(["--dataset", "toy", "--root", root, "--out", str(out), "--clip", clip_path, "--subsample",
+                       "base", "--shots", "4", "--warmup-epochs", "0", "--log-every", "1000", *args])
+
+
+def metrics_of(folder):
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]

@@ -16,13 +16,13 @@ import pytest
 import torch
 
 import clip
-from conftest import clip_features
+from conftest import clip_features, random_clip, save_safetensors
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")
 
 @pytest.fixture(scope="module")
 def model():
-    return clip.random_clip(seed=0)
+    return random_clip(seed=0)
 
 
 def assert_same_features(a, b):
@@ -88,7 +88,7 @@ def test_safetensors_reader_and_writer_round_trip(tmp_path):
                "u8": torch.arange(7, dtype=torch.uint8), "bool": torch.tensor([True, False, True]),
                "scalar": torch.tensor(4.5), "empty": torch.zeros(0, 3)}
     path = tmp_path / "t.safetensors"
-    clip.save_safetensors(tensors, path, metadata={"format": "pt"})
+    save_safetensors(tensors, path, metadata={"format": "pt"})
     raw = path.read_bytes()
     assert (8 + int.from_bytes(raw[:8], "little")) % 8 == 0  # data aligned
     back = clip.read_safetensors(path)
@@ -141,7 +141,7 @@ def test_safetensors_openai_and_hugging_face_names(tmp_path, model, hf_names):
         sd = openai_to_hf(sd)
         assert not any(k.startswith(("visual.", "transformer.")) for k in sd)
     path = tmp_path / ("model.safetensors" if hf_names else "open_clip_model.safetensors")
-    clip.save_safetensors(sd, path)
+    save_safetensors(sd, path)
     assert_same_features(clip.load_clip(path), model)
 
 
@@ -150,7 +150,7 @@ def test_hugging_face_key_without_equivalent_is_an_error(tmp_path, model):
     sd["vision_model.encoder.layers.0.self_attn.rotary.weight"] = torch.zeros(2)
     del sd["text_model.encoder.layers.1.self_attn.v_proj.bias"]
     path = tmp_path / "hf.safetensors"
-    clip.save_safetensors(sd, path)
+    save_safetensors(sd, path)
     with pytest.raises(clip.CheckpointError, match=r"hf.safetensors.*no OpenAI equivalent") as e:
         clip.load_clip(path)
     assert "rotary.weight" in str(e.value) and "transformer.resblocks.1.attn.in_proj_bias" in str(e.value)
@@ -163,7 +163,7 @@ def test_hugging_face_key_without_equivalent_is_an_error(tmp_path, model):
 def torchscript(tmp_path_factory, model):
     """(path, eager reference) of an OpenAI-like archive: a traced CLIP in float16 with OpenAI's extra entries
     (input_resolution, context_length, vocab_size, text attn_mask); names are module attribute paths."""
-    m = clip.random_clip(seed=0)
+    m = random_clip(seed=0)
     del m.context_length  # a plain int attribute here; a tensor in OpenAI's archives
     for name, value in [("input_resolution", 32), ("context_length", 77), ("vocab_size", 49408)]:
         m.register_buffer(name, torch.tensor(value))
@@ -176,7 +176,7 @@ def torchscript(tmp_path_factory, model):
     traced.half()  # OpenAI's archives hold float16 weights
     path = tmp_path_factory.mktemp("ts") / "ViT-tiny.pt"
     traced.save(str(path))
-    reference = clip.random_clip(seed=0).half().float()
+    reference = random_clip(seed=0).half().float()
     return path, reference
 
 
@@ -410,7 +410,7 @@ def test_errors_name_the_file_and_what_was_expected(tmp_path, model, case, patte
     elif case == "not clip":
         torch.save({"fc.weight": torch.zeros(2, 2)}, path)
     elif case.endswith("safetensors") or path.suffix == ".safetensors":
-        clip.save_safetensors({"visual.proj": sd["visual.proj"], "a": torch.zeros(2)}, path)
+        save_safetensors({"visual.proj": sd["visual.proj"], "a": torch.zeros(2)}, path)
         raw = bytearray(path.read_bytes())
         n = int.from_bytes(raw[:8], "little")
 

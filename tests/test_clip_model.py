@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import clip
-from conftest import clip_features
+from conftest import SMALL_CONFIG, clip_features, random_clip
 
 
 def meta_state_dict(config):
@@ -14,7 +14,7 @@ def meta_state_dict(config):
 
 
 @pytest.mark.parametrize("config, tokens", [(clip.VIT_B16_CONFIG, 197), (clip.VIT_B32_CONFIG, 50),
-                                            (clip.VIT_L14_CONFIG, 257), (clip.SMALL_CONFIG, 17)])
+                                            (clip.VIT_L14_CONFIG, 257), (SMALL_CONFIG, 17)])
 def test_infer_config_from_shapes(config, tokens):
     sd = meta_state_dict(config)
     assert sd["visual.positional_embedding"].shape[0] == tokens  # 1 + (R / p)^2
@@ -27,13 +27,13 @@ def test_infer_config_reads_every_size_from_the_checkpoint():
                   context_length=20, vocab_size=300, transformer_width=192, transformer_heads=3, transformer_layers=1)
     sd = meta_state_dict(config)
     assert clip.infer_config(sd) == config
-    model = clip.build_clip(clip.random_clip(config).state_dict())
+    model = clip.build_clip(random_clip(config).state_dict())
     assert model.visual.transformer.resblocks[0].attn.heads == 2 and model.transformer.resblocks[0].attn.heads == 3
     assert model.encode_image(torch.zeros(2, 3, 36, 36)).shape == (2, 48)
 
 
 def test_build_clip_strict_round_trip():
-    model = clip.random_clip(seed=3)
+    model = random_clip(seed=3)
     sd = model.state_dict()
     rebuilt = clip.build_clip(sd)
     assert rebuilt.config == model.config and not rebuilt.training
@@ -50,10 +50,10 @@ def test_build_clip_strict_round_trip():
 
 
 def test_openai_non_tensor_entries_are_ignored():
-    sd = clip.random_clip().state_dict()
+    sd = random_clip().state_dict()
     extras = {"input_resolution": 32, "context_length": torch.tensor(77), "vocab_size": 49408}
     model = clip.build_clip({**sd, **extras})
-    assert model.config == clip.SMALL_CONFIG
+    assert model.config == SMALL_CONFIG
 
 
 def test_resnet_checkpoint_is_not_supported(tmp_path):
@@ -71,7 +71,7 @@ def test_resnet_checkpoint_is_not_supported(tmp_path):
 def test_not_a_clip_state_dict():
     with pytest.raises(ValueError, match="visual.proj"):
         clip.infer_config({"fc.weight": torch.zeros(2, 2)})
-    sd = clip.random_clip().state_dict()
+    sd = random_clip().state_dict()
     del sd["token_embedding.weight"]
     with pytest.raises(ValueError, match="token_embedding.weight"):
         clip.infer_config(sd)

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-import clip
 import tokenizer
+from conftest import SMALL_CONFIG, random_clip
 
 GOLDEN = json.load(open(os.path.join(os.path.dirname(__file__), "golden", "clip_features.json"), encoding="ascii"))
 
 
 @pytest.fixture(scope="module")
 def model():
-    m = clip.random_clip(clip.SMALL_CONFIG, seed=0)
+    m = random_clip(SMALL_CONFIG, seed=0)
     changed = [k for k, (s, s2) in GOLDEN["state_fingerprint"].items()
                if k not in m.state_dict() or not all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-5) for a, b in
                                                      zip((s, s2), _fingerprint(m.state_dict()[k])))]
@@ -36,7 +36,7 @@ def _fingerprint(t):
 
 
 def test_config_matches_golden():
-    assert GOLDEN["config"] == clip.SMALL_CONFIG
+    assert GOLDEN["config"] == SMALL_CONFIG
 
 
 def test_tokenizer_matches_open_clip_on_feature_texts():

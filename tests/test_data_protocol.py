@@ -398,3 +398,17 @@ def test_help(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "check" in out and "toy" in out and "caltech101" in out and "DATASETS.md" in out
+
+
+def test_class_balanced_sampler():
+    """official_optim's sampler: consecutive pairs share a class, every sample once per epoch, seeded."""
+    labels = [i % 5 for i in range(23)]  # 5 classes, uneven counts
+    s = data.EpochSampler(len(labels), True, seed=3, labels=labels, per_class=2)
+    s.epoch = 1
+    order = [i for i, _ in s]
+    assert sorted(order) == list(range(23))
+    # counts 5, 5, 5, 4, 4 -> 10 full pairs first (each one class), the 3 leftover images last
+    assert all(labels[a] == labels[b] for a, b in zip(order[0:20:2], order[1:20:2]))
+    assert order == [i for i, _ in s]  # same seed and epoch: same order
+    s.epoch = 2
+    assert order != [i for i, _ in s]

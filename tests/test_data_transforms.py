@@ -79,11 +79,11 @@ def test_modes_convert_to_rgb_and_generator_reproducible():
 
 
 def test_constants_and_resize_only():
-    c = data.transform_constants(True, size=224, scale=(0.5, 1.0))
+    c = data.build_transform(True, size=224, scale=(0.5, 1.0)).constants()
     assert c["scale"] == [0.5, 1.0] and c["ratio"] == [0.75, 4 / 3] and c["interpolation"] == "bicubic"
     assert c["mean"] == list(data.CLIP_MEAN) and c["std"] == list(data.CLIP_STD) and c["hflip"] == 0.5
     assert c["mask_interpolation"] == "nearest" and "RandomResizedCrop" in c["geometry"]
-    assert "center crop" in data.transform_constants(False)["geometry"]
+    assert "center crop" in data.build_transform(False).constants()["geometry"]
     img = Image.fromarray(mtg.make_image(50, 20))
     r = data.build_transform(True, size=16, resize_only=True)
     np.testing.assert_array_equal(_u8(r, img), np.asarray(img.resize((16, 16), Image.BICUBIC)))

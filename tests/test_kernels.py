@@ -7,11 +7,11 @@ largest reference value; low-precision kernels are compared with the float32 ref
 inputs. Interpreter limitation: bfloat16 arithmetic is broken there (values are stored as uint16), so the
 kernels convert bfloat16 tiles to float32 after loading on the CPU (see kernels/attention.py).
 """
-import sys
 import types
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import dapt
 import kernels
@@ -242,17 +242,21 @@ def test_loss_labels_checked():
 
 
 def test_dispatch_cpu_uses_reference(monkeypatch):
-    """backend=None on CPU tensors runs the references (the kernels are made to fail if reached)."""
+    """backend=None on CPU tensors runs the references (attention: SDPA) (the kernels are made to fail if reached)."""
     def boom(*a, **k):
         raise AssertionError("Triton path taken on CPU with backend=None")
 
     monkeypatch.setattr(attn, "triton_attention", boom)
-    for name in ("pull_push_loss", "inter_dispersion_loss", "intra_dispersion_loss", "proxy_anchor_loss"):
-        monkeypatch.setattr(losses, name, boom)
+    for name in ("pull_push", "inter_dispersion", "intra_dispersion", "proxy_anchor"):
+        monkeypatch.setattr(losses, name + "_triton", boom)
     torch.manual_seed(7)
     q, k, v = qkv(1, 2, 9, 16, torch.float32)
     m = torch.rand(1, 9) < 0.5
-    assert torch.equal(kernels.masked_attention(q, k, v, m), attn.attention_reference(q, k, v, m))
+    m[:, 0] = True  # SDPA gives NaN for a row that sees no key
+    sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=m[:, None, None, :])
+    assert torch.equal(kernels.masked_attention(q, k, v, m), sdpa)
+    torch.testing.assert_close(kernels.masked_attention(q, k, v, m, backend="eager"), attn.attention_reference(q, k, v, m))
+    assert torch.equal(kernels.masked_attention(q, k, v, m, backend="torch"), attn.attention_reference(q, k, v, m))
     x, y, z = torch.randn(3, 6, 8).unbind(0)
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
     assert torch.equal(kernels.pull_push_loss(x, y, z), dapt.pull_push_loss(x, y, z))
@@ -266,15 +270,105 @@ def test_dispatch_cpu_uses_reference(monkeypatch):
 def test_dispatch_without_triton(monkeypatch):
     """CUDA tensors but triton not importable -> reference; a bad backend name is a clear error."""
     cuda_like = types.SimpleNamespace(is_cuda=True)
-    assert kernels._use_triton(None, cuda_like)
-    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` now raises ImportError
-    assert not kernels._use_triton(None, cuda_like)
-    assert kernels._use_triton("triton", cuda_like) and not kernels._use_triton("torch", cuda_like)
+    assert kernels.use_triton(None, cuda_like)
+    monkeypatch.setattr(attn, "triton", types.SimpleNamespace(jit=lambda f: f, constexpr=None))  # no triton
+    assert not kernels.use_triton(None, cuda_like)
+    assert kernels.use_triton("triton", cuda_like) and not kernels.use_triton("torch", cuda_like)
     with pytest.raises(ValueError, match="expected None, 'triton' or 'torch'"):
-        kernels._use_triton("cuda", cuda_like)
+        kernels.use_triton("cuda", cuda_like)
 
 
 def test_forced_triton_without_package(monkeypatch):
     monkeypatch.setattr(losses, "triton", types.SimpleNamespace(jit=lambda f: f, constexpr=None))
     with pytest.raises(RuntimeError, match="needs the triton package"):
         kernels.inter_dispersion_loss(torch.randn(3, 4), backend="triton")
+
+# ----------------------------------------------------------------------------------------------------------
+# the references against the losses' formulas (float64 loops)
+
+
+def test_pull_push_equals_triplet_margin_loss():
+    g = torch.Generator().manual_seed(0)
+    a, p, n = (F.normalize(torch.randn(16, 32, generator=g), dim=-1) for _ in range(3))
+    for margin in (1.5, 0.3):
+        ref = F.triplet_margin_loss(a, p, n, margin=margin, p=2, eps=1e-6, swap=False)
+        assert torch.allclose(dapt.pull_push_loss(a, p, n, margin=margin), ref, atol=1e-6)
+
+
+def inter_by_loops(w, t):
+    C, total, pairs = w.shape[0], 0.0, 0
+    for i in range(C):
+        for j in range(i + 1, C):
+            total = total + torch.exp(-t * ((w[i] - w[j]) ** 2).sum())
+            pairs += 1
+    return total * (2.0 / (C * (C - 1)))
+
+
+def intra_by_loops(z, protos, labels):
+    B, D = z.shape
+    total = 0.0
+    for b in range(B):
+        for d in range(D):
+            total = total + (z[b, d] - protos[labels[b], d]) ** 2
+    return total / (B * D)
+
+
+def proxy_anchor_by_loops(x, p, labels, alpha, delta, scale, paper_norm=False):
+    M = p.shape[0]
+    pos_sum, neg_sum, with_pos = 0.0, 0.0, 0
+    for k in range(M):
+        pos, neg, has_pos = 0.0, 0.0, False
+        for i in range(x.shape[0]):
+            sim = scale * (x[i] @ p[k]) / (x[i].norm() * p[k].norm())
+            if int(labels[i]) == k:
+                pos = pos + torch.exp(-alpha * (sim - delta))
+                has_pos = True
+            else:
+                neg = neg + torch.exp(alpha * (sim + delta))
+        pos_sum = pos_sum + torch.log(1 + torch.as_tensor(pos, dtype=torch.float64))
+        neg_sum = neg_sum + torch.log(1 + torch.as_tensor(neg, dtype=torch.float64))
+        with_pos += has_pos
+    return pos_sum / (max(with_pos, 1) if paper_norm else M) + neg_sum / M
+
+
+def check_value_and_grads(ours, ref, inputs, rtol=1e-5):
+    """Same value and same gradients w.r.t. every input (the references compute in float32)."""
+    torch.testing.assert_close(ours.double(), ref, rtol=rtol, atol=1e-7)
+    g_ours = torch.autograd.grad(ours, inputs)
+    g_ref = torch.autograd.grad(ref, inputs)
+    for a, b in zip(g_ours, g_ref):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-6)
+
+
+def test_inter_dispersion_equals_formula():
+    g = torch.Generator().manual_seed(0)
+    w = torch.nn.functional.normalize(torch.randn(6, 9, generator=g, dtype=torch.float64), dim=-1).requires_grad_()
+    for t in (2.0, 0.5):
+        check_value_and_grads(dapt.inter_dispersion_loss(w, t=t), inter_by_loops(w, t), [w])
+    assert dapt.inter_dispersion_loss(w[:1]).item() == 0.0  # one class: no pair
+
+
+def test_intra_dispersion_equals_formula():
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(5, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    protos = torch.randn(3, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 2, 2, 1, 0])
+    check_value_and_grads(dapt.intra_dispersion_loss(z, protos, labels), intra_by_loops(z, protos, labels), [z, protos])
+
+
+@pytest.mark.parametrize("labels, scale, paper_norm", [
+    ([0, 1, 1, 2, 0, 2, 1], 1.0, False),  # proxy 3 has no positive in the batch: counts in 1/M only
+    ([0, 1, 1, 2, 0, 2, 1], 1.0, True),   # the paper's normalisation: over the 3 proxies with positives
+    ([2, 2, 2, 2, 2, 2, 2], 1.0, False),  # one class in the batch
+    ([3, 0, 1, 2, 3, 0, 1], 5.0, False),  # a larger cosine scale
+])
+def test_proxy_anchor_equals_formula(labels, scale, paper_norm):
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(7, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    p = torch.randn(4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor(labels)
+    ours = dapt.proxy_anchor_loss(x, p, y, alpha=32.0, delta=0.1, scale=scale, paper_norm=paper_norm)
+    ref = proxy_anchor_by_loops(x, p, y, 32.0, 0.1, scale, paper_norm)
+    assert torch.isfinite(ours)
+    check_value_and_grads(ours, ref, [x, p])

@@ -5,14 +5,16 @@ import torch
 
 import clip as clip_module
 import dapt
+import data
 import train
+from conftest import NAMES as TOY_NAMES, SMALL_CONFIG, TINY_TOY_CONFIG, random_clip, toy_batch
 
 NAMES = ["red circle", "blue square", "green_triangle", "yellow cross"]
 
 
 @pytest.fixture(scope="module")
 def clip():
-    return clip_module.random_clip(clip_module.SMALL_CONFIG, seed=0)
+    return random_clip(SMALL_CONFIG, seed=0)
 
 
 def cfg_of(method, **kw):
@@ -138,9 +140,23 @@ def test_maple_size_at_vit_b16():
 
 
 def test_zero_shot_ensemble_is_renormalised_mean(clip):
-    templates = ["a photo of a {}.", "itap of a {}."]
-    model = dapt.ZeroShotCLIP(clip, NAMES, {"templates": templates})
+    model = dapt.ZeroShotCLIP(clip, NAMES, {"ensemble": "select", "template": "{} texture.", "dataset": "dtd"})
+    templates = list(data.SELECT_TEMPLATES) + ["{} texture."]  # CoOp's 7, plus the dataset's own
+    assert model.templates == templates
     each = [dapt.encode_texts(clip, [t.format(n.replace("_", " ")) for n in NAMES]) for t in templates]
-    torch.testing.assert_close(model.text_features(), dapt.normalize(sum(each) / 2))
+    torch.testing.assert_close(model.text_features(), dapt.normalize(sum(each) / len(templates)))
     logits = model(torch.randn(2, 3, 32, 32))
     assert logits.shape == (2, 4)
+
+
+def test_kgcoop_term_is_zero_at_the_template_init():
+    cfg = train.resolve_config("kgcoop", "toy", {})
+    model = dapt.KgCoOp(random_clip(TINY_TOY_CONFIG), TOY_NAMES, dict(cfg, template="a photo of a {}."))
+    loss, stats = model.loss(toy_batch(), 0)
+    assert abs(stats["L_kg"]) < 1e-5  # ctx = "a photo of a" reproduces the template prompt exactly
+    with torch.no_grad():
+        model.ctx.add_(0.5 * torch.randn_like(model.ctx))
+    loss2, stats2 = model.loss(toy_batch(), 0)
+    assert stats2["L_kg"] > 1e-3
+    loss2.backward()
+    assert model.ctx.grad.abs().sum() > 0

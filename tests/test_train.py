@@ -3,14 +3,16 @@ is the protocol's formula, a NaN stops cleanly, tables match hand computations, 
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
 
 import dapt
+import data
 import eval as evaluation
 import train
-from conftest import interrupt_at_epoch
+from conftest import cli_error, interrupt_at_epoch
 
 
 def run(toy_root, out, method, *extra, subsample="base", shots=4, epochs=3):
@@ -67,43 +69,6 @@ def test_zero_shot_run(toy_root, tmp_path):
     assert result["config"]["epochs"] == 0
 
 
-def test_eval_run_reproduces_new_class_accuracy(toy_root, tmp_path):
-    result = run(toy_root, tmp_path, "coop", "--lr", "0.05", "--batch", "8", epochs=2)
-    d = run_dir(tmp_path, "coop")
-    out = evaluation.main(["run", d, "--subsample", "new"])
-    assert out[d]["toy"] == pytest.approx(result["accuracy"]["new"])
-    assert os.path.exists(os.path.join(d, "eval_toy_new.json"))
-
-
-def test_cross_dataset_evaluation(toy_root, tmp_path):
-    """A toy run evaluated on another dataset (a tiny fake EuroSAT in the CoOp layout, 64 px images): its class
-    names and template replace the run's, images are resized to the run's CLIP resolution."""
-    import numpy as np
-    from PIL import Image
-
-    run(toy_root, tmp_path / "runs", "coop", "--lr", "0.05", "--batch", "8", epochs=1)
-    d = run_dir(tmp_path / "runs", "coop")
-    root = tmp_path / "data"
-    names = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture", "PermanentCrop",
-             "Residential", "River", "SeaLake"]
-    split = {"train": [], "val": [], "test": []}
-    rng = np.random.default_rng(0)
-    for label, name in enumerate(names):
-        os.makedirs(root / "eurosat" / "2750" / name)
-        for i in range(2):
-            rel = f"{name}/{name}_{i}.jpg"
-            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "eurosat" / "2750" / rel)
-            for s in split:
-                split[s].append([rel, label, name])
-    with open(root / "eurosat" / "split_zhou_EuroSAT.json", "w") as f:
-        json.dump(split, f)
-    out = evaluation.main(["run", d, "--dataset", "eurosat", "--root", str(root)])
-    assert 0 <= out[d]["eurosat"] <= 100
-    with open(os.path.join(d, "eval_eurosat_all.json")) as f:
-        record = json.load(f)
-    assert record["images"] == 20 and record["trained_on"] == "toy"
-
-
 def test_zero_shot_select_ensemble(toy_root):
     cfg = train.resolve_config("zsclip", "toy", {"ensemble": "select"})
     clip = train.load_backbone(cfg, toy_root, "cpu")
@@ -125,7 +90,7 @@ def test_only_prompt_parameters_change(toy_root, tmp_path):
     assert not torch.equal(trained["compound_prompts"], fresh.compound_prompts)  # it did train
 
 
-def test_resume_matches_uninterrupted_run(toy_root, tmp_path, monkeypatch):
+def test_resume_matches_uninterrupted_run(toy_root, tmp_path, monkeypatch, capsys):
     extra = ["--lr", "0.05", "--batch", "8"]
     run(toy_root, tmp_path / "full", "coop", *extra, epochs=4)
     # the interrupted run: Ctrl-C during the third epoch leaves the checkpoint of the second
@@ -137,8 +102,9 @@ def test_resume_matches_uninterrupted_run(toy_root, tmp_path, monkeypatch):
     assert not os.path.exists(os.path.join(d, "result.json"))
     assert torch.load(os.path.join(d, "resume.pt"), weights_only=False)["epoch"] == 1
     restore()
-    with pytest.raises(SystemExit, match="--resume"):  # refusing to overwrite a run silently
+    with pytest.raises(SystemExit) as e:  # refusing to overwrite a run silently
         run(toy_root, tmp_path / "cut", "coop", *extra, epochs=4)
+    assert e.value.code == 1 and "--resume" in capsys.readouterr().err
     resumed = run(toy_root, tmp_path / "cut", "coop", *extra, "--resume", epochs=4)
     full = torch.load(os.path.join(run_dir(tmp_path / "full", "coop"), "checkpoint.pt"), weights_only=False)
     cut = torch.load(os.path.join(d, "checkpoint.pt"), weights_only=False)
@@ -148,7 +114,7 @@ def test_resume_matches_uninterrupted_run(toy_root, tmp_path, monkeypatch):
         assert resumed["accuracy"] == pytest.approx(json.load(f)["accuracy"])
 
 
-def test_nan_loss_stops_and_keeps_last_checkpoint(toy_root, tmp_path, monkeypatch):
+def test_nan_loss_stops_and_keeps_last_checkpoint(toy_root, tmp_path, monkeypatch, capsys):
     extra = ["--lr", "0.05", "--batch", "8"]
     real = dapt.CoOp.loss
 
@@ -157,8 +123,9 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(toy_root, tmp_path, monkeypatc
         return (loss * float("nan") if epoch == 1 else loss), stats
 
     monkeypatch.setattr(dapt.CoOp, "loss", nan_in_second_epoch)
-    with pytest.raises(SystemExit, match="non-finite loss: loss is nan at epoch 2, step 1"):
+    with pytest.raises(SystemExit) as e:
         run(toy_root, tmp_path, "coop", *extra, epochs=3)
+    assert e.value.code == 1 and "non-finite loss: loss is nan at epoch 2, step 1" in capsys.readouterr().err
     d = run_dir(tmp_path, "coop")
     ckpt = torch.load(os.path.join(d, "checkpoint.pt"), weights_only=False)
     assert torch.isfinite(ckpt["params"]["ctx"]).all()
@@ -184,40 +151,15 @@ def test_lr_schedule_equals_formula():
     assert train.resolve_config("coop", "imagenet", dict(shots=16))["epochs"] == 50
 
 
-def fake_result(root, method, dataset, seed, base, new):
-    d = os.path.join(root, "b2n", dataset, method, f"shots16_seed{seed}")
-    os.makedirs(d)
-    train.write_json(os.path.join(d, "result.json"), dict(
-        method=method, dataset=dataset, setting="b2n", shots=16, seed=seed, tag="",
-        accuracy=dict(base=base, new=new, hm=0)))
-
-
-def test_eval_table_matches_hand_computation(tmp_path):
-    fake_result(tmp_path, "coop", "dtd", 1, 80.0, 50.0)
-    fake_result(tmp_path, "coop", "dtd", 2, 82.0, 54.0)
-    fake_result(tmp_path, "coop", "eurosat", 1, 90.0, 60.0)
-    b2n, fs = evaluation.table(str(tmp_path))
-    row = b2n["coop"]["rows"]["dtd"]
-    assert (row["base"], row["new"]) == (81.0, 52.0)
-    assert row["base_std"] == pytest.approx(math.sqrt(2))  # sample std of 80, 82
-    assert row["hm"] == pytest.approx(2 * 81 * 52 / (81 + 52))
-    avg = b2n["coop"]["average"]
-    assert (avg["base"], avg["new"]) == (85.5, 56.0)
-    assert avg["hm"] == pytest.approx(2 * 85.5 * 56 / (85.5 + 56))  # HM of the averages, not mean of HMs
-    md = open(tmp_path / "table.md").read()
-    assert "| coop | dtd | 81.00 ± 1.41 | 52.00 ± 2.83 | 63.34 | 2 |" in md
-    assert "table.csv" in os.listdir(tmp_path) and fs == {}
-
-
 @pytest.mark.parametrize("argv, message", [
     (["--method", "nope", "--dataset", "toy"], "unknown method 'nope'"),
     (["--method", "coop", "--dataset", "nope"], "unknown dataset 'nope'"),
     (["--method", "coop", "--dataset", "toy", "--n-cxt", "4"], r"unknown config key\(s\) \['n_cxt'\]"),
     (["--method", "coop", "--dataset", "toy", "--lr", "fast"], "--lr: cannot read 'fast' as float"),
 ])
-def test_bad_arguments_are_clear_errors(argv, message):
-    with pytest.raises(SystemExit, match=message):
-        train.main(argv)
+def test_bad_arguments_are_clear_errors(argv, message, capsys):
+    code, err = cli_error(capsys, train.main, argv)
+    assert code == 1 and re.search(message, err) and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_values_starting_with_a_dash():
@@ -228,3 +170,27 @@ def test_values_starting_with_a_dash():
 def test_argparse_abbreviations_are_off(capsys):
     with pytest.raises(SystemExit):
         train.main(["--meth", "coop", "--dataset", "toy"])
+
+
+def test_data_fraction(random_toy):
+    root, _ = random_toy  # 4 training images per class
+    cfg = train.resolve_config("coop", "toy", {"data_fraction": 0.5})
+    assert cfg["shots"] == 0 and "frac0.5_seed1" in train.run_dir_of("runs", cfg)
+    with pytest.raises(dapt.ConfigError, match="data-fraction"):
+        train.resolve_config("coop", "toy", {"data_fraction": 0.0})
+    counts = {}
+    for seed in (1, 2):
+        bench = data.load_benchmark("toy", root, shots=0, seed=seed)
+        full = len(bench.train)
+        bench = train.data_fraction_split(bench, 0.5, seed)
+        per_class = {}
+        for _, label, _ in bench.train:
+            per_class[label] = per_class.get(label, 0) + 1
+        assert set(per_class.values()) == {2} and len(per_class) == 24  # round(0.5 * 4) of every class
+        assert bench.meta["data_fraction"] == 0.5 and bench.meta["train_full"] == full
+        counts[seed] = [p for p, _, _ in bench.train]
+    assert counts[1] != counts[2]
+    again = train.data_fraction_split(data.load_benchmark("toy", root, shots=0, seed=1), 0.5, 1)
+    assert [p for p, _, _ in again.train] == counts[1]
+    small = train.data_fraction_split(data.load_benchmark("toy", root, shots=0, seed=1), 0.01, 1)
+    assert len(small.train) == 24  # at least one per class

@@ -1,0 +1,122 @@
+"""Distribution-aware PT (`dapt-dist`, methods.md §10): the cached class prototypes against a hand computation, the
+model's shapes and loss, and a run on the toy benchmark. The dispersion losses' formulas are tested in
+test_kernels.py."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dapt
+import data
+import train
+from conftest import random_clip
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    items = []
+    for y in range(4):
+        for i in range(3):
+            path = root / "images" / f"c{y}_{i}.png"
+            path.parent.mkdir(exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(path)
+            items.append((str(path), y, f"class{y}"))
+    names = [f"class{y}" for y in range(4)]
+    meta = dict(dataset_dir=str(root), shots=3, seed=1, subsample="all")
+    bench = data.Benchmark(items, [], [], names, "a photo of a {}.", meta)
+    tfs = {train: data.build_transform(train, size=32) for train in (True, False)}
+    return bench, random_clip(seed=0), tfs
+
+
+def test_prototypes_equal_hand_computation_and_are_cached(tiny, monkeypatch):
+    bench, clip, tfs = tiny
+    protos = dapt.class_prototypes(clip, bench, tfs[False], seed=1, device="cpu", view="test")
+    with torch.no_grad():
+        feats = [clip.encode_image(tfs[False](Image.open(p))[None])[0] for p, _, _ in bench.train]
+    feats = [f / f.norm() for f in feats]
+    for c in range(4):
+        hand = sum(f for f, (_, y, _) in zip(feats, bench.train) if y == c) / 3  # mean, not re-normalised
+        torch.testing.assert_close(protos[c], hand, rtol=1e-5, atol=1e-6)
+    assert protos.norm(dim=-1).max() < 1  # random images of a class differ: the mean is shorter than 1
+    digest = dapt.state_digest(clip.visual)[:16]
+    path = os.path.join(bench.meta["dataset_dir"], "split_fewshot", f"prototypes_shot_3-seed_1-all_{digest}_test.pt")
+    cached = torch.load(path, weights_only=False)
+    assert cached["record"]["transform"] == tfs[False].constants() and cached["record"]["seed"] == 1
+
+    def no_features(*a, **k):
+        raise AssertionError("recomputed although the cache matches")
+
+    with monkeypatch.context() as m:  # a matching cache is read, not recomputed
+        m.setattr(dapt, "image_features_of", no_features)
+        torch.testing.assert_close(dapt.class_prototypes(clip, bench, tfs[False], 1, "cpu", "test"), protos)
+    # another seed (recorded in the file) regenerates; other weights get another file
+    again = dapt.class_prototypes(clip, bench, tfs[False], seed=2, device="cpu", view="test")
+    torch.testing.assert_close(again, protos)  # the test view does not depend on the seed
+    assert torch.load(path, weights_only=False)["record"]["seed"] == 2
+    other = random_clip(seed=1)
+    assert dapt.state_digest(other.visual) != dapt.state_digest(clip.visual)
+    # the official option: one random training view per image, deterministic for the seed
+    v1 = dapt.class_prototypes(clip, bench, tfs[True], seed=1, device="cpu", view="train")
+    os.remove(path.replace("_test.pt", "_train.pt"))
+    v2 = dapt.class_prototypes(clip, bench, tfs[True], seed=1, device="cpu", view="train")
+    torch.testing.assert_close(v1, v2)
+    assert not torch.allclose(v1, protos)
+
+
+def test_dapt_dist_model_shapes_and_loss(tiny):
+    bench, clip, tfs = tiny
+    cfg = train.resolve_config("dapt-dist", "toy", {})
+    model = dapt.DistributionAwarePT(clip, bench.classnames, cfg)
+    assert model.ctx.shape == (16, 64) and model.image_prompts.shape == (16, 64)
+    assert model.image_prompts.abs().max() <= math.sqrt(6 / (3 * 8 ** 2 + 64))  # xavier bound, patch 8
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 16 * 64 * 2
+    images = torch.stack([tfs[False](Image.open(p)) for p, _, _ in bench.train[:4]])
+    batch = dict(image=images, label=torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(RuntimeError, match="prepare"):
+        model.loss(batch, 0)
+    model.prepare(bench, tfs[True], tfs[False], "cpu")
+    loss, stats = model.loss(batch, 0)
+    expect = stats["L_cls"] + cfg["beta_v"] * stats["L_intra"] + cfg["beta_t"] * stats["L_inter"]
+    assert loss.item() == pytest.approx(expect, rel=1e-5)
+    z = model.image_features(images)
+    assert stats["L_intra"] == pytest.approx(((z - model.prototypes[batch["label"]]) ** 2).mean().item(), rel=1e-5)
+
+# ----------------------------------------------------------------------------------------------------------
+# end to end on the toy benchmark
+
+
+def run(root, out, method, *extra, epochs=5):
+    """12 base classes x 2 shots = 24 images in one batch without augmentation: one full-batch step per epoch,
+    so the epoch losses measure training, not the draw of crops (the test CLIP is only briefly pretrained)."""
+    argv = ["--method", method, "--dataset", "toy", "--root", root, "--out", str(out), "--subsample", "base",
+            "--shots", "2", "--epochs", str(epochs), "--batch", "24", "--rrc-scale", "1,1", "--rrc-ratio", "1,1",
+            "--hflip", "0", *extra]
+    return train.main(argv)
+
+
+def run_dir(out, method):
+    return os.path.join(str(out), "b2n", "toy", method, "shots2_seed1")
+
+
+def losses_of(d):
+    with open(os.path.join(d, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_dapt_dist_trains_on_toy(toy_root, tmp_path):
+    result = run(toy_root, tmp_path, "dapt-dist", "--lr", "0.002", epochs=6)
+    d = run_dir(tmp_path, "dapt-dist")
+    m = losses_of(d)
+    assert m[-1]["loss"] < m[0]["loss"], [e["loss"] for e in m]
+    assert {"L_cls", "L_intra", "L_inter"} <= set(m[0])
+    with open(os.path.join(d, "result.json")) as f:
+        assert set(json.load(f)["accuracy"]) == {"base", "new", "hm"}
+    assert result["config"]["trainable_values"] == 2 * 16 * 64
+    cache = os.listdir(os.path.join(toy_root, "toy", "split_fewshot"))
+    assert any(n.startswith("prototypes_shot_2-seed_1-base_") and n.endswith("_test.pt") for n in cache)

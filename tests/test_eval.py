@@ -1,0 +1,73 @@
+"""eval.py: re-evaluating a saved run (new classes, another dataset) and the seed tables against hand
+computations."""
+import json
+import math
+import os
+
+import pytest
+
+import eval as evaluation
+import train
+from test_train import run, run_dir
+
+
+def test_eval_run_reproduces_new_class_accuracy(toy_root, tmp_path):
+    result = run(toy_root, tmp_path, "coop", "--lr", "0.05", "--batch", "8", epochs=2)
+    d = run_dir(tmp_path, "coop")
+    out = evaluation.main(["run", d, "--subsample", "new"])
+    assert out[d]["toy"] == pytest.approx(result["accuracy"]["new"])
+    assert os.path.exists(os.path.join(d, "eval_toy_new.json"))
+
+
+def test_cross_dataset_evaluation(toy_root, tmp_path):
+    """A toy run evaluated on another dataset (a tiny fake EuroSAT in the CoOp layout, 64 px images): its class
+    names and template replace the run's, images are resized to the run's CLIP resolution."""
+    import numpy as np
+    from PIL import Image
+
+    run(toy_root, tmp_path / "runs", "coop", "--lr", "0.05", "--batch", "8", epochs=1)
+    d = run_dir(tmp_path / "runs", "coop")
+    root = tmp_path / "data"
+    names = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture", "PermanentCrop",
+             "Residential", "River", "SeaLake"]
+    split = {"train": [], "val": [], "test": []}
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(names):
+        os.makedirs(root / "eurosat" / "2750" / name)
+        for i in range(2):
+            rel = f"{name}/{name}_{i}.jpg"
+            Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "eurosat" / "2750" / rel)
+            for s in split:
+                split[s].append([rel, label, name])
+    with open(root / "eurosat" / "split_zhou_EuroSAT.json", "w") as f:
+        json.dump(split, f)
+    out = evaluation.main(["run", d, "--dataset", "eurosat", "--root", str(root)])
+    assert 0 <= out[d]["eurosat"] <= 100
+    with open(os.path.join(d, "eval_eurosat_all.json")) as f:
+        record = json.load(f)
+    assert record["images"] == 20 and record["trained_on"] == "toy"
+
+
+def fake_result(root, method, dataset, seed, base, new):
+    d = os.path.join(root, "b2n", dataset, method, f"shots16_seed{seed}")
+    os.makedirs(d)
+    train.write_json(os.path.join(d, "result.json"), dict(
+        method=method, dataset=dataset, setting="b2n", shots=16, seed=seed, tag="",
+        accuracy=dict(base=base, new=new, hm=0)))
+
+
+def test_eval_table_matches_hand_computation(tmp_path):
+    fake_result(tmp_path, "coop", "dtd", 1, 80.0, 50.0)
+    fake_result(tmp_path, "coop", "dtd", 2, 82.0, 54.0)
+    fake_result(tmp_path, "coop", "eurosat", 1, 90.0, 60.0)
+    b2n, fs = evaluation.table(str(tmp_path))
+    row = b2n["coop"]["rows"]["dtd"]
+    assert (row["base"], row["new"]) == (81.0, 52.0)
+    assert row["base_std"] == pytest.approx(math.sqrt(2))  # sample std of 80, 82
+    assert row["hm"] == pytest.approx(2 * 81 * 52 / (81 + 52))
+    avg = b2n["coop"]["average"]
+    assert (avg["base"], avg["new"]) == (85.5, 56.0)
+    assert avg["hm"] == pytest.approx(2 * 85.5 * 56 / (85.5 + 56))  # HM of the averages, not mean of HMs
+    md = open(tmp_path / "table.md").read()
+    assert "| coop | dtd | 81.00 ± 1.41 | 52.00 ± 2.83 | 63.34 | 2 |" in md
+    assert "table.csv" in os.listdir(tmp_path) and fs == {}
