@@ -1057,16 +1057,19 @@ def first_per_class(items, k):
 
 def sample_per_class(items, k, seed):
     """k items per class as DA-VPT's mapping sampler draws them (Dataset/mapping_sampler.py): random.sample of k
-    when the class has at least k, else every item k // n times plus random.sample(k % n), then shuffled.
-    Classes in label order, one random.Random(seed)."""
+    when the class has at least k, else every item k // n times plus random.sample(k % n), shuffled. Classes in
+    label order, one random.Random(seed): the official picks for the same seed."""
     rng, by_class, out = random.Random(seed), {}, []
     for item in items:
         by_class.setdefault(item[1], []).append(item)
     for y in sorted(by_class):
         s = by_class[y]
-        picked = rng.sample(s, k) if len(s) >= k else s * (k // len(s)) + rng.sample(s, k % len(s))
-        rng.shuffle(picked)
-        out += picked
+        if len(s) >= k:
+            out += rng.sample(s, k)
+        else:
+            picked = s * (k // len(s)) + rng.sample(s, k % len(s))
+            rng.shuffle(picked)
+            out += picked
     return out
 
 

@@ -562,7 +562,7 @@ def build_run(cfg, root, device):
         d = bench.meta["dataset_dir"]
         enc, how = data.resolve_mask_encoding(d, [data.mask_path(d, p) for p, _, _ in bench.train],
                                               "official" if cfg["mask_quirk"] else cfg["mask_encoding"])
-        bench.meta = dict(bench.meta, mask_encoding=enc, mask_encoding_source=how)
+        bench.meta = dict(bench.meta, mask_encoding=enc, mask_encoding_source="--mask-quirk" if cfg["mask_quirk"] else how)
     if cfg["epochs"] > 0:  # one-off set-up from the training images (dapt-dist prototypes, DA-VPT clusters)
         model.prepare(bench, train_tf, test_tf, device)
     for p in model.parameters():  # prompt parameters and optimizer state in float32 (protocol §6)
