@@ -559,6 +559,14 @@ def kept_rng(device):
         set_rng_state(state)
 
 
+def log_to_file(level, message):
+    """A record for the run's log.txt only (for what the command line prints itself)."""
+    record = log.makeRecord(log.name, level, __file__, 0, message, None, None)
+    for h in log.handlers:
+        if getattr(h, "_dapt_run", False) and isinstance(h, logging.FileHandler):
+            h.handle(record)
+
+
 def versions(device):
     v = dict(python=platform.python_version(), torch=torch.__version__, numpy=numpy.__version__,
              pillow=PIL.__version__, platform=platform.platform())
@@ -721,9 +729,13 @@ def train(cfg, root="DATA", out="runs", device="cpu", resume=False):
             return finished_result(run_dir)
         open_run(run_dir, state, resume)
         t_start = time.time()
-        bench, model, train_tf, test_tf, precision = build_run(cfg, root, device)
-        record = record_config(cfg, run_dir, root, device, bench, model, train_tf, test_tf, precision, state)
-        best, samples = fit(cfg, run_dir, model, bench, train_tf, test_tf, device, state == "resume")
+        try:
+            bench, model, train_tf, test_tf, precision = build_run(cfg, root, device)
+            record = record_config(cfg, run_dir, root, device, bench, model, train_tf, test_tf, precision, state)
+            best, samples = fit(cfg, run_dir, model, bench, train_tf, test_tf, device, state == "resume")
+        except USER_ERRORS as e:  # the command line prints it; the log keeps it too
+            log_to_file(logging.ERROR, f"error: {e}")
+            raise
         accuracies = evaluate_settings(cfg, model, bench, root, test_tf, device)
         classnames, images = accuracies.pop("classnames"), accuracies.pop("images")
         trained = cfg["method"] != "zsclip" and cfg["epochs"] > 0 and cfg["lr"] > 0
@@ -874,7 +886,6 @@ def fit(cfg, run_dir, model, bench, train_tf, test_tf, device, resume):
         else:
             msg = (f"{e}. Stopped; the last good checkpoint (epoch {done}) is kept in {run_dir}. --resume would repeat "
                    "the same steps (it is exact): lower --lr or check the inputs in a new run (--tag or --out)")
-        log.error("%s", msg)
         raise NonFiniteLoss(f"non-finite loss: {msg}") from None
     if best is not None and cfg["selection"] == "best_val":
         path = os.path.join(run_dir, "best.pt")
