@@ -376,19 +376,30 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to sys.stderr as it is when a record is written (not as it was when the handler was made)."""
+
+    stream = property(lambda self: sys.stderr, lambda self, value: None)
+
+
 def setup_logging(run_dir):
-    """Human-readable log: run_dir/log.txt and stderr (info and up)."""
+    """Human-readable log: run_dir/log.txt and stderr (info and up), until close_logging (the end of the run)."""
     log.setLevel(logging.INFO)
-    for h in list(log.handlers):
-        if getattr(h, "_dapt_run", False):
-            log.removeHandler(h)
-            h.close()
+    close_logging()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    handlers = [logging.FileHandler(os.path.join(run_dir, "log.txt")), logging.StreamHandler(sys.stderr)]
+    handlers = [logging.FileHandler(os.path.join(run_dir, "log.txt")), _Stderr()]
     for h in handlers:
         h.setFormatter(fmt)
         h._dapt_run = True
         log.addHandler(h)
+
+
+def close_logging():
+    """Detach the run's handlers: what is logged after a run never lands in its log.txt."""
+    for h in list(log.handlers):
+        if getattr(h, "_dapt_run", False):
+            log.removeHandler(h)
+            h.close()
 
 
 def read_json(path, what="file"):
@@ -728,30 +739,38 @@ def train(cfg, root="DATA", out="runs", device="cpu", resume=False):
         if state == "finished":
             return finished_result(run_dir)
         open_run(run_dir, state, resume)
-        t_start = time.time()
         try:
+            t_start = time.time()
             bench, model, train_tf, test_tf, precision = build_run(cfg, root, device)
             record = record_config(cfg, run_dir, root, device, bench, model, train_tf, test_tf, precision, state)
             best, samples = fit(cfg, run_dir, model, bench, train_tf, test_tf, device, state == "resume")
+            result = finish_run(cfg, run_dir, root, device, bench, model, test_tf, record, best, samples, t_start)
         except USER_ERRORS as e:  # the command line prints it; the log keeps it too
             log_to_file(logging.ERROR, f"error: {e}")
             raise
-        accuracies = evaluate_settings(cfg, model, bench, root, test_tf, device)
-        classnames, images = accuracies.pop("classnames"), accuracies.pop("images")
-        trained = cfg["method"] != "zsclip" and cfg["epochs"] > 0 and cfg["lr"] > 0
-        checks = health(model, accuracies, images, classnames, trained)
-        result = dict(
-            method=cfg["method"], dataset=cfg["dataset"], setting=cfg["setting"], shots=cfg["shots"], seed=cfg["seed"],
-            subsample=cfg["subsample"], tag=cfg["tag"], data_fraction=cfg["data_fraction"], accuracy=accuracies,
-            test_images=images, classnames=classnames, config=record, samples_per_epoch=samples,
-            selected_epoch=best["epoch"] if best else (cfg["epochs"] if trained else 0), **checks,
-            checkpoint_sha256=clip_module.file_sha256(os.path.join(run_dir, "checkpoint.pt")),
-            seconds=round(time.time() - t_start, 1), finished=datetime.datetime.now().isoformat(timespec="seconds"))
-        if cfg["dataset"] == "toy":
-            result["zero_shot_reference"] = zero_shot_reference(cfg, root, bench, test_tf, device)
-        write_json(os.path.join(run_dir, "result.json"), result)
-        log.info("result: %s", json.dumps(result["accuracy"]))
+        finally:
+            close_logging()
     return dict(result, run_dir=run_dir)
+
+
+def finish_run(cfg, run_dir, root, device, bench, model, test_tf, record, best, samples, t_start):
+    """Evaluate, check, and write result.json (the mark of a finished run)."""
+    accuracies = evaluate_settings(cfg, model, bench, root, test_tf, device)
+    classnames, images = accuracies.pop("classnames"), accuracies.pop("images")
+    trained = cfg["method"] != "zsclip" and cfg["epochs"] > 0 and cfg["lr"] > 0
+    checks = health(model, accuracies, images, classnames, trained)
+    result = dict(
+        method=cfg["method"], dataset=cfg["dataset"], setting=cfg["setting"], shots=cfg["shots"], seed=cfg["seed"],
+        subsample=cfg["subsample"], tag=cfg["tag"], data_fraction=cfg["data_fraction"], accuracy=accuracies,
+        test_images=images, classnames=classnames, config=record, samples_per_epoch=samples,
+        selected_epoch=best["epoch"] if best else (cfg["epochs"] if trained else 0), **checks,
+        checkpoint_sha256=clip_module.file_sha256(os.path.join(run_dir, "checkpoint.pt")),
+        seconds=round(time.time() - t_start, 1), finished=datetime.datetime.now().isoformat(timespec="seconds"))
+    if cfg["dataset"] == "toy":
+        result["zero_shot_reference"] = zero_shot_reference(cfg, root, bench, test_tf, device)
+    write_json(os.path.join(run_dir, "result.json"), result)
+    log.info("result: %s", json.dumps(result["accuracy"]))
+    return result
 
 
 def finished_result(run_dir):
