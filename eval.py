@@ -49,7 +49,8 @@ def evaluate_run(run_dir, datasets=None, subsample="all", root=None, device="cpu
     """Accuracy of a trained run on the test split of each dataset (default: its own), with the classes of
     `subsample`; written to run_dir/eval_<dataset>_<subsample>.json and returned as {dataset: acc}. Runs with
     the run's thread count (config key threads)."""
-    threads = train.read_json(os.path.join(run_dir, "config.json"), "run config").get("threads", 0)
+    config = os.path.join(run_dir, "config.json")
+    threads = train.read_json(config, "run config").get("threads", 0) if os.path.exists(config) else 0
     with train.torch_threads(threads):
         return _evaluate_run(run_dir, datasets, subsample, root, device)
 
