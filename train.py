@@ -5,8 +5,11 @@
     python train.py --method coop --dataset toy --lr 0.01 --epochs 20   # any config key: --key value
 
 A run folder `<out>/<setting>/<dataset>/<method><tag>/shots<K>_seed<S>/` holds `config.json` (every
-preprocessing and optimisation constant), `log.txt`, `metrics.jsonl` (one line per epoch), `checkpoint.pt`
-(learnable parameters + config + class names), `resume.pt` (optimizer state for --resume) and `result.json`.
+preprocessing and optimisation constant), `log.txt`, `metrics.jsonl` (one line per epoch, counted from 1),
+`checkpoint.pt` (learnable parameters + config + class names), `resume.pt` (optimizer, loss scaler and random
+states for --resume), `best.pt` (best_val selection), `result.json` (written last: the run is finished) and
+`train.lock` (held while a process trains there). Its .pt files hold data only (read with weights_only=True).
+The same command on a finished run prints its result; --resume continues a run only with its own config.
 
 Configuration is plain values, in this order: COMMON (the run), the model's `defaults` (dapt.py, beside each
 class), the method's RECIPES row for the setting, DATASET_OVERRIDES, `--key value` from the command line, then
@@ -452,10 +455,13 @@ def folder_state(run_dir, cfg, device, resume):
     same config). Raises RunError for a changed config of a run with progress or with --resume (listing the
     keys), and for an unfinished run without --resume."""
     cfg_path = os.path.join(run_dir, "config.json")
-    if not os.path.exists(cfg_path):
-        return "new"
     finished = os.path.exists(os.path.join(run_dir, "result.json"))
     progress = os.path.exists(os.path.join(run_dir, "resume.pt"))
+    if not os.path.exists(cfg_path):
+        if finished or progress:
+            raise RunError(f"{run_dir} holds a run's files but no config.json, so this command cannot tell whether it "
+                           "is the same run; nothing was changed: use --tag or --out, or restore config.json")
+        return "new"
     changes = config_changes(cfg, read_json(cfg_path, "run config"), device)
     if changes and (resume or progress or finished):
         listed = "; ".join(f"{k} {a!r} in the run, {b!r} now" for k, (a, b) in changes.items())
@@ -784,6 +790,9 @@ def open_run(run_dir, state, resume):
     if state == "resume":
         log.info("resuming the run in %s", run_dir)
     elif os.path.exists(os.path.join(run_dir, "config.json")):
+        for name in ("metrics.jsonl", "checkpoint.pt", "best.pt"):  # what an unfinished first epoch left
+            if os.path.exists(os.path.join(run_dir, name)):
+                os.remove(os.path.join(run_dir, name))
         log.info("%s held a run that finished no epoch: starting it over%s", run_dir,
                  " (--resume: nothing to resume)" if resume else "")
 
