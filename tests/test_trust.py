@@ -88,7 +88,7 @@ def test_payload_is_real(tmp_path):
     assert marker.exists()
 
 
-@pytest.mark.parametrize("kind", ["checkpoint", "host", "resume", "best", "prototypes"])
+@pytest.mark.parametrize("kind", ["checkpoint", "host", "resume", "best", "prototypes", "toy_clip"])
 def test_planted_payload_never_runs_and_the_error_names_the_file(kind, runs, toy_root, tmp_path, capsys, monkeypatch,
                                                                  request):
     marker = tmp_path / "marker"
@@ -107,6 +107,11 @@ def test_planted_payload_never_runs_and_the_error_names_the_file(kind, runs, toy
         if kind == "best":  # the best epoch stays the saved one, so best.pt is read after the last epoch
             monkeypatch.setattr(train, "evaluate", lambda *a, **k: (-1.0, 0))
         code, err = fails(capsys, run, toy_root, out, "coop", *COOP, "--selection", "best_val", "--resume", epochs=3)
+    elif kind == "toy_clip":  # the toy CLIP cached in the data root
+        toy_copy = request.getfixturevalue("toy_copy")
+        target = train.toy_clip_path(toy_copy)
+        plant(target, marker)
+        code, err = fails(capsys, run, toy_copy, tmp_path / "runs", "coop", epochs=1)
     else:  # dapt-dist's prototype cache in the dataset folder
         toy_copy = request.getfixturevalue("toy_copy")
         cfg = train.resolve_config("dapt-dist", "toy", dict(subsample="base", shots=4))
