@@ -11,10 +11,12 @@ each loss's PyTorch reference beside its fused kernel) are re-exported here: `da
 `dapt.tokenize`, `dapt.pull_push_loss`, ... are the public names.
 Deliberately not here: data loading (data.py), the training loop and recipes (train.py), Triton kernels (kernels/).
 """
+import copy
 import hashlib
 import logging
 import math
 import os
+import random
 from collections import OrderedDict
 
 import torch
@@ -72,21 +74,28 @@ class TextPrompts(nn.Module):
 
     ctx_init: a phrase whose first n_ctx token embeddings initialise the context (CoOp "a photo of a", MaPLe
     "a photo" of "a photo of a"); the rest of the phrase stays as frozen text. Without it the slots hold "X".
-    position: where the class name goes relative to the context: "end" (default), "middle", "front" (CoOp)."""
+    position: where the class name goes relative to the context: "end" (default), "middle", "front" (CoOp).
+    layout (middle / front): "official" = CoOp's: "<prefix> <name>." is tokenised once and the first
+    len(encode(name)) tokens after the context are moved, so a name ending in punctuation takes the merged
+    ")." / "?." token with it and the EOT position is the end layout's; "separate" = the name tokenised alone,
+    the "." after the context."""
 
-    def __init__(self, clip, classnames, n_ctx, ctx_init=None, position="end"):
+    def __init__(self, clip, classnames, n_ctx, ctx_init=None, position="end", layout="official"):
         super().__init__()
-        self.n_ctx, self.ctx_init, self.position = n_ctx, ctx_init, position
+        self.n_ctx, self.ctx_init, self.position, self.layout = n_ctx, ctx_init, position, layout
         if position not in ("end", "middle", "front"):
             raise ConfigError(f"--class-token-position {position!r}: expected end, middle or front")
-        if ctx_init and position != "end":
-            raise ConfigError("an init phrase (--ctx-init) needs --class-token-position end (as CoOp)")
+        if layout not in ("official", "separate"):
+            raise ConfigError(f"--class-token-layout {layout!r}: expected official or separate")
         self.clip = [clip]  # a list keeps CLIP out of this module's parameters and state dict
         if ctx_init:
             ids = tokenize(ctx_init)[0]
             n_words = int(ids.argmax()) - 1
             if n_ctx > n_words:
                 raise ConfigError(f"--n-ctx {n_ctx} but the init phrase {ctx_init!r} has only {n_words} tokens")
+            if position != "end" and (layout == "separate" or n_ctx != n_words):
+                raise ConfigError(f"an init phrase with --class-token-position {position} needs --class-token-layout "
+                                  f"official and --n-ctx equal to the phrase's {n_words} tokens (as CoOp)")
             with torch.no_grad():
                 self.init_vectors = clip.embed_text(ids[None])[0, 1:1 + n_ctx].float().clone()  # [n, W]
         self.set_classnames(classnames)
@@ -96,25 +105,37 @@ class TextPrompts(nn.Module):
         self.classnames = [c.replace("_", " ") for c in classnames]
         n, clip = self.n_ctx, self.clip[0]
         prefix = self.ctx_init if self.ctx_init else " ".join(["X"] * n)
+        half = n // 2 if self.position == "middle" else 0
         if self.position == "end":
-            texts = [f"{prefix} {name}." for name in self.classnames]
-            ctx_pos = torch.arange(1, 1 + n).expand(len(texts), n)
+            tokens = tokenize([f"{prefix} {name}." for name in self.classnames])  # [C, L]
+            ctx_pos, eot = torch.arange(1, 1 + n).expand(len(tokens), n), tokens.argmax(-1)
+        elif self.layout == "official":
+            # CoOp: the end layout tokenised once, then per class [SOS, ctx[:half], the first k tokens after the
+            # context (k = the name's own token count), ctx[half:], the rest]; EOT read where the end layout has it
+            tokens = tokenize([f"{prefix} {name}." for name in self.classnames])
+            eot, pos = tokens.argmax(-1), []
+            for c, name in enumerate(self.classnames):
+                k = int(tokenize(name)[0].argmax()) - 1  # len(encode(name))
+                slots, rest = list(range(1, 1 + n)), list(range(1 + n, tokens.shape[1]))
+                tokens[c] = tokens[c][[0] + slots[:half] + rest[:k] + slots[half:] + rest[k:]]
+                pos.append(list(range(1, 1 + half)) + list(range(1 + half + k, 1 + n + k)))
+            ctx_pos = torch.tensor(pos)
         else:
-            # "X X" + name + "X X" (middle) or name + "X X" (front): the slots follow each name's length
+            # separate: "X X" + name + "X X" (middle) or name + "X X" (front); the slots follow each name's length
             texts, pos = [], []
             for name in self.classnames:
                 name_len = int(tokenize(name)[0].argmax()) - 1  # tokens between SOS and EOT
-                half = n // 2 if self.position == "middle" else 0
                 texts.append(" ".join(["X"] * half + [name] + ["X"] * (n - half)) + ".")
                 pos.append(list(range(1, 1 + half)) + list(range(1 + half + name_len, 1 + n + name_len)))
-            ctx_pos = torch.tensor(pos)
-        tokens = tokenize(texts)  # [C, L]
+            tokens, ctx_pos = tokenize(texts), torch.tensor(pos)
+            eot = tokens.argmax(-1)
+        self.tokens = tokens  # [C, L] token ids of the layout (the context slots hold "X" or the init phrase)
         device = clip.token_embedding.weight.device
         with torch.no_grad():
             embedding = clip.embed_text(tokens.to(device))  # [C, L, W]
         self.register_buffer("embedding", embedding, persistent=False)
         self.register_buffer("ctx_pos", ctx_pos.to(device), persistent=False)
-        self.register_buffer("eot", tokens.argmax(-1).to(device), persistent=False)
+        self.register_buffer("eot", eot.to(device), persistent=False)
         # positions identical in every class's sequence (SOS, context, frozen init words): computed once per
         # step by the text tower when the context is shared (exact saving, design.md)
         same = (tokens == tokens[:1]).all(0).long()
@@ -278,7 +299,7 @@ def total(terms, logits, labels):
 
 class ZeroShotCLIP(PromptModel):
     """No training: t_c = n(E_t(template(name_c))), or the re-normalised mean over an ensemble of templates:
-    "imagenet80" (CLIP's 80) or "select" (CoOp's 7, plus the dataset's own template outside ImageNet)."""
+    "imagenet80" (CLIP's 80) or "select" (CoOp's 7, plus the dataset's own template unless it is ImageNet)."""
 
     defaults = dict(PromptModel.defaults, template="a photo of a {}.", ensemble="", dataset="")
 
@@ -288,7 +309,8 @@ class ZeroShotCLIP(PromptModel):
         if ensemble == "imagenet80":
             self.templates = list(data.IMAGENET_TEMPLATES)
         elif ensemble == "select":
-            self.templates = list(data.SELECT_TEMPLATES) + ([] if self.cfg["dataset"].startswith("imagenet") else [own])
+            # CoOp's zsclip adds the dataset's template for every dataset but ImageNet itself (its variants too)
+            self.templates = list(data.SELECT_TEMPLATES) + ([] if self.cfg["dataset"] == "imagenet" else [own])
         else:
             self.templates = [own]
         self.set_classnames(classnames)
@@ -320,16 +342,20 @@ def frozen_with_extra(clip, T, extra_tokens):
 class CoOp(PromptModel):
     """Learned context `ctx` shared by all classes (or one per class: csc), CLIP frozen; loss CE."""
 
-    defaults = dict(PromptModel.defaults, n_ctx=16, ctx_init="", csc=False, class_token_position="end")
+    defaults = dict(PromptModel.defaults, n_ctx=16, ctx_init="", csc=False, class_token_position="end",
+                    class_token_layout="official")
 
     def __init__(self, clip, classnames, cfg=None):
         super().__init__(clip, classnames, cfg)
         n, init, W = self.cfg["n_ctx"], self.cfg["ctx_init"] or None, clip.transformer.width
-        self.prompts = TextPrompts(clip, classnames, n, init, self.cfg["class_token_position"])
+        if init and self.cfg["csc"]:
+            raise ConfigError("--csc true with an init phrase (--ctx-init): CoOp's official code ignores CSC when "
+                              "CTX_INIT is set and trains one shared context; for class-specific contexts pass "
+                              "--ctx-init '' (random init), for the official behaviour drop --csc")
+        self.prompts = TextPrompts(clip, classnames, n, init, self.cfg["class_token_position"],
+                                   self.cfg["class_token_layout"])
         if init:
             ctx = self.prompts.init_vectors.clone()  # [n, W]
-            if self.cfg["csc"]:
-                ctx = ctx.expand(len(classnames), -1, -1).clone()
         else:
             ctx = torch.empty(len(classnames), n, W) if self.cfg["csc"] else torch.empty(n, W)
             nn.init.normal_(ctx, std=0.02)
@@ -439,10 +465,15 @@ class MaPLe(PromptModel):
         super().__init__(clip, classnames, cfg)
         n, W_t, W_v = self.cfg["n_ctx"], clip.transformer.width, clip.visual.conv1.weight.shape[0]
         J = min(self.cfg["prompt_depth"], clip.transformer.layers, clip.visual.transformer.layers)
-        self.prompts = TextPrompts(clip, classnames, n, self.cfg["ctx_init"])
-        self.ctx = nn.Parameter(self.prompts.init_vectors.clone())  # [n, W_t]
+        self.prompts = TextPrompts(clip, classnames, n, self.cfg["ctx_init"] or None)
+        init = self.prompts.init_vectors.clone() if self.cfg["ctx_init"] else torch.empty(n, W_t).normal_(std=0.02)
+        self.ctx = nn.Parameter(init)  # [n, W_t]
+        # the official order of random draws: F_0, then P_1..P_{J-1}, then ONE Linear cloned into F_1..F_{J-1}
+        # (identical initial couplings), so the same torch seed gives the official initial values
+        f0 = nn.Linear(W_t, W_v)
         self.compound_prompts = nn.Parameter(torch.empty(J - 1, n, W_t).normal_(std=0.02))  # P_1..P_{J-1}
-        self.couplings = nn.ModuleList([nn.Linear(W_t, W_v) for _ in range(J)])  # F_0..F_{J-1}
+        shared = nn.Linear(W_t, W_v)
+        self.couplings = nn.ModuleList([f0] + [copy.deepcopy(shared) for _ in range(J - 1)])  # F_0..F_{J-1}
 
     def set_classnames(self, classnames):
         super().set_classnames(classnames)
@@ -541,7 +572,7 @@ class DAPT(PromptModel):
     defaults = dict(PromptModel.defaults, host="maple", cue="masks", decouple="pixel", dapt_schedule="staged",
                     dapt_switch_epoch=7, dapt_w_v=0.8, dapt_w_f=0.1, dapt_w_b=0.5, dapt_margin=1.5,
                     bg_template="a clean origami {}.", bg_slice_quirk=False, gradcam_threshold=0.5,
-                    gradcam_batch_max=False, decouple_threshold=0.5)
+                    gradcam_quirk=False, decouple_threshold=0.5)
 
     def __init__(self, clip, classnames, cfg=None):
         super().__init__(clip, classnames, cfg)
@@ -581,17 +612,20 @@ class DAPT(PromptModel):
 
     def gradcam(self, images, labels, T, return_cam=False):
         """DAPT-G foreground masks [B, 1, S, S] in {0, 1} for exactly these (augmented) images: grad_cam of the
-        current model with score = sum_b of the ground-truth logit against T [C, E]; the patch map is upsampled
-        to the image (bilinear, align_corners=True), divided by (per-image max + 1e-6) (the batch max with
-        gradcam_batch_max) and thresholded at gradcam_threshold."""
+        current model with score = sum_b of the ground-truth logit against the class texts T [C, E]; the patch map
+        is upsampled to the image (bilinear, align_corners=True), divided by (its per-image max + 1e-6) and
+        thresholded at gradcam_threshold. gradcam_quirk (the official trainers/util.py): T holds all C + 32 texts,
+        the score is divided by B (C + 32), and the map by (the batch max + 1e-6), so the 1e-6 weighs and an
+        image's mask depends on the other images of the batch."""
         with torch.no_grad():
             prompts = self.visual_prompts()
-        s, T = self.logit_scale, T.detach()
+        s, T, quirk = self.logit_scale, T.detach(), self.cfg["gradcam_quirk"]
+        div = labels.numel() * T.shape[0] if quirk else 1
         cam = grad_cam(self.clip.visual, images, prompts,
-                       lambda f: (s * normalize(f) @ T.t()).gather(1, labels[:, None]).sum())
+                       lambda f: (s * normalize(f) @ T.t()).gather(1, labels[:, None]).sum() / div)
         g = self.clip.visual.grid
         cam = F.interpolate(cam.view(-1, 1, g, g), size=images.shape[-2:], mode="bilinear", align_corners=True)
-        peak = cam.max() if self.cfg["gradcam_batch_max"] else cam.flatten(1).max(1)[0].view(-1, 1, 1, 1)
+        peak = cam.max() if quirk else cam.flatten(1).max(1)[0].view(-1, 1, 1, 1)
         cam = cam / (peak + 1e-6)
         m = (cam >= self.cfg["gradcam_threshold"]).to(images.dtype)
         return (m, cam) if return_cam else m
@@ -613,7 +647,7 @@ class DAPT(PromptModel):
         if c["cue"] == "masks":
             m, frac = batch["fg_mask"].to(x.dtype), batch.get("fg_frac")
         else:  # Grad-CAM on this step's crop
-            m = self.gradcam(x, y, T_all[:len(self.classnames)])
+            m = self.gradcam(x, y, T_all if c["gradcam_quirk"] else T_all[:len(self.classnames)])
             frac = F.avg_pool2d(m, self.clip.visual.patch_size).flatten(1)
         # views: name -> (images, key mask); only views that need gradients go through the graph
         if c["decouple"] == "pixel":
@@ -812,6 +846,12 @@ def state_digest(module):
     return h.hexdigest()
 
 
+def class_means(feats, labels, n_classes):
+    """[C, D] mean of the features of each class (0 for a class without items)."""
+    sums = torch.zeros(n_classes, feats.shape[1]).index_add_(0, labels, feats)
+    return sums / torch.bincount(labels, minlength=n_classes).clamp_min(1).float()[:, None]
+
+
 def class_prototypes(clip, bench, transform, seed, device, view):
     """proto_c = (1/K_c) sum_{i: y_i = c} n(E_v^CLIP(x_i)) over the few-shot training items (frozen, unprompted
     tower, one view per image, NOT re-normalised) -> [C, E] float32 on the CPU, cached beside the few-shot split
@@ -835,9 +875,7 @@ def class_prototypes(clip, bench, transform, seed, device, view):
     feats = normalize(image_features_of(clip.encode_image, bench.train, transform, seed, device))  # [N, E]
     labels = torch.tensor([y for _, y, _ in bench.train])
     C = len(bench.classnames)
-    sums = torch.zeros(C, feats.shape[1]).index_add_(0, labels, feats)
-    counts = torch.bincount(labels, minlength=C).clamp_min(1).float()
-    protos = sums / counts[:, None]  # [C, E], mean of unit vectors (norm < 1)
+    protos = class_means(feats, labels, C)  # [C, E], mean of unit vectors (norm < 1)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(dict(prototypes=protos, record=record), tmp)
@@ -853,17 +891,20 @@ class DistributionAwarePT(CoOp):
     class text features)."""
 
     defaults = dict(CoOp.defaults, n_prompts=16, prompt_init="xavier", prompt_ln_pre=False, beta_v=0.1,
-                    beta_t=0.1, dispersion_t=2.0, proto_train_view=False)
+                    beta_t=0.1, dispersion_t=2.0, proto_train_view=True)
     changes_image_tower = True
 
     def __init__(self, clip, classnames, cfg=None):
+        c, v = {**self.defaults, **(cfg or {})}, clip.visual
+        # the image prompts are drawn before the text context, as the official code does: [16, W_v]
+        prompts = init_image_prompts((c["n_prompts"], v.conv1.weight.shape[0]), c["prompt_init"], v.patch_size)
         super().__init__(clip, classnames, cfg)
-        v = clip.visual
-        shape = (self.cfg["n_prompts"], v.conv1.weight.shape[0])  # [16, W_v]
-        self.image_prompts = nn.Parameter(init_image_prompts(shape, self.cfg["prompt_init"], v.patch_size))
+        self.image_prompts = nn.Parameter(prompts)
         self.prototypes = None  # [C, E], set by prepare()
 
     def prepare(self, bench, train_tf, test_tf, device):
+        """Prototypes from one pass over the few-shot images with one training augmentation each (official;
+        proto_train_view false: the deterministic test view)."""
         tf, view = (train_tf, "train") if self.cfg["proto_train_view"] else (test_tf, "test")
         self.prototypes = class_prototypes(self.clip, bench, tf, self.cfg["seed"], device, view).to(device)
 
@@ -937,11 +978,14 @@ class ProxyMap(nn.Module):
         self.sums.index_add_(0, labels, f)
         self.counts.index_add_(0, labels, torch.ones_like(labels, dtype=f.dtype))
 
+    def reset(self):
+        """Forget this epoch's running means (an epoch that does not re-cluster)."""
+        self.sums = self.counts = None
+
     @torch.no_grad()
     def update(self, epoch):
         if self.sums is None or self.centroids is None:
-            self.sums = self.counts = None
-            return
+            return self.reset()
         seen = self.counts > 0
         means = self.sums / self.counts.clamp_min(1)[:, None]
         if not seen.all():  # a class absent this epoch: cluster it by its last known map's centroid
@@ -963,6 +1007,31 @@ class ProxyMap(nn.Module):
     def load_state(self, state):
         self.class_to_proxy = state["class_to_proxy"].to(self.class_to_proxy.device)
         self.centroids, self.ready = state["centroids"], True
+
+
+def proxy_attn_mask(L, n_patches, device):
+    """DA-VPT's optional attention mask (bool [L, L], True = allowed): prompt queries see only the patches."""
+    mask = torch.ones(L, L, dtype=torch.bool, device=device)
+    mask[1 + n_patches:, 0] = False
+    mask[1 + n_patches:, 1 + n_patches:] = False
+    return mask
+
+
+def guided_samples(x_in, capture, n_patches, patch_sample, mapped=None):
+    """DA-VPT's Proxy-Anchor samples of one guided block: (patch sample [B, W], CLS query [B, W]).
+
+    CLS query = W_q ln_1(x_cls) + b_q, read off the block's attention (capture["q"] [B, H, L, W/H]). Patch sample:
+    "mean" (the released code) = the mean of the patch tokens entering the block (x_in [B, L, W]); "attn_slot"
+    (our reading of the paper) = the heads' attention output before out_proj at the slot of each image's proxy
+    (mapped [B])."""
+    B, L, W = x_in.shape
+    cls_query = capture["q"][:, :, 0].reshape(B, W)
+    if patch_sample == "mean":
+        return x_in[:, 1:1 + n_patches].mean(1), cls_query
+    if mapped is None:
+        raise ValueError("patch_sample=attn_slot needs the mapped labels")
+    o = capture["o"].transpose(1, 2).reshape(B, L, W)  # heads concatenated
+    return o[torch.arange(B, device=o.device), 1 + n_patches + mapped], cls_query
 
 
 def kv_bias_params(visual, extra=False):
@@ -990,23 +1059,44 @@ def first_per_class(items, k):
     return out
 
 
+def sample_per_class(items, k, seed):
+    """k items per class as DA-VPT's mapping sampler draws them (Dataset/mapping_sampler.py): random.sample of k
+    when the class has at least k, else every item k // n times plus random.sample(k % n), then shuffled.
+    Classes in label order, one random.Random(seed)."""
+    rng, by_class, out = random.Random(seed), {}, []
+    for item in items:
+        by_class.setdefault(item[1], []).append(item)
+    for y in sorted(by_class):
+        s = by_class[y]
+        picked = rng.sample(s, k) if len(s) >= k else s * (k // len(s)) + rng.sample(s, k % len(s))
+        rng.shuffle(picked)
+        out += picked
+    return out
+
+
 class DAVPT(FrozenTextClassifier):
     """VPT-deep (8 prompts in every image block); in the guided blocks the prompt set is M proxies, one per
     cluster of classes (ProxyMap), pulled toward the block's patch samples and the CLS query by Proxy-Anchor
-    losses. DA-VPT+ (bias_tuning) also trains the K and V slices of every block's packed in_proj_bias."""
+    losses. DA-VPT+ (bias_tuning) also trains the K and V slices of every block's packed in_proj_bias.
+    Official-recipe keys (train.py SWITCHES official_optim): wd_head (the linear head's weight decay; < 0 = the
+    run's), decay_class_embedding, kmeans_sampling "official" (10 images per class by random.sample, repeats when
+    a class has fewer), recluster_from (first epoch whose end re-clusters; -1 never), prompt_norm "l2"."""
 
     defaults = dict(FrozenTextClassifier.defaults, n_prompts=8, prompt_init="normal", prompt_ln_pre=True,
                     n_proxies=10, guided_layers="-1", beta_patch=0.05, lambda_cls=0.05, pa_alpha=32.0, pa_delta=0.1,
                     pa_scale=1.0, paper_norm=False, patch_sample="mean", proxy_mask=False, bias_tuning=False,
                     bias_extra=False, head="text", kmeans_images=10, kmeans_iters=20, kmeans_tol=1e-4,
-                    subsample="all")
+                    subsample="all", prompt_norm="", wd_head=-1.0, decay_class_embedding=False,
+                    kmeans_sampling="first", recluster_from=0)
 
     def __init__(self, clip, classnames, cfg=None):
         super().__init__(clip, classnames, cfg)
         c, v = self.cfg, clip.visual
         L, W, C = v.transformer.layers, v.conv1.weight.shape[0], len(classnames)
         self.guided = sorted({int(i) % L for i in str(c["guided_layers"]).split(",")})
-        choice(c, "patch_sample", ("mean", "attn_slot"))
+        for key, options in (("patch_sample", ("mean", "attn_slot")), ("prompt_norm", ("", "l2")),
+                             ("kmeans_sampling", ("first", "official"))):
+            choice(c, key, options)
         self.proxy_map = ProxyMap(C, c["n_proxies"], c["seed"], c["kmeans_iters"], c["kmeans_tol"])
         M = self.proxy_map.M  # C < M: one proxy per class, identity map
         self.deep_prompts = nn.ParameterList([  # block i's tokens: [M, W] proxies in guided blocks, else [8, W]
@@ -1033,24 +1123,30 @@ class DAVPT(FrozenTextClassifier):
         super().set_classnames(classnames)
 
     def param_groups(self):
-        """Weight decay on prompts and the linear weight only; biases, LayerNorm and other 1-D tensors get none
-        (decay would pull pretrained biases toward 0, not toward their pretrained values)."""
+        """Weight decay on prompts and the linear weight only (wd_head >= 0: the head's own); biases, LayerNorm and
+        other 1-D tensors get none (decay would pull pretrained biases toward 0), except the class embedding
+        with decay_class_embedding (the official timm cls_token is 3-D, so decayed)."""
+        c, head = self.cfg, getattr(self, "linear", None)
+        decayed = lambda p: p.dim() > 1 or (c["decay_class_embedding"] and p is self.clip.visual.class_embedding)
         params = [p for p in self.parameters() if p.requires_grad]
-        groups = [dict(params=[p for p in params if p.dim() > 1]),
-                  dict(params=[p for p in params if p.dim() <= 1], weight_decay=0.0)]
+        split_head = head is not None and c["wd_head"] >= 0
+        groups = [dict(params=[p for p in params if decayed(p) and not (split_head and p is head.weight)]),
+                  dict(params=[p for p in params if not decayed(p)], weight_decay=0.0)]
+        if split_head:
+            groups.append(dict(params=[head.weight], weight_decay=c["wd_head"]))
         return [g for g in groups if g["params"]]
 
     def visual_prompts(self):
-        return VisualPrompts(self.deep_prompts[0], [None] + list(self.deep_prompts[1:]), self.cfg["prompt_ln_pre"])
+        p = [F.normalize(x, dim=-1, eps=1e-6) if self.cfg["prompt_norm"] == "l2" else x for x in self.deep_prompts]
+        return VisualPrompts(p[0], [None] + p[1:], self.cfg["prompt_ln_pre"])
 
     def encode(self, images, mapped=None, key_mask=None):
         """-> (classifier input [B, D], per guided block (proxies [M, W], patch sample [B, W], CLS query [B, W])).
 
         The tower's block loop with a hook per block: the DA-VPT+ attention bias, the proxy mask, and in guided
-        blocks a capture of the block input and of its attention. mapped [B] (the proxy of each image's class)
-        is needed only for patch_sample=attn_slot."""
+        blocks a capture of the block input and of its attention (guided_samples). mapped [B] (the proxy of each
+        image's class) is needed only for patch_sample=attn_slot."""
         v, c = self.clip.visual, self.cfg
-        N = v.grid ** 2
         seen = []  # (block, input tokens, captured q / k / v / o) of the guided blocks
 
         def hook(i, x):
@@ -1058,29 +1154,16 @@ class DAVPT(FrozenTextClassifier):
             if c["bias_tuning"]:
                 attn = v.transformer.resblocks[i].attn
                 kw["bias"] = torch.cat([attn.in_proj_bias[:x.shape[-1]], self.bias_k[i], self.bias_v[i]])  # packed [3W]
-            if c["proxy_mask"]:  # prompt queries see only the patches
-                mask = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device)
-                mask[1 + N:, 0] = False
-                mask[1 + N:, 1 + N:] = False
-                kw["attn_mask"] = mask
+            if c["proxy_mask"]:
+                kw["attn_mask"] = proxy_attn_mask(x.shape[1], v.grid ** 2, x.device)
             if i in self.guided:
                 kw["capture"] = {}
                 seen.append((i, x, kw["capture"]))
             return kw
 
         x = v.run(images, self.visual_prompts(), key_mask, hook=hook)
-        guided = []
-        for i, x_in, cap in seen:
-            B, Lx, W = x_in.shape
-            cls_query = cap["q"][:, :, 0].reshape(B, W)  # W_q ln_1(x_cls) + b_q
-            if c["patch_sample"] == "attn_slot":
-                if mapped is None:
-                    raise ValueError("patch_sample=attn_slot needs the mapped labels")
-                o = cap["o"].transpose(1, 2).reshape(B, Lx, W)  # heads concatenated, before out_proj
-                patch = o[torch.arange(B, device=x.device), 1 + N + mapped]  # attention output at slot k_i
-            else:  # the released code: mean of the patch tokens entering the block
-                patch = x_in[:, 1:1 + N].mean(1)
-            guided.append((self.deep_prompts[i], patch, cls_query))
+        guided = [(self.deep_prompts[i], *guided_samples(x_in, cap, v.grid ** 2, c["patch_sample"], mapped))
+                  for i, x_in, cap in seen]
         cls = v.ln_post(x[:, 0])  # [B, W]
         feat = cls if c["head"] == "linear" else normalize(cls @ v.proj.to(cls.dtype))
         return feat, guided
@@ -1118,19 +1201,21 @@ class DAVPT(FrozenTextClassifier):
     def prepare(self, bench, train_tf, test_tf, device):
         """Initial class -> proxy map: class means of the frozen prompt-free tower's classifier input over up to
         `kmeans_images` training images per class (training transform)."""
-        items = first_per_class(bench.train, self.cfg["kmeans_images"])
-        v = self.clip.visual
+        k = self.cfg["kmeans_images"]
+        items = (sample_per_class(bench.train, k, self.cfg["seed"]) if self.cfg["kmeans_sampling"] == "official"
+                 else first_per_class(bench.train, k))
+        v, C = self.clip.visual, len(bench.classnames)
         fn = (lambda im: v.ln_post(v.run(im)[:, 0])) if self.cfg["head"] == "linear" else (lambda im: normalize(v(im)))
         feats = image_features_of(fn, items, train_tf, self.cfg["seed"], device)
-        labels = torch.tensor([y for _, y, _ in items])
-        C = len(bench.classnames)
-        means = torch.zeros(C, feats.shape[1]).index_add_(0, labels, feats) / torch.bincount(labels, minlength=C).clamp_min(1)[:, None]
-        mapping = self.proxy_map.fit(means)
+        mapping = self.proxy_map.fit(class_means(feats, torch.tensor([y for _, y, _ in items]), C))
         log.info("davpt: %d classes -> %d proxies in blocks %s; cluster sizes %s", C, self.proxy_map.M, self.guided,
                  torch.bincount(mapping, minlength=self.proxy_map.M).tolist())
 
     def epoch_end(self, epoch, loader=None):
-        self.proxy_map.update(epoch)
+        if 0 <= self.cfg["recluster_from"] <= epoch:
+            self.proxy_map.update(epoch)
+        else:
+            self.proxy_map.reset()
 
     def extra_state(self):
         return self.proxy_map.state()

@@ -714,13 +714,14 @@ class Transform:
     def pair(self, img, mask, generator=None, encoding="white"):
         """(image, mask image) -> (FloatTensor [3, S, S], FloatTensor [1, S, S] in {0, 1}) with one geometry.
 
-        The mask becomes a uint8 score image (white: mean RGB rounded half up, label: channel 0 / palette index),
-        is resized to the image with NEAREST if needed, follows the image's crop / resize / flip with
-        `mask_interpolation`, then is binarised (white: score/255 > 0.5; label: 1 <= score <= 254)."""
+        The mask becomes a uint8 score image (white: mean RGB rounded half up, label: channel 0 / palette index,
+        official: the red channel of the RGB conversion), is resized to the image if needed and follows the image's
+        crop / resize / flip, both with `mask_interpolation`, then is binarised (white: score/255 > 0.5; label and
+        official: 1 <= score <= 254)."""
         img = img if img.mode == "RGB" else img.convert("RGB")
         score = mask_score(mask, encoding)
         if score.size != img.size:
-            score = score.resize(img.size, Image.NEAREST)
+            score = score.resize(img.size, _RESAMPLE[self.mask_interpolation])
         ops = self.params(img.width, img.height, generator)
         x = self.to_tensor(self.apply(img, ops, _RESAMPLE[self.interpolation]))
         s = np.asarray(self.apply(score, ops, _RESAMPLE[self.mask_interpolation]))
@@ -737,7 +738,8 @@ def build_transform(train, size=224, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), in
 # ----------------------------------------------------------------------------------------------------------
 # foreground masks (protocol §5)
 
-MASK_ENCODINGS = ("white", "label")
+MASK_ENCODINGS = ("white", "label", "official")  # official = label read off the red channel (DAPT's loader)
+MIN_BATCH_FOREGROUND = 1e-3  # a training batch whose masks cover less than this fraction of its pixels is an error
 
 
 def mask_path(dataset_dir, image_path):
@@ -751,8 +753,8 @@ def mask_path(dataset_dir, image_path):
     return p
 
 
-def read_mask_encoding(dataset_dir, default="white"):
-    """The one-word `<dataset_dir>/mask/ENCODING` file if present, else `default`."""
+def read_mask_encoding(dataset_dir):
+    """The one-word `<dataset_dir>/mask/ENCODING` file, or None when there is none."""
     path = os.path.join(dataset_dir, "mask", "ENCODING")
     if os.path.isfile(path):
         with open(path) as f:
@@ -760,7 +762,44 @@ def read_mask_encoding(dataset_dir, default="white"):
         if enc not in MASK_ENCODINGS:
             raise DataValueError(f"{path} says {enc!r}; it must be one word out of {MASK_ENCODINGS}")
         return enc
-    return default
+    return None
+
+
+def detect_mask_encoding(paths, n=32):
+    """(encoding, reason) from the values in the first n mask files: a palette image -> label (the indices are
+    labels); only 0 and 255 -> white (object white on black, which the label rule would read as EMPTY); otherwise
+    label when more pixels hold small values 1..127 (class indices; 255 = void borders) than 255, else white
+    (anti-aliased or JPEG white masks: grey values only along the edges)."""
+    values, low, full = set(), 0, 0
+    for p in paths[:n]:
+        m = open_mask(p)
+        if m.mode == "P":
+            return "label", f"{p} is a palette image (indices are labels)"
+        a = np.asarray(m.convert("RGB"))[..., 0] if m.mode not in ("L", "1", "I", "I;16") else np.asarray(m)
+        values.update(np.unique(a).tolist())
+        low, full = low + int(((a >= 1) & (a <= 127)).sum()), full + int((a == 255).sum())
+    seen = f"values {sorted(values)[:8]}{' ...' if len(values) > 8 else ''} in {min(n, len(paths))} mask files"
+    if values <= {0, 255}:
+        return "white", seen
+    return ("label" if low > full else "white"), seen
+
+
+def resolve_mask_encoding(dataset_dir, paths, requested=""):
+    """(encoding, how it was chosen): the requested one, else <dataset_dir>/mask/ENCODING, else detected from
+    the files (detect_mask_encoding). The run records both."""
+    if requested:
+        if requested not in MASK_ENCODINGS:
+            raise DataValueError(f"--mask-encoding {requested!r}: expected one of {MASK_ENCODINGS} (or '' to detect)")
+        return requested, "--mask-encoding"
+    enc = read_mask_encoding(dataset_dir)
+    if enc:
+        return enc, os.path.join(dataset_dir, "mask", "ENCODING")
+    existing = [p for p in paths if os.path.isfile(p)]
+    if not existing:
+        return "white", "no mask file found (default)"
+    enc, why = detect_mask_encoding(existing)
+    log.info("mask encoding '%s' detected: %s", enc, why)
+    return enc, f"detected: {why}"
 
 
 def mask_score(mask, encoding):
@@ -772,11 +811,13 @@ def mask_score(mask, encoding):
         a = np.asarray(mask)
         a = a[..., 0] if a.ndim == 3 else a
         return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+    if encoding == "official":  # DAPT's loader: convert("RGB"), red channel (a palette image gives its colours)
+        return Image.fromarray(np.asarray(mask.convert("RGB"))[..., 0].copy())
     raise DataValueError(f"mask encoding must be one of {MASK_ENCODINGS}, got {encoding!r}")
 
 
 def binarise(score, encoding):
-    """uint8 score array -> float32 {0, 1}: white fg = v/255 > 0.5 (v >= 128); label fg = 1 <= v <= 254."""
+    """uint8 score array -> float32 {0, 1}: white fg = v/255 > 0.5 (v >= 128); label / official fg = 1 <= v <= 254."""
     s = np.asarray(score)
     fg = (s >= 128) if encoding == "white" else ((s >= 1) & (s <= 254))
     return fg.astype(np.float32)
@@ -914,12 +955,29 @@ class Loader(torch.utils.data.DataLoader):
     def set_epoch(self, epoch):
         self._epoch = int(epoch)
 
+    check_foreground = False
+
     def __iter__(self):
         self.sampler.epoch = self._epoch  # read when iteration starts; fixed until the next iter()
         if self.generator is not None:
             self.generator.manual_seed(sample_seed(self.sampler.seed, self._epoch, -2))
         self._epoch += 1
-        return super().__iter__()
+        batches = super().__iter__()
+        return self.foreground_checked(batches) if self.check_foreground else batches
+
+    def foreground_checked(self, batches):
+        """Training batches with masks: a batch whose foreground is (nearly) empty is an error naming its files
+        (a wrong mask encoding reads every mask as empty; training on it would silently learn nothing)."""
+        for batch in batches:
+            frac = float(batch["fg_mask"].mean())
+            if frac < MIN_BATCH_FOREGROUND:
+                files = [self.dataset.masks[int(i)] for i in batch["index"][:3]]
+                raise MissingMaskError(
+                    f"the foreground masks of a training batch cover {frac:.3%} of its pixels, read as "
+                    f"'{self.dataset.encoding}' masks (e.g. {', '.join(map(str, files))}): the masks are empty or "
+                    f"their encoding is wrong. Check the files, or pass --mask-encoding white (object white on "
+                    f"black) or label (object values 1..254)")
+            yield batch
 
 
 def _worker_init(worker_id):
@@ -943,10 +1001,8 @@ def build_loader(items, transform, batch_size, train, workers=0, seed=1, masks=F
     if masks:
         if dataset_dir is None:
             raise DataValueError("masks=True needs dataset_dir (Benchmark.meta['dataset_dir'])")
-        encoding = mask_encoding or read_mask_encoding(dataset_dir)
-        if encoding not in MASK_ENCODINGS:
-            raise DataValueError(f"mask_encoding must be one of {MASK_ENCODINGS}, got {encoding!r}")
         mpaths = [mask_path(dataset_dir, p) for p, _, _ in items]
+        encoding, _ = resolve_mask_encoding(dataset_dir, mpaths, mask_encoding or "")
         missing = [m for m in mpaths if not os.path.isfile(m)]
         if missing and not allow_missing_masks:
             raise MissingMaskError(
@@ -973,6 +1029,7 @@ def build_loader(items, transform, batch_size, train, workers=0, seed=1, masks=F
                     pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
                     generator=torch.Generator().manual_seed(seed))
     loader._epoch = 0
+    loader.check_foreground = bool(masks and train)
     loader.samples_per_epoch = len(items) - (len(items) % batch_size if drop_last else 0)
     loader.masks_missing = sum(m is None for m in mpaths) if mpaths is not None else 0
     if drop_last and len(items) % batch_size:
@@ -1167,9 +1224,9 @@ def check(name, root, sample=None, seed=0, out=print):
         found = [(p, mp) for p, mp in pairs if os.path.isfile(mp)]
         missing = [mp for p, mp in pairs if not os.path.isfile(mp) and p in train]
         other = sum(not os.path.isfile(mp) and p not in train for p, mp in pairs)
-        enc = read_mask_encoding(m["dataset_dir"])
+        enc, how = resolve_mask_encoding(m["dataset_dir"], [mp for _, mp in found])
         fr = check_mask_encoding([mp for _, mp in found], enc)
-        out(f"  masks: {len(found)} of {len(items)} found, encoding '{enc}'"
+        out(f"  masks: {len(found)} of {len(items)} found, encoding '{enc}' ({how})"
             + (f", mean foreground {np.mean(fr):.3f} over the first {len(fr)}" if fr else ""))
         for mp in missing[:10]:
             out("  MISSING MASK " + mp)

@@ -45,11 +45,14 @@ def _prec():
 
 
 def _check_labels(labels, n, what):
-    """Out-of-range labels would read outside the table in the kernel: fail clearly instead (syncs on CUDA)."""
+    """Out-of-range labels would read outside the table in the kernel: on the CPU (the interpreter) a clear error;
+    on CUDA a device-side assert, so the hot path never waits for the device to read the labels back."""
     if labels.dim() != 1 or labels.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"kernels/losses.py: labels must be an integer vector [B], got {labels.dtype} "
                          f"{tuple(labels.shape)}")
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n):
+    if labels.is_cuda:
+        torch._assert_async(((labels >= 0) & (labels < n)).all())
+    elif labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n):
         raise ValueError(f"kernels/losses.py: labels must lie in 0..{n - 1} (one per {what}), got "
                          f"{int(labels.min())}..{int(labels.max())}")
 

@@ -127,9 +127,47 @@ def test_gradcam_masks_shape_values_normalisation():
     assert torch.all((peaks > 0.99) & (peaks <= 1.0))  # per-image max normalisation
     assert torch.equal(m, (cam >= 0.5).float())
     assert all(p.grad is None for p in model.parameters())  # parameters untouched
-    model.cfg["gradcam_batch_max"] = True
-    _, cam_b = model.gradcam(batch["image"], batch["label"], T, return_cam=True)
-    assert cam_b.max() == pytest.approx(1.0, abs=1e-4) and cam_b.flatten(1).max(1)[0].min() < 0.999
+
+
+def official_gradcam(model, images, labels, T_all):
+    """The official DAPT-G map written out directly (Ferenas/DAPT trainers/util.py GradCAM.forward_train):
+    A = ln_1 output of the last image block; S = sum_b logit[b, y_b] / (B (C + 32)) over all C + 32 texts;
+    w_b = mean over the patches of dS/dA; cam = ReLU(A w) on the patch grid, bilinear (align_corners) to the image;
+    / (batch max + 1e-6); >= 0.5."""
+    v, seen = model.clip.visual, {}
+    last = v.transformer.resblocks[-1]
+
+    def keep(module, inputs, out):
+        out.retain_grad()
+        seen["A"] = out
+
+    hook = last.ln_1.register_forward_hook(keep)
+    with torch.enable_grad():
+        f = dapt.normalize(v(images, model.visual_prompts()))
+        logits = model.logit_scale * f @ T_all.t()
+        score = (logits * F.one_hot(labels, T_all.shape[0])).mean()
+        score.backward()
+    hook.remove()
+    A, dA, g = seen["A"].detach(), seen["A"].grad, v.grid
+    w = dA[:, 1:1 + g * g].mean(1, keepdim=True)
+    cam = torch.relu((A[:, 1:1 + g * g] * w).sum(-1)).view(-1, 1, g, g)
+    cam = F.interpolate(cam, size=images.shape[-2:], mode="bilinear", align_corners=True)
+    cam = cam / (cam.max() + 1e-6)
+    return (cam >= 0.5).float(), cam
+
+
+def test_gradcam_quirk_equals_the_official_formula():
+    model, batch = dapt_model(cue="gradcam", gradcam_quirk=True), toy_batch(B=3)
+    with torch.no_grad():
+        T_all = model.host.text_features(model.bg_tokens)  # C classes + 32 backgrounds
+    m_ref, cam_ref = official_gradcam(model, batch["image"], batch["label"], T_all)
+    model.zero_grad(set_to_none=True)
+    m, cam = model.gradcam(batch["image"], batch["label"], T_all, return_cam=True)
+    torch.testing.assert_close(cam, cam_ref, rtol=1e-4, atol=1e-6)
+    assert torch.equal(m, m_ref) and cam.max() == pytest.approx(1.0, abs=1e-3)
+    model.cfg["gradcam_quirk"] = False  # ours: per image, the 1e-6 negligible
+    _, ours = model.gradcam(batch["image"], batch["label"], T_all[:len(NAMES)], return_cam=True)
+    assert torch.all(ours.flatten(1).max(1)[0] > 0.999) and not torch.allclose(ours, cam, atol=1e-3)
 
 
 def test_gradcam_follows_the_given_image():
@@ -216,6 +254,9 @@ def test_dapt_and_fvgpt_train_end_to_end(random_toy, tmp_path, capsys):
     losses, folder = losses_of(out, "dapt")
     assert losses[-1] < losses[0], losses
     assert os.path.exists(os.path.join(folder, "result.json")) and set(res["accuracy"]) == {"base", "new", "hm"}
+    bench = res["config"]["benchmark"]  # the toy declares its masks white on black (mask/ENCODING): recorded
+    assert bench["mask_encoding"] == "white" and bench["mask_encoding_source"].endswith(os.path.join("mask", "ENCODING"))
+    assert res["config"]["selection"] == "best_val"  # DAPT base-to-novel selects on the validation split (official)
     # fvgpt on a CoOp host trained here
     run_random_toy(random_toy, out, "--method", "coop", "--epochs", "2", "--batch", "4", "--lr", "0.01")
     _, host = losses_of(out, "coop")

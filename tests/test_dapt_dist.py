@@ -76,6 +76,12 @@ def test_dapt_dist_model_shapes_and_loss(tiny):
     assert model.ctx.shape == (16, 64) and model.image_prompts.shape == (16, 64)
     assert model.image_prompts.abs().max() <= math.sqrt(6 / (3 * 8 ** 2 + 64))  # xavier bound, patch 8
     assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 16 * 64 * 2
+    torch.manual_seed(3)  # the official draw order: image prompts first, then the text context
+    model = dapt.DistributionAwarePT(clip, bench.classnames, cfg)
+    torch.manual_seed(3)
+    torch.testing.assert_close(model.image_prompts, dapt.init_image_prompts((16, 64), "xavier", 8), rtol=0, atol=0)
+    torch.testing.assert_close(model.ctx, torch.empty(16, 64).normal_(std=0.02), rtol=0, atol=0)
+    assert cfg["proto_train_view"] is True
     images = torch.stack([tfs[False](Image.open(p)) for p, _, _ in bench.train[:4]])
     batch = dict(image=images, label=torch.tensor([0, 1, 2, 3]))
     with pytest.raises(RuntimeError, match="prepare"):
@@ -119,4 +125,5 @@ def test_dapt_dist_trains_on_toy(toy_root, tmp_path):
         assert set(json.load(f)["accuracy"]) == {"base", "new", "hm"}
     assert result["config"]["trainable_values"] == 2 * 16 * 64
     cache = os.listdir(os.path.join(toy_root, "toy", "split_fewshot"))
-    assert any(n.startswith("prototypes_shot_2-seed_1-base_") and n.endswith("_test.pt") for n in cache)
+    # official default: the prototypes come from one training augmentation of each few-shot image
+    assert any(n.startswith("prototypes_shot_2-seed_1-base_") and n.endswith("_train.pt") for n in cache)

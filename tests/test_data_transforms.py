@@ -284,8 +284,67 @@ def test_loader_mask_errors(toy, tmp_path, caplog):
         data.build_loader(items, t, 3, train=True, masks=True, dataset_dir=toy.meta["dataset_dir"],
                           mask_encoding="label")
     assert "may be 'white' encoded" in caplog.text
+    # ... and training on it stops at the first batch, naming the files and the flag
+    ld = data.build_loader(items, t, 3, train=True, masks=True, dataset_dir=toy.meta["dataset_dir"],
+                           mask_encoding="label")
+    with pytest.raises(data.MissingMaskError, match="(?s)cover 0.000% .*'label' masks.*--mask-encoding white"):
+        next(iter(ld))
+    assert data.build_loader(items, t, 3, train=True, masks=True, dataset_dir=toy.meta["dataset_dir"]).dataset.encoding == "white"
     # a corrupt image fails with its path when loaded
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG broken")
     with pytest.raises(data.CorruptImageError, match=str(bad)):
         next(iter(data.build_loader([(str(bad), 0, "x")], t, 1, train=True)))
+
+
+def write_masks(folder, arrays, mode=None):
+    paths = []
+    for i, a in enumerate(arrays):
+        path = os.path.join(folder, f"m{i}.png")
+        Image.fromarray(a, mode).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_mask_encoding_detected_from_the_files(tmp_path):
+    obj = np.zeros((2, 8, 8), np.uint8)
+    obj[:, 2:6, 2:6] = 1
+    cases = {
+        "white": [obj[0] * 255, obj[1] * 255],  # object white on black
+        "label": [obj[0], obj[1]],  # {0, 1}
+        "label void": [np.pad(np.pad(np.full((5, 5), 3, np.uint8), 1, constant_values=255), 1)],  # 255 borders
+        "white antialiased": [np.pad(np.pad(np.full((8, 8), 255, np.uint8), 1, constant_values=60), 3)],  # grey edge
+    }
+    expected = {"white": "white", "label": "label", "label void": "label", "white antialiased": "white"}
+    for name, arrays in cases.items():
+        d = tmp_path / name.replace(" ", "_")
+        d.mkdir()
+        enc, why = data.detect_mask_encoding(write_masks(str(d), arrays))
+        assert enc == expected[name], (name, why)
+    pal = tmp_path / "pal"
+    pal.mkdir()
+    assert data.detect_mask_encoding(write_masks(str(pal), [obj[0]], "P"))[0] == "label"
+    # an ENCODING file and an explicit request win over the detection
+    (tmp_path / "ds" / "mask").mkdir(parents=True)
+    (tmp_path / "ds" / "mask" / "ENCODING").write_text("label\n")
+    assert data.resolve_mask_encoding(str(tmp_path / "ds"), [])[0] == "label"
+    assert data.resolve_mask_encoding(str(tmp_path / "ds"), [], "white") == ("white", "--mask-encoding")
+    with pytest.raises(data.DataError, match="mask-encoding 'binary'"):
+        data.resolve_mask_encoding(str(tmp_path / "ds"), [], "binary")
+
+
+def test_mask_quirk_reads_like_the_official_loader():
+    """DAPT's official loader: mask.convert("RGB"), resized to the image (PIL's default for RGB: bicubic), cropped
+    and resized with the image's bicubic interpolation, red channel, then 255 -> 0 and >= 1 -> 1."""
+    rng = np.random.default_rng(1)
+    img = Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    mask = Image.fromarray(np.where(rng.random((15, 20)) < 0.4, 255, 1).astype(np.uint8))  # half size, 1 / 255
+    t = data.build_transform(True, size=16, mask_interpolation="bicubic")
+    g = torch.Generator().manual_seed(3)
+    _, m = t.pair(img, mask, generator=g, encoding="official")
+    ops = t.params(40, 30, torch.Generator().manual_seed(3))
+    ref = data.Transform.apply(mask.convert("RGB").resize(img.size, Image.BICUBIC), ops, Image.BICUBIC)
+    red = np.asarray(ref)[..., 0].astype(np.float32)
+    red[red == 255] = 0
+    red[red > 1] = 1
+    assert np.array_equal(m[0].numpy(), red)

@@ -1,5 +1,8 @@
 """The baseline prompt models on a small random CLIP: prompt layouts, exact text-side savings, batching,
 deep prompts, and which parameters are trainable."""
+import json
+import os
+
 import pytest
 import torch
 
@@ -50,7 +53,7 @@ def test_class_token_positions(clip, position):
         assert x[c, slots, 0].tolist() == [10.0, 11.0, 12.0, 13.0]  # context order kept
 
 
-@pytest.mark.parametrize("method,extra", [("coop", {}), ("coop", {"csc": True}), ("maple", {}), ("cocoop", {})])
+@pytest.mark.parametrize("method,extra", [("coop", {}), ("coop", {"csc": True, "ctx_init": ""}), ("maple", {}), ("cocoop", {})])
 def test_text_savings_is_exact(clip, method, extra):
     torch.manual_seed(0)
     model = dapt.METHODS[method](clip, NAMES, cfg_of(method, **extra))
@@ -160,3 +163,76 @@ def test_kgcoop_term_is_zero_at_the_template_init():
     assert stats2["L_kg"] > 1e-3
     loss2.backward()
     assert model.ctx.grad.abs().sum() > 0
+
+
+def test_class_token_positions_equal_official_coop():
+    """CoOp middle / front: every position of every class's sequence and the EOT read position equal the official
+    PromptLearner's (names ending in ")", "?", "'", digits, non-ASCII; 4 and 16 context slots; with an init phrase)."""
+    golden = json.load(open(os.path.join(os.path.dirname(__file__), "golden", "coop_positions.json")))
+    clip = random_clip()
+    groups = {}
+    for case in golden["cases"]:
+        groups.setdefault((case["n_ctx"], case["ctx_init"], case["position"]), []).append(case)
+    differs = 0
+    for (n, init, position), cases in groups.items():
+        names = [c["classname"] for c in cases]
+        p = dapt.TextPrompts(clip, names, n_ctx=n, ctx_init=init or None, position=position)
+        for c, case in enumerate(cases):
+            got = p.tokens[c].tolist()
+            for slot in p.ctx_pos[c].tolist():
+                got[slot] = -1
+            assert got[:case["eot"] + 1] == case["tokens"], (case["classname"], n, init, position)
+            assert int(p.eot[c]) == case["eot"], case["classname"]
+        if position != "end" and not init:  # the separate layout differs exactly for names ending in punctuation
+            sep = dapt.TextPrompts(clip, names, n_ctx=n, position=position, layout="separate")
+            for c, case in enumerate(cases):
+                ends_in_punct = not case["classname"][-1].isalnum()
+                same = torch.equal(sep.tokens[c], p.tokens[c]) and int(sep.eot[c]) == int(p.eot[c])
+                assert same != ends_in_punct, case["classname"]
+                differs += not same
+    assert differs > 0
+
+
+def test_coop_csc_with_init_phrase_is_refused(clip):
+    with pytest.raises(dapt.ConfigError, match="ignores CSC"):
+        dapt.CoOp(clip, NAMES, {"csc": True, "ctx_init": "a photo of a", "n_ctx": 4})
+    assert dapt.CoOp(clip, NAMES, {"csc": True}).ctx.shape == (4, 16, 64)  # random init: one context per class
+
+
+def test_select_ensemble_adds_the_dataset_template_except_on_imagenet(clip):
+    counts = {}
+    for name in ("imagenet", "imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r", "dtd"):
+        cfg = train.resolve_config("zsclip", name, {"ensemble": "select"})
+        model = dapt.ZeroShotCLIP(clip, NAMES, cfg)
+        counts[name] = len(model.templates)
+        if name != "imagenet":
+            assert model.templates[-1] == data.DATASETS[name].template
+    assert counts == {"imagenet": 7, "imagenetv2": 8, "imagenet_sketch": 8, "imagenet_a": 8, "imagenet_r": 8, "dtd": 8}
+
+
+def test_kgcoop_uses_its_own_template_table():
+    """KgCoOp's t0 templates equal CoOp's zero-shot table except DTD (KgCoOp: "a photo of a {}, a type of texture.")."""
+    for name, info in data.DATASETS.items():
+        template = train.resolve_config("kgcoop", name, {})["template"]
+        assert template == ("a photo of a {}, a type of texture." if name == "dtd" else info.template), name
+    assert train.resolve_config("zsclip", "dtd", {})["template"] == "{} texture."
+
+
+def test_maple_initialisation_follows_the_official_draws(clip):
+    """MaPLe's couplings: F_0, then the deep prompts, then one Linear cloned into F_1..F_{J-1} (identical at step 0),
+    drawn in that order so one torch seed gives the official initial values."""
+    torch.manual_seed(5)
+    model = dapt.MaPLe(clip, NAMES, cfg_of("maple"))
+    F = model.couplings
+    assert len(F) == 2 and torch.equal(F[1].weight, model.couplings[-1].weight)
+    torch.manual_seed(5)
+    f0 = torch.nn.Linear(64, 64)
+    P = torch.empty(1, 2, 64).normal_(std=0.02)
+    shared = torch.nn.Linear(64, 64)
+    assert torch.equal(F[0].weight, f0.weight) and torch.equal(F[0].bias, f0.bias)
+    assert torch.equal(model.compound_prompts, P)
+    assert torch.equal(F[1].weight, shared.weight) and torch.equal(F[1].bias, shared.bias)
+    assert not torch.equal(F[0].weight, F[1].weight)
+    big = dapt.MaPLe(clip_module.CLIP(**dict(SMALL_CONFIG, vision_layers=4, transformer_layers=4)), NAMES, cfg_of("maple"))
+    assert all(torch.equal(f.weight, big.couplings[1].weight) for f in big.couplings[1:])  # F_1..F_3 identical
+    assert big.couplings[1].weight.data_ptr() != big.couplings[2].weight.data_ptr()  # but separate tensors

@@ -116,7 +116,8 @@ def test_planted_payload_never_runs_and_the_error_names_the_file(kind, runs, toy
         toy_copy = request.getfixturevalue("toy_copy")
         cfg = train.resolve_config("dapt-dist", "toy", dict(subsample="base", shots=4))
         digest = dapt.state_digest(train.load_backbone(cfg, toy_copy, "cpu").visual)[:16]
-        target = os.path.join(toy_copy, "toy", "split_fewshot", f"prototypes_shot_4-seed_1-base_{digest}_test.pt")
+        view = "train" if cfg["proto_train_view"] else "test"
+        target = os.path.join(toy_copy, "toy", "split_fewshot", f"prototypes_shot_4-seed_1-base_{digest}_{view}.pt")
         plant(target, marker)
         code, err = fails(capsys, run, toy_copy, tmp_path / "runs", "dapt-dist", epochs=1)
     assert code == 1 and not marker.exists()

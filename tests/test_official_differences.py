@@ -1,0 +1,142 @@
+"""The README's table of where our defaults differ from the official code: every flag it lists is a config key of
+its method, differs from the default, and changes behaviour (a probe per key; a flag without a probe fails)."""
+import os
+import re
+import shlex
+
+import pytest
+import torch
+
+import dapt
+import data
+import train
+from conftest import NAMES, TINY_TOY_CONFIG, random_clip, run_random_toy, toy_batch
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+
+
+def table_flags():
+    """[(method, key, value text)] of the flags column of the official-differences table."""
+    text = open(README).read()
+    body = text[text.index("<!-- official-differences -->"):text.index("<!-- /official-differences -->")]
+    rows = [line for line in body.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    out = []
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        method = re.search(r"`([\w-]+)`", cells[0])
+        method = method.group(1) if method else "coop"  # "all (Dassl-based)"
+        for code in re.findall(r"`([^`]*)`", cells[3]):
+            words = shlex.split(code)
+            for i, w in enumerate(words):
+                if w.startswith("--"):
+                    out.append((method, w[2:].replace("-", "_"), words[i + 1]))
+    return out
+
+
+FLAGS = table_flags()
+
+
+def model_loss(method, cfg, batch, seed=0, names=NAMES):
+    clip = random_clip(TINY_TOY_CONFIG)
+    torch.manual_seed(seed)
+    model = dapt.METHODS[method](clip, names, cfg)
+    with torch.no_grad():  # move every prompt off its initial value, so that each term is non-trivial
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn_like(p))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return model.loss(batch, epoch=0)[0]
+
+
+def fvgpt_loss_changes(key, value):
+    clip = random_clip(TINY_TOY_CONFIG)
+    host = dapt.CoOp(clip, NAMES, train.resolve_config("coop", "toy", {"subsample": "base"}))
+    cfg = train.resolve_config("fvgpt", "toy", {"subsample": "base"})
+    losses = []
+    for c in (cfg, dict(cfg, **{key: value})):
+        torch.manual_seed(0)
+        model = dapt.FVGPT(host, NAMES, c)
+        with torch.no_grad():
+            model.alpha_v.fill_(0.5)
+            losses.append(model.loss(toy_batch(), 0)[0])
+    return not torch.equal(*losses)
+
+
+def run_key_changes(method, key, value):
+    """A run key: what train.py derives from it changes."""
+    base = train.resolve_config(method, "toy", {"subsample": "base"})
+    new = dict(base, **{key: value})
+    if key == "precision":
+        return train.precision_of(base, "cpu") != train.precision_of(new, "cpu")
+    if key == "dassl_drop_last":
+        items = [(f"img{i}.png", i % 2, "c") for i in range(10)]
+        tf = data.build_transform(True, size=32)
+        n = [data.build_loader(items, tf, 4, train=True, dassl_drop_last=c["dassl_drop_last"]).samples_per_epoch
+             for c in (base, new)]
+        return n[0] != n[1]
+    if key in ("lr", "epochs", "batch", "official_optim"):
+        if key == "official_optim":
+            new = train.resolve_config(method, "toy", {"subsample": "base", key: value})
+        sched = [[train.lr_at(c, e, 0, 10) for e in range(5)] + [c["batch"], c["optimizer"]] for c in (base, new)]
+        return sched[0] != sched[1]
+    if key in ("resize_only", "mask_quirk"):
+        bench = type("B", (), {"meta": {"image_size": 32}})()
+        return [t.constants() for t in train.transforms_of(base, bench)] != [t.constants() for t in train.transforms_of(new, bench)]
+    raise KeyError(key)
+
+
+@pytest.mark.parametrize("method, key, value", FLAGS, ids=[f"{m}-{k}" for m, k, _ in FLAGS])
+def test_listed_flag_exists_and_changes_behaviour(method, key, value, random_toy, tmp_path):
+    cfg = train.resolve_config(method, "toy", {"subsample": "base"})
+    assert key in cfg, f"--{key} is not a config key of {method}"
+    typed = train.parse_value(key, value, cfg[key])
+    assert typed != cfg[key], f"--{key} {value} is the default of {method}"
+    if key in ("precision", "dassl_drop_last", "lr", "epochs", "batch", "official_optim", "resize_only", "mask_quirk"):
+        assert run_key_changes(method, key, typed)
+    elif key == "mask_encoding":  # the toy's masks are declared white: label reads them otherwise
+        root, _ = random_toy
+        d = os.path.join(root, "toy")
+        assert data.resolve_mask_encoding(d, [], "")[0] != data.resolve_mask_encoding(d, [], typed)[0]
+    elif key == "selection":  # a DAPT run keeps a best.pt only when it selects on the validation split
+        kept = []
+        for tag, extra in (("-a", []), ("-b", ["--selection", value])):
+            run_random_toy(random_toy, tmp_path, "--method", method, "--epochs", "1", "--tag", tag, *extra)
+            kept.append(os.path.exists(os.path.join(tmp_path, "b2n", "toy", method + tag, "shots4_seed1", "best.pt")))
+        assert kept == [True, False]
+    elif key == "proto_train_view":
+        views = []
+        real = dapt.class_prototypes
+        dapt.class_prototypes = lambda clip, bench, tf, seed, device, view: views.append(view) or torch.zeros(4, 64)
+        try:
+            for c in (cfg, dict(cfg, proto_train_view=typed)):
+                dapt.DistributionAwarePT(random_clip(TINY_TOY_CONFIG), NAMES, c).prepare(None, "train-tf", "test-tf", "cpu")
+        finally:
+            dapt.class_prototypes = real
+        assert views == ["train", "test"]
+    elif key == "template":  # KgCoOp's t0
+        clip = random_clip(TINY_TOY_CONFIG)
+        t0 = [dapt.KgCoOp(clip, NAMES, dict(cfg, template=t)).t0 for t in (cfg["template"], typed)]
+        assert not torch.allclose(t0[0], t0[1])
+    elif key == "class_token_layout":
+        clip = random_clip(TINY_TOY_CONFIG)
+        tokens = [dapt.TextPrompts(clip, ["crane (bird)"], 4, position="middle", layout=v).tokens
+                  for v in (cfg[key], typed)]
+        assert not torch.equal(*tokens)
+    elif method == "fvgpt":
+        assert fvgpt_loss_changes(key, typed)
+    else:  # a model key: the loss on the same batch and weights changes (in the setting where the key acts)
+        needs = {"gradcam_quirk": {"cue": "gradcam"}, "proxy_mask": {"patch_sample": "attn_slot"}}.get(key, {})
+        cfg, batch = dict(cfg, **needs), toy_batch()
+        if key == "paper_norm":  # matters when a proxy has no positive in the batch
+            batch["label"] = torch.tensor([0, 0, 1, 1])
+        assert not torch.equal(model_loss(method, cfg, batch), model_loss(method, dict(cfg, **{key: typed}), batch))
+
+
+def test_the_table_lists_the_quirk_flags():
+    keys = {k for _, k, _ in FLAGS}
+    assert {"bg_slice_quirk", "gradcam_quirk", "mask_quirk", "class_token_layout", "proto_train_view",
+            "official_optim", "dassl_drop_last"} <= keys
+    quirks = {k for m in dapt.METHODS if m != "fvgpt" for k in dapt.model_defaults(m) if k.endswith("_quirk")}
+    quirks |= {k for k in train.COMMON if k.endswith("_quirk")}
+    assert quirks <= keys, f"quirk flags missing from the README table: {quirks - keys}"
