@@ -355,8 +355,30 @@ class CLIP(nn.Module):
 NON_TENSOR_KEYS = ("input_resolution", "context_length", "vocab_size")  # extra entries of OpenAI archives
 
 
+def _shape(sd, key, ndim):
+    """sd[key]'s shape, checked to have `ndim` dimensions (a ValueError naming the tensor otherwise)."""
+    shape = tuple(sd[key].shape)
+    if len(shape) != ndim:
+        raise ValueError(f"tensor {key!r} has shape {list(shape)}; a CLIP ViT has {ndim} dimension(s) there")
+    return shape
+
+
+def _agree(what, sizes):
+    """The size that the tensors of `sizes` ({tensor name: (size, shape)}) imply; a ValueError naming the tensors
+    that disagree with the others, with their shapes, otherwise."""
+    values = [v for v, _ in sizes.values()]
+    common = max(values, key=values.count)  # the majority (ties: the first tensor listed)
+    odd = {k: s for k, (v, s) in sizes.items() if v != common}
+    if odd:
+        agree = ", ".join(f"{k} {list(s)}" for k, (v, s) in sizes.items() if v == common)
+        bad = ", ".join(f"{k!r} has shape {list(s)}" for k, s in odd.items())
+        raise ValueError(f"cannot infer the {what}: tensor {bad}, but {agree} imply {common}")
+    return common
+
+
 def infer_config(state_dict):
-    """CLIP constructor arguments from shapes and key names (OpenAI's `build_model` rules)."""
+    """CLIP constructor arguments from shapes and key names (OpenAI's `build_model` rules). Each width is read
+    from every tensor that holds it; a tensor that disagrees with the others is named with its shape."""
     sd = state_dict
     if "visual.proj" not in sd:
         if any(k.startswith("visual.layer1.") or k.startswith("visual.attnpool.") for k in sd):
@@ -368,19 +390,27 @@ def infer_config(state_dict):
                 "token_embedding.weight", "ln_final.weight"):
         if key not in sd:
             raise ValueError(f"not a complete CLIP state dict: key {key!r} is missing")
-    vision_width = sd["visual.conv1.weight"].shape[0]
+    conv, vproj = _shape(sd, "visual.conv1.weight", 4), _shape(sd, "visual.proj", 2)
+    vpos, tpos = _shape(sd, "visual.positional_embedding", 2), _shape(sd, "positional_embedding", 2)
+    tok, lnf = _shape(sd, "token_embedding.weight", 2), _shape(sd, "ln_final.weight", 1)
+    tproj = _shape(sd, "text_projection", 2)
+    vision_width = _agree("image tower width", {"visual.conv1.weight": (conv[0], conv), "visual.positional_embedding":
+                                                (vpos[1], vpos), "visual.proj": (vproj[0], vproj)})
+    transformer_width = _agree("text tower width", {"token_embedding.weight": (tok[1], tok), "positional_embedding":
+                                                    (tpos[1], tpos), "ln_final.weight": (lnf[0], lnf),
+                                                    "text_projection": (tproj[0], tproj)})
+    embed_dim = _agree("embedding width", {"text_projection": (tproj[1], tproj), "visual.proj": (vproj[1], vproj)})
     vision_layers = len([k for k in sd if k.startswith("visual.") and k.endswith(".attn.in_proj_weight")])
-    vision_patch_size = sd["visual.conv1.weight"].shape[-1]
-    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-    transformer_width = sd["ln_final.weight"].shape[0]
+    vision_patch_size = conv[-1]
+    grid = round((vpos[0] - 1) ** 0.5)
     return dict(
-        embed_dim=sd["text_projection"].shape[1],
+        embed_dim=embed_dim,
         image_resolution=vision_patch_size * grid,
         vision_layers=vision_layers,
         vision_width=vision_width,
         vision_patch_size=vision_patch_size,
-        context_length=sd["positional_embedding"].shape[0],
-        vocab_size=sd["token_embedding.weight"].shape[0],
+        context_length=tpos[0],
+        vocab_size=tok[0],
         transformer_width=transformer_width,
         transformer_heads=transformer_width // 64,
         transformer_layers=len({k.split(".")[2] for k in sd if k.startswith("transformer.resblocks.")}),
@@ -388,9 +418,18 @@ def infer_config(state_dict):
 
 
 def build_clip(state_dict):
-    """A CLIP whose every size comes from the state dict; loaded with strict=True, in float32, eval mode."""
+    """A CLIP whose every size comes from the state dict; loaded with strict=True, in float32, eval mode. A tensor
+    whose shape differs from what the architecture (inferred from the others) needs is named with both shapes."""
     sd = {k: v for k, v in state_dict.items() if k not in NON_TENSOR_KEYS}
-    model = CLIP(**infer_config(sd))
+    config = infer_config(sd)
+    model = CLIP(**config)
+    expected = model.state_dict()
+    wrong = [(k, list(v.shape), list(expected[k].shape)) for k, v in sd.items()
+             if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
+    if wrong:
+        listed = "; ".join(f"tensor {k!r} has shape {s}, expected {e}" for k, s, e in wrong[:5])
+        more = f" (and {len(wrong) - 5} more)" if len(wrong) > 5 else ""
+        raise ValueError(f"{listed}{more} for the architecture the other tensors imply ({config})")
     model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
     return model.eval()
 
@@ -412,7 +451,8 @@ log = logging.getLogger("dapt")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be found, fetched or read as a CLIP ViT; the message names the file."""
+    """A checkpoint that cannot be found, fetched or read (as a CLIP ViT, or as a run's or cache's file); the message
+    names the file."""
 
 
 # OpenAI's files: the URL path holds the file's sha256, checked after download and once per process when cached.
@@ -470,7 +510,16 @@ def resolve_dtype(dtype, device):
 
 
 def _build_checked(state_dict, path):
-    """build_clip (strict key and shape match) with the file named in errors, then check what can be checked."""
+    """build_clip (strict key and shape match) with the file named in errors, then check what can be checked.
+    Non-finite weights (NaN / inf) are refused: a model built from them gives chance-level results silently."""
+    bad = [k for k, v in state_dict.items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        counts = ", ".join(f"{k} ({int((~torch.isfinite(state_dict[k])).sum())} of {state_dict[k].numel()} values)"
+                           for k in bad[:5])
+        raise CheckpointError(f"{path}: non-finite weights (NaN or inf) in tensor(s) {counts}"
+                              f"{f' and {len(bad) - 5} more' if len(bad) > 5 else ''}; the file is damaged: "
+                              "download or export it again")
     try:
         model = build_clip(state_dict)
     except (ValueError, RuntimeError) as e:  # infer_config's message, or load_state_dict's missing/unexpected keys
@@ -516,19 +565,29 @@ def _clip_tensors(sd, path):
 
 
 def _torch_load(path):
+    return load_torch_file(path, expected=SUPPORTED, refused="expected a state dict of tensors, e.g. "
+                                                            "torch.save(model.state_dict(), path)")
+
+
+def load_torch_file(path, map_location="cpu", expected="a file written by torch.save", refused=None):
+    """torch.load(path, weights_only=True): tensors, dicts, lists, tuples, numbers and strings only, so the file
+    cannot run code. Every file the project reads with torch.load goes through here (CLIP state dicts, run
+    checkpoints, resume files, caches); any failure is a CheckpointError that names the file."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL (\S+)", str(e))
         if found:  # weights_only refused an object that is not a tensor or a container
-            raise CheckpointError(f"{path}: torch.load(weights_only=True) refused it (it holds the global {found[1]});"
-                                  " expected a state dict of tensors, e.g. torch.save(model.state_dict(), path)") from e
+            raise CheckpointError(f"{path}: torch.load(weights_only=True) refused it (it holds the global {found[1]}), "
+                                  f"which could run code when loaded; {refused or 'expected ' + expected}") from e
         detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
         raise CheckpointError(f"{path}: not a readable torch.save file, truncated or corrupt? "
-                              f"({detail[1] if detail else e}); expected {SUPPORTED}") from e
+                              f"({(detail[1] if detail else str(e)).strip()}); expected {expected}") from e
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: file not found; expected {expected}") from None
     except Exception as e:  # truncated zip, not a pickle at all, ...
         raise CheckpointError(f"{path}: not a readable torch.save file, truncated or corrupt? "
-                              f"({type(e).__name__}: {e}); expected {SUPPORTED}") from e
+                              f"({type(e).__name__}: {e}); expected {expected}") from e
 
 
 def openai_state_dict(obj, path="<state dict>"):

@@ -26,6 +26,7 @@ from torch import nn
 import data
 import kernels
 from clip import CLIP, CheckpointError, VisualPrompts, build_clip, load_clip  # noqa: F401  (public names)
+from clip import load_torch_file
 from kernels.losses import inter_dispersion_reference as inter_dispersion_loss  # noqa: F401  (public names:
 from kernels.losses import intra_dispersion_reference as intra_dispersion_loss  # noqa: F401   plain PyTorch)
 from kernels.losses import proxy_anchor_reference as proxy_anchor_loss  # noqa: F401
@@ -854,21 +855,23 @@ def class_means(feats, labels, n_classes):
 def class_prototypes(clip, bench, transform, seed, device, view):
     """proto_c = (1/K_c) sum_{i: y_i = c} n(E_v^CLIP(x_i)) over the few-shot training items (frozen, unprompted
     tower, one view per image, NOT re-normalised) -> [C, E] float32 on the CPU, cached beside the few-shot split
-    as <dataset_dir>/split_fewshot/prototypes_shot_K-seed_S-<subsample>_<weights digest>_<view>.pt.
+    as <dataset_dir>/split_fewshot/prototypes_shot_K-seed_S-<subsample>_<weights digest>_<view>.pt (the user cache
+    folder when the dataset folder is read-only: data.cache_dirs), read with weights_only=True (data only).
     The file records the items, the transform constants and the seed; any mismatch regenerates it."""
     digest = state_digest(clip.visual)[:16]
     m = bench.meta
-    path = os.path.join(m["dataset_dir"], "split_fewshot",
-                        f"prototypes_shot_{m['shots']}-seed_{m['seed']}-{m['subsample']}_{digest}_{view}.pt")
+    name = f"prototypes_shot_{m['shots']}-seed_{m['seed']}-{m['subsample']}_{digest}_{view}.pt"
+    folders, write_to = data.cache_dirs(m["dataset_dir"])
     record = dict(items=[(os.path.relpath(p, m["dataset_dir"]), int(y)) for p, y, _ in bench.train],
                   n_classes=len(bench.classnames), transform=transform.constants(), seed=seed, view=view,
                   clip_visual_sha256=digest)
-    if os.path.exists(path):
-        cached = torch.load(path, map_location="cpu", weights_only=False)
-        if cached.get("record") == record:
+    for path in [os.path.join(d, name) for d in folders if os.path.exists(os.path.join(d, name))]:
+        cached = load_torch_file(path, expected="a prototype cache of dapt-dist (delete it to regenerate it)")
+        if isinstance(cached, dict) and cached.get("record") == record:
             log.info("prototypes: loaded %s", path)
             return cached["prototypes"]
         log.info("prototypes: %s was made with other items / transform / seed: regenerating it", path)
+    path = os.path.join(write_to, name)
     feats = normalize(image_features_of(clip.encode_image, bench.train, transform, seed, device))  # [N, E]
     labels = torch.tensor([y for _, y, _ in bench.train])
     C = len(bench.classnames)
@@ -877,7 +880,8 @@ def class_prototypes(clip, bench, transform, seed, device, view):
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(dict(prototypes=protos, record=record), tmp)
     os.replace(tmp, path)
-    log.info("prototypes: %d classes from %d images (%s view), cached at %s", C, len(labels), view, path)
+    log.info("prototypes: %d classes from %d images (%s view), cached at %s%s", C, len(labels), view, path,
+             "" if write_to == folders[0] else " (the dataset folder cannot be written)")
     return protos
 
 

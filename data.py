@@ -362,7 +362,35 @@ def fewshot_split(train, val, shots, seed):
 
 
 def fewshot_cache_path(dataset_dir, shots, seed):
+    """The few-shot cache in the dataset folder (see cache_dirs for read-only datasets)."""
     return os.path.join(dataset_dir, "split_fewshot", f"shot_{shots}-seed_{seed}.json")
+
+
+def user_cache_root():
+    """Caches of read-only datasets: $DAPT_CACHE, else $XDG_CACHE_HOME/dapt, else ~/.cache/dapt."""
+    return os.environ.get("DAPT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "dapt")
+
+
+def can_write(folder):
+    """Whether new files can be made in `folder` (or, when it does not exist yet, in its nearest existing parent):
+    permissions and read-only mounts, as os.access sees them."""
+    folder = os.path.abspath(folder)
+    while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def cache_dirs(dataset_dir):
+    """(folders a cache file is looked for in, in order; the folder a new one is written to). A dataset's caches
+    (few-shot splits, dapt-dist prototypes) live in <dataset_dir>/split_fewshot when that can be written, else in
+    the user cache folder <user_cache_root()>/<dataset folder>-<12 hex of the sha256 of its absolute path>/
+    split_fewshot, so read-only shared datasets work; caches already in the dataset folder are read either way."""
+    dataset_dir = os.path.abspath(dataset_dir)
+    local = os.path.join(dataset_dir, "split_fewshot")
+    key = hashlib.sha256(dataset_dir.encode()).hexdigest()[:12]
+    user = os.path.join(user_cache_root(), f"{os.path.basename(dataset_dir)}-{key}", "split_fewshot")
+    return [local, user], (local if can_write(local) else user)
 
 
 def _write_json(path, obj):
@@ -374,9 +402,12 @@ def _write_json(path, obj):
 
 
 def _load_fewshot(info, dataset_dir, full, split_file, sha, shots, seed, cache):
-    """-> (train, val, short classes, cache path or None, cache hit)."""
-    path = fewshot_cache_path(dataset_dir, shots, seed)
-    if cache and os.path.isfile(path):
+    """-> (train, val, short classes, cache path or None, cache hit). The cache is looked for in cache_dirs."""
+    name = os.path.basename(fewshot_cache_path(dataset_dir, shots, seed))
+    folders, write_to = cache_dirs(dataset_dir)
+    for path in [os.path.join(d, name) for d in folders] if cache else []:
+        if not os.path.isfile(path):
+            continue
         with open(path) as f:
             d = json.load(f)
         m = d.get("meta", {})
@@ -388,10 +419,13 @@ def _load_fewshot(info, dataset_dir, full, split_file, sha, shots, seed, cache):
         log.warning("few-shot cache %s does not match (K, seed, split sha256, sampler) = (%d, %d, %s, dassl-v1): "
                     "regenerating it", path, shots, seed, sha[:12])
     train, val, short = fewshot_split(full["train"], [] if info.kind == "imagenet" else full["val"], shots, seed)
+    path = os.path.join(write_to, name)
     if cache:
         _write_json(path, {"train": [list(x) for x in train], "val": [list(x) for x in val],
                            "meta": {"K": shots, "seed": seed, "split_file": os.path.basename(split_file),
                                     "split_sha256": sha, "sampler": "dassl-v1", "few_classes": short}})
+        if write_to != folders[0]:
+            log.info("few-shot split cached at %s (the dataset folder %s cannot be written)", path, dataset_dir)
     return train, val, short, (path if cache else None), False
 
 
@@ -416,8 +450,8 @@ def import_dassl_pickle(path, name, root=None, prefix=None):
 
     Absolute paths are made relative to the dataset's image dir: `prefix` is stripped if given, else
     everything up to the last `/<image dir name>/` component. With `root`, the split is written as our JSON
-    cache `<root>/<folder>/split_fewshot/shot_{K}-seed_{S}.json` (K, S parsed from the file name), which
-    `load_benchmark` then uses. -> {"train": [(rel, label, classname)], "val": [...]}"""
+    cache `<root>/<folder>/split_fewshot/shot_{K}-seed_{S}.json` (K, S parsed from the file name; the user cache
+    folder when the dataset is read-only, see cache_dirs), which `load_benchmark` then uses. -> {"train": [(rel, label, classname)], "val": [...]}"""
     info = DATASETS[name]
     with open(path, "rb") as f:
         d = _DasslUnpickler(f).load()
@@ -441,7 +475,7 @@ def import_dassl_pickle(path, name, root=None, prefix=None):
         dataset_dir = os.path.join(root, info.folder)
         _, split_file, sha = read_full_split(info, dataset_dir)
         shots, seed = int(m.group(1)), int(m.group(2))
-        _write_json(fewshot_cache_path(dataset_dir, shots, seed),
+        _write_json(os.path.join(cache_dirs(dataset_dir)[1], f"shot_{shots}-seed_{seed}.json"),
                     {"train": [list(x) for x in out["train"]], "val": [list(x) for x in out["val"]],
                      "meta": {"K": shots, "seed": seed, "split_file": os.path.basename(split_file),
                               "split_sha256": sha, "sampler": "dassl-pickle", "few_classes": [],
@@ -468,6 +502,9 @@ def subsample_classes(train, val, test, subsample="all"):
     return f(train), f(val), f(test), relabel
 
 
+DEFAULT_ROOT = "DATA"  # the command lines' default --root; the only one created on first use (toy)
+
+
 @dataclass
 class Benchmark:
     train: list        # [(absolute image path, label, classname as in the split file)]
@@ -482,14 +519,21 @@ def load_benchmark(name, root, shots=16, seed=1, subsample="all", cache=True):
     """One benchmark's train / val / test items for (K, seed, setting), following protocol §2-4.
 
     shots <= 0 (0 or -1) means the full split (as Dassl's num_shots < 1). Few-shot subsets are sampled before
-    base/new subsampling and cached as JSON (relative paths) under <dataset>/split_fewshot/. ImageNet has no
-    val split (its val folder is the test set): val = []. ImageNetV2/-Sketch/-A/-R are test-only."""
+    base/new subsampling and cached as JSON (relative paths) under <dataset>/split_fewshot/ (cache_dirs). ImageNet
+    has no val split (its val folder is the test set): val = []. ImageNetV2/-Sketch/-A/-R are test-only.
+    The toy benchmark is generated when missing, in an existing root or in the default root DATA; a root that does
+    not exist is an error (a mistyped --root would otherwise regenerate everything)."""
     if name not in DATASETS:
         raise DataValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     info = DATASETS[name]
+    given_root = os.path.normpath(str(root))
     root = os.path.abspath(os.path.expanduser(str(root)))
     dataset_dir = os.path.join(root, info.folder)
     if info.kind == "toy" and not os.path.isdir(dataset_dir):
+        if not os.path.isdir(root) and given_root != DEFAULT_ROOT:  # a mistyped root must not regenerate it all
+            raise DatasetNotFoundError(f"data root {root} does not exist: to write the toy benchmark there, run "
+                                       f"python data.py toy --root {given_root} (the default root {DEFAULT_ROOT} "
+                                       "is created on first use)")
         log.info("toy benchmark not found under %s: generating it (python data.py toy --root %s)", root, root)
         make_toy(root)
     if not os.path.isdir(dataset_dir):
@@ -803,6 +847,21 @@ def open_mask(path):
         raise CorruptImageError(f"cannot read mask {path} ({type(e).__name__}: {e})") from None
 
 
+def mask_size_mismatches(pairs):
+    """[(mask path, mask (w, h), image (w, h))] of the (image path, mask path) pairs whose sizes differ (headers
+    only). Such masks are resized to their image with nearest neighbour when loaded (Transform.pair)."""
+    out = []
+    for image, mask in pairs:
+        try:
+            with Image.open(mask) as m, Image.open(image) as im:
+                if m.size != im.size:
+                    out.append((mask, m.size, im.size))
+        except Exception as e:  # PIL raises several types for truncated / non-image files
+            raise CorruptImageError(f"cannot read the size of {image} or its mask {mask} ({type(e).__name__}: "
+                                    f"{e})") from None
+    return out
+
+
 def check_mask_encoding(paths, encoding, n=32):
     """Warn if most of the first n masks have a foreground fraction outside [0.02, 0.98] (wrong encoding?)."""
     fracs = [float(binarise(mask_score(open_mask(p), encoding), encoding).mean()) for p in paths[:n]]
@@ -819,7 +878,8 @@ def check_mask_encoding(paths, encoding, n=32):
 
 
 def sample_seed(seed, epoch, index):
-    """A 63-bit seed for one (run seed, epoch, sample index); index -1 seeds the epoch's permutation."""
+    """A 63-bit seed for one (run seed, epoch, sample index); index -1 seeds the epoch's permutation, -2 the worker
+    processes' base seed (Loader)."""
     h = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
     return int.from_bytes(h, "little") & ((1 << 63) - 1)
 
@@ -889,7 +949,8 @@ class EpochSampler(torch.utils.data.Sampler):
 
 
 class Loader(torch.utils.data.DataLoader):
-    """A DataLoader with set_epoch(e); without it, each iter() advances the epoch by one."""
+    """A DataLoader with set_epoch(e); without it, each iter() advances the epoch by one. The generator that seeds
+    the worker processes is reset from (seed, epoch) too, so an epoch is the same whether the run resumed or not."""
 
     def set_epoch(self, epoch):
         self._epoch = int(epoch)
@@ -898,6 +959,8 @@ class Loader(torch.utils.data.DataLoader):
 
     def __iter__(self):
         self.sampler.epoch = self._epoch  # read when iteration starts; fixed until the next iter()
+        if self.generator is not None:
+            self.generator.manual_seed(sample_seed(self.sampler.seed, self._epoch, -2))
         self._epoch += 1
         batches = super().__iter__()
         return self.foreground_checked(batches) if self.check_foreground else batches
@@ -951,6 +1014,12 @@ def build_loader(items, transform, batch_size, train, workers=0, seed=1, masks=F
                         len(missing), len(mpaths))
             mpaths = [m if os.path.isfile(m) else None for m in mpaths]
         check_mask_encoding([m for m in mpaths if m is not None], encoding)
+        wrong = mask_size_mismatches([(p, m) for (p, _, _), m in zip(items, mpaths) if m is not None])
+        if wrong:
+            m0, ms, ims = wrong[0]
+            log.warning("%d of %d masks differ in size from their image (e.g. %s: %dx%d, image %dx%d): each is resized "
+                        "to its image with nearest neighbour; python data.py check lists them", len(wrong),
+                        len(mpaths), m0, *ms, *ims)
     if patch_size and transform.size % patch_size:
         raise DataValueError(f"image size {transform.size} is not a multiple of patch size {patch_size}")
     ds = ImageDataset(items, transform, seed, mpaths, encoding, patch_size if masks else None)
@@ -1121,8 +1190,9 @@ def make_toy(root, seed=0, per_class=None):
 
 
 def check(name, root, sample=None, seed=0, out=print):
-    """Validate a dataset without training: split / listing, class names, every image (or a sample), masks.
-    -> number of problems (0 = fine)."""
+    """Validate a dataset without training: split / listing, class names, every image (or a sample), masks (when
+    <dataset>/mask exists: missing ones among the training images, sizes that differ from the image's).
+    -> number of problems (0 = fine): unreadable images and training images without a mask."""
     b = load_benchmark(name, root, shots=0, subsample="all")
     m = b.meta
     out(f"{name}: {m['dataset_dir']}\n  split: {m['split_file']} (sha256 {m['split_sha256'][:16]}...)")
@@ -1146,15 +1216,35 @@ def check(name, root, sample=None, seed=0, out=print):
     for e in bad[:10]:
         out("  BAD " + e)
     out(f"  opened {len(items)} images: {len(items) - len(bad)} fine, {len(bad)} unreadable")
-    masks = [mp for mp in (mask_path(m["dataset_dir"], p) for p, _, _ in items) if os.path.isfile(mp)]
-    if masks:
-        enc, how = resolve_mask_encoding(m["dataset_dir"], masks)
-        fr = check_mask_encoding(masks, enc)
-        out(f"  masks: {len(masks)} of {len(items)} found, encoding '{enc}' ({how}), mean foreground "
-            f"{np.mean(fr):.3f} over the first {len(fr)}")
+    problems = len(bad)
+    mask_dir = os.path.join(m["dataset_dir"], "mask")
+    if os.path.isdir(mask_dir):
+        train = {p for p, _, _ in b.train}
+        pairs = [(p, mask_path(m["dataset_dir"], p)) for p, _, _ in items]
+        found = [(p, mp) for p, mp in pairs if os.path.isfile(mp)]
+        missing = [mp for p, mp in pairs if not os.path.isfile(mp) and p in train]
+        other = sum(not os.path.isfile(mp) and p not in train for p, mp in pairs)
+        enc, how = resolve_mask_encoding(m["dataset_dir"], [mp for _, mp in found])
+        fr = check_mask_encoding([mp for _, mp in found], enc)
+        out(f"  masks: {len(found)} of {len(items)} found, encoding '{enc}' ({how})"
+            + (f", mean foreground {np.mean(fr):.3f} over the first {len(fr)}" if fr else ""))
+        for mp in missing[:10]:
+            out("  MISSING MASK " + mp)
+        if missing:
+            out(f"  {len(missing)} training image(s) have no mask{' (10 listed)' if len(missing) > 10 else ''}: "
+                "methods that use masks (dapt --cue masks) stop on them")
+        if other:
+            out(f"  {other} val / test image(s) have no mask (fine: masks are used for training images only)")
+        wrong = mask_size_mismatches(found)
+        for mp, ms, ims in wrong[:10]:
+            out(f"  MASK SIZE {mp}: {ms[0]}x{ms[1]}, image {ims[0]}x{ims[1]}")
+        if wrong:
+            out(f"  {len(wrong)} mask(s) differ in size from their image{' (10 listed)' if len(wrong) > 10 else ''}: "
+                "each is resized to its image with nearest neighbour when loaded")
+        problems += len(missing)
     else:
-        out(f"  masks: none under {os.path.join(m['dataset_dir'], 'mask')}")
-    return len(bad)
+        out(f"  masks: none under {mask_dir}")
+    return problems
 
 
 def main(argv=None):
@@ -1176,20 +1266,24 @@ def main(argv=None):
     t.add_argument("--root", required=True)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--force", action="store_true", help="replace an existing ROOT/toy")
+    for command in (c, t):
+        command.add_argument("--debug", action="store_true", help="show the traceback of an error")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    if a.cmd == "toy":
-        out = os.path.join(a.root, "toy")
-        if os.path.isdir(out):
-            if not a.force:
-                print(f"{out} exists; use --force to replace it")
-                return 0
-            shutil.rmtree(out)
-        print(make_toy(a.root, a.seed))
-        return 0
     try:
+        if a.cmd == "toy":
+            out = os.path.join(a.root, "toy")
+            if os.path.isdir(out):
+                if not a.force:
+                    print(f"{out} exists; use --force to replace it")
+                    return 0
+                shutil.rmtree(out)
+            print(make_toy(a.root, a.seed))
+            return 0
         return 1 if check(a.dataset, a.root, a.sample) else 0
-    except (FileNotFoundError, ValueError, OSError) as e:
+    except (DataError, OSError) as e:  # the data errors, and the file system's (permissions, disk full)
+        if a.debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 1
 

@@ -29,23 +29,33 @@ import train
 
 
 def load_run(run_dir, device="cpu", root=None):
-    """(model, cfg, root) rebuilt from a run folder's checkpoint (learnable parameters + config)."""
+    """(model, cfg, root) rebuilt from a run folder's checkpoint (learnable parameters + config), read with
+    weights_only=True (train.read_run_file: a planted file cannot run code)."""
     path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.exists(path):
         raise train.RunError(f"{run_dir}: no checkpoint.pt (is this a run folder of train.py, and did it finish an epoch?)")
-    ckpt = torch.load(path, map_location=device, weights_only=False)
-    cfg = ckpt["config"]
-    with open(os.path.join(run_dir, "config.json")) as f:
-        root = root or json.load(f)["root"]
+    ckpt = train.read_run_file(path, device)
+    cfg = ckpt.get("config")
+    if not isinstance(cfg, dict) or not isinstance(ckpt.get("classnames"), list):
+        raise train.RunError(f"{path}: holds no run config and class names; expected the checkpoint.pt of train.py")
+    root = root or train.read_json(os.path.join(run_dir, "config.json"), "run config")["root"]
     clip = train.load_backbone(cfg, root, device)
     model = train.build_model(cfg, clip, ckpt["classnames"]).to(device)
-    model.load_checkpoint(ckpt)
+    train.restore(model, ckpt, path)
     return model, cfg, root
 
 
 def evaluate_run(run_dir, datasets=None, subsample="all", root=None, device="cpu"):
     """Accuracy of a trained run on the test split of each dataset (default: its own), with the classes of
-    `subsample`; written to run_dir/eval_<dataset>_<subsample>.json and returned as {dataset: acc}."""
+    `subsample`; written to run_dir/eval_<dataset>_<subsample>.json and returned as {dataset: acc}. Runs with
+    the run's thread count (config key threads)."""
+    config = os.path.join(run_dir, "config.json")
+    threads = train.read_json(config, "run config").get("threads", 0) if os.path.exists(config) else 0
+    with train.torch_threads(threads):
+        return _evaluate_run(run_dir, datasets, subsample, root, device)
+
+
+def _evaluate_run(run_dir, datasets, subsample, root, device):
     model, cfg, root = load_run(run_dir, device, root)
     _, _, autocast_dtype, _ = train.precision_of(cfg, device)
     out = {}
@@ -78,6 +88,7 @@ def collect(root):
     for path in sorted(glob.glob(os.path.join(root, "**", "result.json"), recursive=True)):
         with open(path) as f:
             r = json.load(f)
+        r["path"] = os.path.dirname(path)
         key = (r["setting"], r["method"] + (r.get("tag") or ""), r["dataset"], r["shots"])
         groups.setdefault(key, []).append(r)
     return groups
@@ -156,6 +167,10 @@ def table(root, out=None):
         raise train.RunError(f"no result.json below {root}: train runs first (python train.py ...)")
     b2n, fs = b2n_table(groups), fewshot_table(groups)
     md, rows = render(b2n, fs)
+    flagged = [f"{r['path']} ({', '.join(r['flags'])})" for runs in groups.values() for r in runs if r.get("flags")]
+    if flagged:  # kept in the means, but never silently
+        md += (f"\nFlagged runs (included above; see the warnings in their result.json): {len(flagged)}\n"
+               + "\n".join(f"- {f}" for f in flagged) + "\n")
     print(md)
     out = out or root
     os.makedirs(out, exist_ok=True)
@@ -179,12 +194,16 @@ def main(argv=None):
     r.add_argument("--subsample", default="all", choices=["all", "base", "new"])
     r.add_argument("--root", help="data root (default: the one the run was trained with)")
     r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    for command in (t, r):
+        command.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if args.command == "table":
             return table(args.root, args.out)
         return {run: evaluate_run(run, args.dataset, args.subsample, args.root, args.device) for run in args.runs}
-    except train.USER_ERRORS as e:
+    except train.USER_ERRORS as e:  # one message, no traceback (--debug shows it)
+        if args.debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
 

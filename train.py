@@ -5,8 +5,11 @@
     python train.py --method coop --dataset toy --lr 0.01 --epochs 20   # any config key: --key value
 
 A run folder `<out>/<setting>/<dataset>/<method><tag>/shots<K>_seed<S>/` holds `config.json` (every
-preprocessing and optimisation constant), `log.txt`, `metrics.jsonl` (one line per epoch), `checkpoint.pt`
-(learnable parameters + config + class names), `resume.pt` (optimizer state for --resume) and `result.json`.
+preprocessing and optimisation constant), `log.txt`, `metrics.jsonl` (one line per epoch, counted from 1),
+`checkpoint.pt` (learnable parameters + config + class names), `resume.pt` (optimizer, loss scaler and random
+states for --resume), `best.pt` (best_val selection), `result.json` (written last: the run is finished) and
+`train.lock` (held while a process trains there). Its .pt files hold data only (read with weights_only=True).
+The same command on a finished run prints its result; --resume continues a run only with its own config.
 
 Configuration is plain values, in this order: COMMON (the run), the model's `defaults` (dapt.py, beside each
 class), the method's RECIPES row for the setting, DATASET_OVERRIDES, `--key value` from the command line, then
@@ -15,14 +18,21 @@ Deliberately not here: the models (dapt.py), multi-GPU, schedulers other than th
 (eval.py).
 """
 import argparse
+import contextlib
 import datetime
 import json
 import logging
 import math
 import os
 import platform
+import random
 import sys
 import time
+
+try:
+    import fcntl  # the run folder's lock (Linux, macOS)
+except ImportError:  # pragma: no cover
+    fcntl = None
 
 import numpy
 import PIL
@@ -53,6 +63,7 @@ COMMON = dict(
     optimizer="sgd", lr=0.002, momentum=0.9, weight_decay=5e-4, batch=32, epochs=10,
     warmup_epochs=1, warmup_lr=1e-5, schedule="cosine", min_lr=0.0, grad_clip=0.0, selection="last",
     dassl_drop_last=False, precision="auto", attn="auto", workers=2, test_batch=100, log_every=20, tag="",
+    threads=0,  # CPU threads of torch while the run trains and evaluates; 0 = torch's default (the toy's: 1)
 )  # seed and text_savings are model keys every model has (dapt.PromptModel.defaults)
 
 # Per method and setting (fewshot / b2n / xd; "all" = any): optimisation and the setting's model keys.
@@ -93,8 +104,10 @@ DATASET_OVERRIDES = {
     ("coop", "imagenet"): dict(epochs=50),
     # KgCoOp's own template table differs from CoOp's zero-shot one on DTD only (htyao89/KgCoOp, FVG-PT's copy)
     ("kgcoop", "dtd"): dict(template="a photo of a {}, a type of texture."),
-    # toy images are 32 px: a crop of 8% of the area often misses the object, so crops keep >= 50% (logged)
-    ("*", "toy"): dict(clip="toy", workers=0, rrc_scale=(0.5, 1.0)),
+    # toy images are 32 px: a crop of 8% of the area often misses the object, so crops keep >= 50% (logged).
+    # One thread: sums are reduced in another order with more threads, so toy numbers would differ per machine
+    # (and on shared cores several threads are slower).
+    ("*", "toy"): dict(clip="toy", workers=0, rrc_scale=(0.5, 1.0), threads=1),
     # dapt-dist (methods.md §10, V, official configs; the same for every shot count). The official prompts are
     # fp16 parameters; ours are fp32 masters trained with the same published SGD lr (unmeasured on real CLIP).
     # Caution from the toy lr sweep (results/dist_davpt.md): in fp32 on the toy CLIP, lr >= 0.2 collapses the
@@ -119,6 +132,26 @@ def setting_of(cfg):
     return cfg["setting"] or ("b2n" if cfg["subsample"] != "all" else "fewshot")
 
 
+SETTINGS = ("fewshot", "b2n", "xd")
+AT_LEAST_0 = ("epochs", "lr", "warmup_epochs", "warmup_lr", "min_lr", "momentum", "weight_decay", "grad_clip",
+              "workers", "threads", "class_balanced")
+AT_LEAST_1 = ("batch", "test_batch", "log_every")
+
+
+def check_values(cfg):
+    """ConfigError for values no run can use: an unknown setting or subsample, negative counts and rates."""
+    if cfg["setting"] not in ("", *SETTINGS):
+        raise ConfigError(f"--setting {cfg['setting']!r}: expected one of {', '.join(SETTINGS)} (or leave it out: b2n "
+                          "with --subsample base / new, else fewshot)")
+    if cfg["subsample"] not in ("all", "base", "new"):
+        raise ConfigError(f"--subsample {cfg['subsample']!r}: expected all, base or new")
+    for keys, low in ((AT_LEAST_0, 0), (AT_LEAST_1, 1)):
+        for key in keys:
+            value = cfg.get(key, low)
+            if not isinstance(value, dict) and not value >= low:  # also refuses NaN
+                raise ConfigError(f"--{key.replace('_', '-')} {value}: expected a value >= {low}")
+
+
 def resolve_config(method, dataset, overrides):
     """COMMON <- the model's defaults <- RECIPES[method][setting] <- DATASET_OVERRIDES <- overrides (typed)
     <- SWITCHES that are on. Raises ConfigError for unknown methods, datasets and keys."""
@@ -131,6 +164,7 @@ def resolve_config(method, dataset, overrides):
         if key in overrides:
             cfg[key] = overrides[key]
     rows = RECIPES[method]
+    check_values(cfg)  # the setting decides the row: an unknown one must not fall back to another
     setting = setting_of(cfg)
     cfg.update(rows.get(setting) or rows.get("all") or rows.get("b2n" if setting == "xd" else "fewshot"))
     for (m, d), extra in DATASET_OVERRIDES.items():
@@ -153,6 +187,7 @@ def resolve_config(method, dataset, overrides):
     if cfg.get("template") == "":  # "" = the dataset's hand-crafted template (zsclip, kgcoop; protocol §8)
         cfg["template"] = data.DATASETS[dataset].template
     cfg["setting"] = setting_of(cfg)
+    check_values(cfg)
     return cfg
 
 
@@ -189,6 +224,7 @@ def parse_args(argv):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--resume", action="store_true", help="continue the run in its folder from its last epoch")
     p.add_argument("--show-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error (errors are one line)")
     # config keys are taken out first, so a value that starts with "-" (e.g. --tag -h1) is never read as a flag
     fixed = {a for action in p._actions for a in action.option_strings}
     overrides, known, i = {}, [], 0
@@ -354,19 +390,209 @@ def write_json(path, obj):
     os.replace(tmp, path)
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to sys.stderr as it is when a record is written (not as it was when the handler was made)."""
+
+    stream = property(lambda self: sys.stderr, lambda self, value: None)
+
+
 def setup_logging(run_dir):
-    """Human-readable log: run_dir/log.txt and stderr (info and up)."""
+    """Human-readable log: run_dir/log.txt and stderr (info and up), until close_logging (the end of the run)."""
     log.setLevel(logging.INFO)
-    for h in list(log.handlers):
-        if getattr(h, "_dapt_run", False):
-            log.removeHandler(h)
-            h.close()
+    close_logging()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    handlers = [logging.FileHandler(os.path.join(run_dir, "log.txt")), logging.StreamHandler(sys.stderr)]
+    handlers = [logging.FileHandler(os.path.join(run_dir, "log.txt")), _Stderr()]
     for h in handlers:
         h.setFormatter(fmt)
         h._dapt_run = True
         log.addHandler(h)
+
+
+def close_logging():
+    """Detach the run's handlers: what is logged after a run never lands in its log.txt."""
+    for h in list(log.handlers):
+        if getattr(h, "_dapt_run", False):
+            log.removeHandler(h)
+            h.close()
+
+
+def read_json(path, what="file"):
+    """A JSON file of a run folder; RunError naming the file if it is missing or not JSON."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise RunError(f"{path}: no such {what}") from None
+    except ValueError as e:
+        raise RunError(f"{path}: not a readable JSON {what} ({e})") from None
+
+
+def read_run_file(path, device="cpu"):
+    """checkpoint.pt / best.pt / resume.pt of a run folder, read with weights_only=True: plain dicts, lists,
+    tensors, numbers and strings only, so a planted file cannot run code (the error names the file)."""
+    state = clip_module.load_torch_file(path, map_location=device,
+                                        expected="a checkpoint.pt / best.pt / resume.pt written by train.py")
+    if not isinstance(state, dict) or not isinstance(state.get("params"), dict):
+        raise RunError(f"{path}: not a run file of train.py (expected a dict with the trained 'params')")
+    return state
+
+
+def restore(model, state, path):
+    """model.load_checkpoint(state) with the file named when it does not fit the model."""
+    try:
+        model.load_checkpoint(state)
+    except (ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise RunError(f"{path}: does not fit the {type(model).__name__} model of this config ({e})") from None
+
+
+# config.json holds the run config plus what it resolved to; these keys describe the machine and the data
+# copy, not the run, and may differ when a run is resumed or its command repeated.
+RECORD_ONLY = ("root", "device", "transform_train", "transform_test", "trainable_values", "benchmark", "versions")
+
+
+def config_changes(cfg, saved, device):
+    """{key: (value in the run's config.json, value now)} for every key that differs (the resolved precision
+    too, since it follows the device)."""
+    now = json.loads(json.dumps(dict(cfg, precision_resolved=precision_of(cfg, device)[0]), default=str))
+    then = {k: v for k, v in saved.items() if k not in RECORD_ONLY}
+    absent = "(absent)"
+    return {k: (then.get(k, absent), now.get(k, absent)) for k in sorted(set(now) | set(then))
+            if then.get(k, absent) != now.get(k, absent)}
+
+
+def folder_state(run_dir, cfg, device, resume):
+    """What a run folder holds for this command, reading only: "new" (nothing, or a run that never finished an
+    epoch: it starts over), "resume" (--resume on a run with finished epochs) or "finished" (result.json; the
+    same config). Raises RunError for a changed config of a run with progress or with --resume (listing the
+    keys), and for an unfinished run without --resume."""
+    cfg_path = os.path.join(run_dir, "config.json")
+    finished = os.path.exists(os.path.join(run_dir, "result.json"))
+    progress = os.path.exists(os.path.join(run_dir, "resume.pt"))
+    if not os.path.exists(cfg_path):
+        if finished or progress:
+            raise RunError(f"{run_dir} holds a run's files but no config.json, so this command cannot tell whether it "
+                           "is the same run; nothing was changed: use --tag or --out, or restore config.json")
+        return "new"
+    changes = config_changes(cfg, read_json(cfg_path, "run config"), device)
+    if changes and (resume or progress or finished):
+        listed = "; ".join(f"{k} {a!r} in the run, {b!r} now" for k, (a, b) in changes.items())
+        what = "finished run" if finished else "run"
+        raise RunError(f"{run_dir} holds a {what} with another config ({listed}). Nothing was changed: a run keeps "
+                       "the config it started with; use --tag or --out for a new run"
+                       + ("; re-evaluate a finished run with python eval.py run RUN_DIR" if finished else ""))
+    if finished:
+        return "finished"
+    if progress and not resume:
+        done = len(read_metrics(run_dir))
+        raise RunError(f"{run_dir} holds an unfinished run ({done} of {cfg['epochs']} epochs done): add --resume to "
+                       "continue it, or use --tag or --out for a new run")
+    return "resume" if progress else "new"
+
+
+def read_metrics(run_dir):
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class RunLock:
+    """An exclusive lock on <run_dir>/train.lock while a process trains there (fcntl.flock: the system releases
+    it when the process ends, however it ends). A second process gets a RunError naming the holder's pid."""
+
+    def __init__(self, run_dir):
+        self.run_dir, self.path, self.file = run_dir, os.path.join(run_dir, "train.lock"), None
+
+    def __enter__(self):
+        os.makedirs(self.run_dir, exist_ok=True)
+        if fcntl is None:
+            return self
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip()
+            self.file.close()
+            raise RunError(f"{self.run_dir}: another process{f' (pid {holder})' if holder else ''} is training in this "
+                           f"folder (it holds {self.path}); wait for it to end, or use --tag or --out") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"{os.getpid()}\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """torch.set_num_threads(n) inside the block (0: torch's default, untouched), the previous count after."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# random states: a run seeds them right before its model is built, and resume.pt carries them
+
+
+def seed_everything(seed):
+    """torch (CPU and every CUDA device), numpy and Python's random, from the run seed."""
+    torch.manual_seed(seed)
+    numpy.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def rng_state(device):
+    """Every random state a run draws from, as tensors, lists and numbers (resume.pt loads with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = numpy.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = dict(torch=torch.get_rng_state(),
+                 numpy=dict(kind=kind, keys=torch.from_numpy(keys.astype(numpy.int64)), pos=int(pos),
+                            has_gauss=int(has_gauss), gauss=float(gauss)),
+                 python=dict(version=version, internal=list(internal), gauss_next=gauss_next))
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"].cpu())
+    n, p = state["numpy"], state["python"]
+    numpy.random.set_state((n["kind"], n["keys"].cpu().numpy().astype(numpy.uint32), n["pos"], n["has_gauss"],
+                            n["gauss"]))
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    if state.get("cuda") and torch.cuda.is_available():
+        for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s.cpu(), i)
+
+
+@contextlib.contextmanager
+def kept_rng(device):
+    """Work inside the block leaves every random state as it found it (set-up whose draws could depend on
+    caches must not shift the run's)."""
+    state = rng_state(device)
+    try:
+        yield
+    finally:
+        set_rng_state(state)
+
+
+def log_to_file(level, message):
+    """A record for the run's log.txt only (for what the command line prints itself)."""
+    record = log.makeRecord(log.name, level, __file__, 0, message, None, None)
+    for h in log.handlers:
+        if getattr(h, "_dapt_run", False) and isinstance(h, logging.FileHandler):
+            h.handle(record)
 
 
 def versions(device):
@@ -445,8 +671,10 @@ def load_host(cfg, clip, classnames):
     if not cfg["host_run"] or not os.path.exists(path):
         raise ConfigError(f"fvgpt needs --host-run RUN_DIR, a finished run folder of train.py holding checkpoint.pt "
                           f"(got {cfg['host_run']!r}); train the host first, e.g. --method coop --subsample base")
-    ckpt = torch.load(path, map_location=clip.logit_scale.device, weights_only=False)
-    host_cfg = ckpt["config"]
+    ckpt = read_run_file(path, clip.logit_scale.device)
+    host_cfg = ckpt.get("config")
+    if not isinstance(host_cfg, dict) or "method" not in host_cfg:
+        raise RunError(f"{path}: holds no run config; expected the checkpoint.pt of a finished train.py run")
     if host_cfg["method"] == "fvgpt":
         raise ConfigError(f"{cfg['host_run']}: the host of fvgpt cannot be an fvgpt run")
     for key, default in (("dataset", None), ("subsample", None), ("shots", None), ("seed", None), ("clip", None),
@@ -455,7 +683,7 @@ def load_host(cfg, clip, classnames):
             raise ConfigError(f"fvgpt: {key} = {cfg.get(key)!r} but the host run {cfg['host_run']} has "
                               f"{host_cfg.get(key, default)!r}; stage 2 trains on the host's data and backbone")
     host = build_model(host_cfg, clip, classnames)
-    host.load_checkpoint(ckpt)
+    restore(host, ckpt, path)
     return host
 
 
@@ -518,44 +746,80 @@ class NonFiniteLoss(RunError):
 
 
 def train(cfg, root="DATA", out="runs", device="cpu", resume=False):
-    """Train and evaluate one run; returns the result dict (also written to result.json)."""
-    run_dir = open_run(cfg, out, resume)
-    torch.manual_seed(cfg["seed"])
-    t_start = time.time()
-    bench, model, train_tf, test_tf, precision = build_run(cfg, root, device)
-    record = record_config(cfg, run_dir, root, device, bench, model, train_tf, test_tf, precision)
-    best, samples = fit(cfg, run_dir, model, bench, train_tf, test_tf, device, resume)
+    """Train and evaluate one run; returns the result dict (also written to result.json) with "run_dir" added.
+    A finished run with the same config is not retrained: its result.json is returned, nothing is written."""
+    run_dir = run_dir_of(out, cfg)
+    if folder_state(run_dir, cfg, device, resume) == "finished":  # reads only: a refused command writes nothing
+        return finished_result(run_dir)
+    with RunLock(run_dir), torch_threads(cfg["threads"]):
+        state = folder_state(run_dir, cfg, device, resume)  # again: another process may have finished meanwhile
+        if state == "finished":
+            return finished_result(run_dir)
+        open_run(run_dir, state, resume)
+        try:
+            t_start = time.time()
+            bench, model, train_tf, test_tf, precision = build_run(cfg, root, device)
+            record = record_config(cfg, run_dir, root, device, bench, model, train_tf, test_tf, precision, state)
+            best, samples = fit(cfg, run_dir, model, bench, train_tf, test_tf, device, state == "resume")
+            result = finish_run(cfg, run_dir, root, device, bench, model, test_tf, record, best, samples, t_start)
+        except USER_ERRORS as e:  # the command line prints it; the log keeps it too
+            log_to_file(logging.ERROR, f"error: {e}")
+            raise
+        finally:
+            close_logging()
+    return dict(result, run_dir=run_dir)
+
+
+def finish_run(cfg, run_dir, root, device, bench, model, test_tf, record, best, samples, t_start):
+    """Evaluate, check, and write result.json (the mark of a finished run)."""
     accuracies = evaluate_settings(cfg, model, bench, root, test_tf, device)
+    classnames, images = accuracies.pop("classnames"), accuracies.pop("images")
+    trained = cfg["method"] != "zsclip" and cfg["epochs"] > 0 and cfg["lr"] > 0
+    checks = health(model, accuracies, images, classnames, trained)
     result = dict(
         method=cfg["method"], dataset=cfg["dataset"], setting=cfg["setting"], shots=cfg["shots"], seed=cfg["seed"],
         subsample=cfg["subsample"], tag=cfg["tag"], data_fraction=cfg["data_fraction"], accuracy=accuracies,
-        classnames=accuracies.pop("classnames"), config=record, samples_per_epoch=samples,
-        selected_epoch=best["epoch"] if best else (cfg["epochs"] - 1),
+        test_images=images, classnames=classnames, config=record, samples_per_epoch=samples,
+        selected_epoch=best["epoch"] if best else (cfg["epochs"] if cfg["method"] != "zsclip" else 0), **checks,
         checkpoint_sha256=clip_module.file_sha256(os.path.join(run_dir, "checkpoint.pt")),
         seconds=round(time.time() - t_start, 1), finished=datetime.datetime.now().isoformat(timespec="seconds"))
+    if cfg["dataset"] == "toy":
+        result["zero_shot_reference"] = zero_shot_reference(cfg, root, bench, test_tf, device)
     write_json(os.path.join(run_dir, "result.json"), result)
     log.info("result: %s", json.dumps(result["accuracy"]))
     return result
 
 
-def open_run(cfg, out, resume):
-    """The run folder, created, with logging to its log.txt; an existing run needs --resume."""
-    run_dir = run_dir_of(out, cfg)
-    if os.path.exists(os.path.join(run_dir, "config.json")) and not resume:
-        if os.path.exists(os.path.join(run_dir, "result.json")) or os.path.exists(os.path.join(run_dir, "resume.pt")):
-            raise RunError(f"{run_dir} already holds a run: pass --resume to continue it, or choose --out / --tag")
-    os.makedirs(run_dir, exist_ok=True)
+def finished_result(run_dir):
+    result = read_json(os.path.join(run_dir, "result.json"), "run result")
+    return dict(result, run_dir=run_dir, already_finished=True)
+
+
+def open_run(run_dir, state, resume):
+    """Logging to the run folder's log.txt (appended); says what the folder held."""
     setup_logging(run_dir)
-    return run_dir
+    if state == "resume":
+        log.info("resuming the run in %s", run_dir)
+    elif os.path.exists(os.path.join(run_dir, "config.json")):
+        for name in ("metrics.jsonl", "checkpoint.pt", "best.pt"):  # what an unfinished first epoch left
+            if os.path.exists(os.path.join(run_dir, name)):
+                os.remove(os.path.join(run_dir, name))
+        log.info("%s held a run that finished no epoch: starting it over%s", run_dir,
+                 " (--resume: nothing to resume)" if resume else "")
 
 
 def build_run(cfg, root, device):
-    """(benchmark, model on device with float32 prompts, train / test transforms, precision name)."""
+    """(benchmark, model on device with float32 prompts, train / test transforms, precision name).
+
+    The random states are seeded from the run seed right before the model is built, after the data, the
+    backbone and their caches (toy data, toy CLIP pretraining, few-shot splits), and the model's one-off set-up
+    runs with the states kept: a run's result depends on its config and seed, not on what was cached before."""
     bench = data.load_benchmark(cfg["dataset"], root, shots=cfg["shots"], seed=cfg["seed"], subsample=cfg["subsample"])
     if cfg["data_fraction"] < 1:
         bench = data_fraction_split(bench, cfg["data_fraction"], cfg["seed"])
     clip = load_backbone(cfg, root, device)
     precision = precision_of(cfg, device)[0]
+    seed_everything(cfg["seed"])
     model = build_model(cfg, clip, bench.classnames).to(device)
     train_tf, test_tf = transforms_of(cfg, bench, clip.visual.input_resolution)
     if model.needs_masks:  # the mask encoding, resolved once and recorded (config.json's benchmark entry)
@@ -564,30 +828,44 @@ def build_run(cfg, root, device):
                                               "official" if cfg["mask_quirk"] else cfg["mask_encoding"])
         bench.meta = dict(bench.meta, mask_encoding=enc, mask_encoding_source="--mask-quirk" if cfg["mask_quirk"] else how)
     if cfg["epochs"] > 0:  # one-off set-up from the training images (dapt-dist prototypes, DA-VPT clusters)
-        model.prepare(bench, train_tf, test_tf, device)
+        with kept_rng(device):
+            model.prepare(bench, train_tf, test_tf, device)
     for p in model.parameters():  # prompt parameters and optimizer state in float32 (protocol §6)
         if p.requires_grad:
             p.data = p.data.float()
     return bench, model, train_tf, test_tf, precision
 
 
-def record_config(cfg, run_dir, root, device, bench, model, train_tf, test_tf, precision):
-    """config.json: the run config and every constant it resolved to (transforms, sizes, versions)."""
+def record_config(cfg, run_dir, root, device, bench, model, train_tf, test_tf, precision, state="new"):
+    """config.json: the run config and every constant it resolved to (transforms, sizes, versions). A resumed
+    run keeps the config.json it started with (this process's versions go to the log)."""
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     record = dict(cfg, root=os.path.abspath(root), device=str(device), precision_resolved=precision,
                   transform_train=train_tf.constants(), transform_test=test_tf.constants(),
                   trainable_values=n_params, benchmark=bench.meta, versions=versions(device))
-    write_json(os.path.join(run_dir, "config.json"), record)
     log.info("run %s", run_dir)
     log.info("config %s", json.dumps({k: v for k, v in record.items() if k != "benchmark"}, default=str))
+    if state == "resume":
+        record = read_json(os.path.join(run_dir, "config.json"), "run config")
+    else:
+        write_json(os.path.join(run_dir, "config.json"), record)
     log.info("data: %d train / %d val / %d test images, %d classes; trainable values: %d",
              len(bench.train), len(bench.val), len(bench.test), len(bench.classnames), n_params)
     return record
 
 
+# A trained tensor whose root-mean-square value exceeds this has diverged: prompts and adapters start at RMS
+# values of about 0.001-0.3 and stayed below 0.4 in the test suite's toy runs of every method but FVG-PT, whose
+# residual scales reach 7-15 in its unstable toy runs (README); coop at lr 1e9 reached 1e15 with a finite loss.
+# Above it, the log warns and result.json is flagged (exploded_parameters).
+PARAM_RMS_LIMIT = 100.0
+
+
 def fit(cfg, run_dir, model, bench, train_tf, test_tf, device, resume):
-    """The epochs (from resume.pt with --resume), a checkpoint after each, then the selected epoch's parameters
-    in the model. Returns (best-validation record or None, training samples per epoch)."""
+    """The epochs (from resume.pt with --resume: parameters, optimizer, loss scaler and every random state), a
+    checkpoint after each, then the selected epoch's parameters in the model. Epochs are counted from 1 in
+    everything a person reads (log, metrics.jsonl, result.json). Returns (best-validation record
+    {"epoch", "val_acc"} or None, training samples per epoch)."""
     ckpt_path, resume_path = os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "resume.pt")
     _, _, autocast_dtype, scale_loss = precision_of(cfg, device)
     patch = model.clip.visual.patch_size
@@ -599,15 +877,6 @@ def fit(cfg, run_dir, model, bench, train_tf, test_tf, device, resume):
         raise ConfigError(f"method {cfg['method']} has no trainable parameters")
     opt = make_optimizer(cfg, model)
     scaler = torch.amp.GradScaler(enabled=scale_loss)
-    start_epoch, best = 0, None
-    if resume and os.path.exists(resume_path):
-        state = torch.load(resume_path, map_location=device, weights_only=False)
-        model.load_checkpoint(state)
-        opt.load_state_dict(state["optimizer"])
-        start_epoch, best = state["epoch"] + 1, state.get("best")
-        log.info("resumed from epoch %d", state["epoch"])
-    elif resume:
-        log.info("--resume: no resume.pt in %s, starting from epoch 0", run_dir)
     loader = make_loader(cfg, bench, bench.train, train_tf, True, model, patch)
     val_loader = None
     if cfg["selection"] == "best_val":
@@ -615,32 +884,67 @@ def fit(cfg, run_dir, model, bench, train_tf, test_tf, device, resume):
             val_loader = make_loader(cfg, bench, bench.val, test_tf, False, model, patch)
         else:
             log.warning("selection=best_val but %s has no val split: using the last epoch", cfg["dataset"])
+    done, best, exploded = 0, None, False  # done: finished epochs
+    if resume:
+        state = read_run_file(resume_path, device)
+        restore(model, state, resume_path)
+        opt.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        done, best = state["epoch"] + 1, state.get("best")
+        set_rng_state(state["rng"])  # last: nothing above draws, and the next epoch starts as it would have
+        lines = read_metrics(run_dir)  # an epoch written after resume.pt was saved is trained again
+        if len(lines) != done:
+            with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+                f.writelines(json.dumps(m) + "\n" for m in lines if m["epoch"] <= done)
+        log.info("resumed after epoch %d of %d", done, epochs)
     try:
-        for epoch in range(start_epoch, epochs):
+        for epoch in range(done, epochs):  # epoch: 0-based inside the loop (schedules), epoch + 1 where read
             stats = train_one_epoch(cfg, model, opt, scaler, loader, epoch, device, autocast_dtype)
             model.epoch_end(epoch, loader)
             if val_loader is not None:
                 stats["val_acc"], _ = evaluate(model, val_loader, device, autocast_dtype)
                 if best is None or stats["val_acc"] > best["val_acc"]:
-                    best = dict(epoch=epoch, val_acc=stats["val_acc"])
+                    best = dict(epoch=epoch + 1, val_acc=stats["val_acc"])
                     atomic_save(checkpoint_of(model, cfg), os.path.join(run_dir, "best.pt"))
+            name, stats["param_rms"] = param_rms(model)
+            if stats["param_rms"] > PARAM_RMS_LIMIT and not exploded:
+                exploded = True
+                log.warning("epoch %d: trained parameter %r has an RMS value of %.3g, above %g: the parameters are "
+                            "diverging although the loss is finite (lower --lr)", epoch + 1, name, stats["param_rms"],
+                            PARAM_RMS_LIMIT)
             atomic_save(checkpoint_of(model, cfg), ckpt_path)
-            atomic_save(dict(params=model.trainable_state(), optimizer=opt.state_dict(), epoch=epoch, best=best,
-                             extra=model.extra_state()), resume_path)
             with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(dict(epoch=epoch, **stats)) + "\n")
+                f.write(json.dumps(dict(epoch=epoch + 1, **stats)) + "\n")
+            atomic_save(dict(params=model.trainable_state(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
+                             epoch=epoch, best=best, extra=model.extra_state(), rng=rng_state(device)), resume_path)
+            done = epoch + 1
             log.info("epoch %d/%d done: %s", epoch + 1, epochs, ", ".join(f"{k} {v:.4g}" for k, v in stats.items()))
     except KeyboardInterrupt:
-        log.warning("interrupted: the last completed epoch is saved in %s; continue with --resume", run_dir)
+        log.warning("interrupted: %s", f"epoch {done} is saved in {run_dir}; continue with --resume" if done else
+                    f"no epoch finished, nothing to resume in {run_dir}; run the command again")
         raise
     except NonFiniteLoss as e:
-        log.error("%s. Stopped; the last good checkpoint (previous epoch) is kept in %s", e, run_dir)
-        raise NonFiniteLoss(f"non-finite loss: {e}") from None
+        if done == 0:
+            msg = (f"{e}. Stopped in the first epoch: no checkpoint exists (no epoch finished). Lower --lr or check the "
+                   "inputs, then run the command again (the folder holds no progress, it starts over)")
+        else:
+            msg = (f"{e}. Stopped; the last good checkpoint (epoch {done}) is kept in {run_dir}. --resume would repeat "
+                   "the same steps (it is exact): lower --lr or check the inputs in a new run (--tag or --out)")
+        raise NonFiniteLoss(f"non-finite loss: {msg}") from None
     if best is not None and cfg["selection"] == "best_val":
-        state = torch.load(os.path.join(run_dir, "best.pt"), map_location=device, weights_only=False)
-        model.load_checkpoint(state)  # parameters and extra state (DA-VPT's map) of the best epoch
-        log.info("model selection: best val accuracy %.2f at epoch %d", best["val_acc"], best["epoch"])
+        path = os.path.join(run_dir, "best.pt")
+        restore(model, read_run_file(path, device), path)  # parameters and extra state (DA-VPT's map)
+        log.info("model selection: best val accuracy %.2f at epoch %d of %d", best["val_acc"], best["epoch"], epochs)
     return best, loader.samples_per_epoch
+
+
+def param_rms(model):
+    """(name, RMS value) of the trained tensor with the largest root-mean-square value."""
+    with torch.no_grad():
+        values = [(n, p.detach().float().pow(2).mean().sqrt().item()) for n, p in model.named_parameters()
+                  if p.requires_grad and p.numel()]
+    return max(values, key=lambda v: v[1], default=("", 0.0))
 
 
 def checkpoint_of(model, cfg):
@@ -665,8 +969,7 @@ def train_one_epoch(cfg, model, opt, scaler, loader, epoch, device, autocast_dty
         with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             loss, stats = model.loss(batch, epoch)
         if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} "
-                                f"(lr {lr:.3g}); lower --lr or check the inputs")
+            raise NonFiniteLoss(f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} (lr {lr:.3g})")
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if cfg["grad_clip"]:
@@ -693,46 +996,134 @@ def train_one_epoch(cfg, model, opt, scaler, loader, epoch, device, autocast_dty
 
 
 def evaluate_settings(cfg, model, bench, root, test_tf, device):
-    """Test accuracy on the run's classes; for a base run also on the new classes with the same checkpoint."""
+    """Test accuracy on the run's classes; for a base run also on the new classes with the same checkpoint.
+    {subset: top-1 %, "hm": ..., "classnames": {subset: names}, "images": {subset: test images}}."""
     autocast_dtype, patch = precision_of(cfg, device)[2], model.clip.visual.patch_size
-    acc, classnames = {}, {}
+    acc, classnames, images = {}, {}, {}
     name = cfg["subsample"]
     loader = make_loader(cfg, bench, bench.test, test_tf, False, model, patch)
-    acc[name], _ = evaluate(model, loader, device, autocast_dtype)
+    acc[name], images[name] = evaluate(model, loader, device, autocast_dtype)
     classnames[name] = list(bench.classnames)
     if cfg["subsample"] == "base":
         new = data.load_benchmark(cfg["dataset"], root, shots=cfg["shots"], seed=cfg["seed"], subsample="new")
         model.set_classnames(new.classnames)
-        acc["new"], _ = evaluate(model, make_loader(cfg, new, new.test, test_tf, False, model, patch), device, autocast_dtype)
+        acc["new"], images["new"] = evaluate(model, make_loader(cfg, new, new.test, test_tf, False, model, patch),
+                                             device, autocast_dtype)
         classnames["new"] = list(new.classnames)
         model.set_classnames(bench.classnames)
         acc["hm"] = hm(acc["base"], acc["new"])
-    acc["classnames"] = classnames
+    acc["classnames"], acc["images"] = classnames, images
     return acc
+
+
+def at_chance(acc, images, classes):
+    """Whether a top-1 accuracy (%) is within 3 standard errors of guessing one of `classes` on `images` images."""
+    p = 1 / max(classes, 1)
+    return acc <= 100 * (p + 3 * math.sqrt(p * (1 - p) / max(images, 1)))
+
+
+def health(model, accuracies, images, classnames, trained):
+    """Guards on the final model: {"flags": names, "warnings": sentences, "param_rms_max": value}. Flags:
+    exploded_parameters (a trained tensor's RMS value > PARAM_RMS_LIMIT), accuracy_at_chance (after training
+    with lr > 0, a subset's accuracy within 3 standard errors of 100 / classes)."""
+    flags, warnings = [], []
+    name, rms = param_rms(model)
+    if rms > PARAM_RMS_LIMIT:
+        flags.append("exploded_parameters")
+        warnings.append(f"trained parameter {name!r} has an RMS value of {rms:.3g}, above {PARAM_RMS_LIMIT:g}: "
+                        "training diverged although the loss stayed finite (lower --lr)")
+    chance = [k for k in images if trained and at_chance(accuracies[k], images[k], len(classnames[k]))]
+    if chance:
+        flags.append("accuracy_at_chance")
+        warnings.append("accuracy at chance after training: " + ", ".join(
+            f"{k} {accuracies[k]:.2f} % with {len(classnames[k])} classes (chance {100 / len(classnames[k]):.2f} %)"
+            for k in chance) + "; check the data, the backbone and --lr")
+    for w in warnings:
+        log.warning("%s", w)
+    return dict(flags=flags, warnings=warnings, param_rms_max=rms)
+
+
+def zero_shot_reference(cfg, root, bench, test_tf, device):
+    """Toy runs: the accuracy of zero-shot CLIP (--method zsclip with this run's data, backbone and
+    evaluation settings) on the same test images, {subset: top-1 %}."""
+    keys = ("subsample", "setting", "shots", "seed", "clip", "data_fraction", "precision", "attn", "workers",
+            "test_batch", "threads")
+    zcfg = resolve_config("zsclip", cfg["dataset"], {k: cfg[k] for k in keys})
+    weights = toy_clip_path(root) if zcfg["clip"] == "toy" else zcfg["clip"]
+    stat = os.stat(weights) if os.path.isfile(weights) else None
+    key = json.dumps([zcfg, os.path.abspath(root), weights, stat and (stat.st_size, stat.st_mtime_ns), str(device),
+                      [p for p, _, _ in bench.test], test_tf.constants()], default=str)
+    if key not in _ZERO_SHOT:  # runs of one process (a sweep, the tests) share it
+        with kept_rng(device):
+            model = build_model(zcfg, load_backbone(zcfg, root, device), bench.classnames).to(device)
+            acc = evaluate_settings(zcfg, model, bench, root, test_tf, device)
+        acc.pop("classnames"), acc.pop("images")
+        _ZERO_SHOT[key] = acc
+    log.info("zero-shot reference (--method zsclip on the same test images): %s", json.dumps(_ZERO_SHOT[key]))
+    return dict(_ZERO_SHOT[key])
+
+
+_ZERO_SHOT = {}
 
 
 def hm(base, new):
     return 2 * base * new / (base + new) if base + new > 0 else 0.0
 
 
-# the project's own errors: one line and exit code 1 from main(), no traceback
-USER_ERRORS = (ConfigError, RunError, clip_module.CheckpointError, data.DataError)
+def describe(result):
+    """The end of a run, for a person: what each number is, the zero-shot reference, warnings, the folder."""
+    acc, images, names = result["accuracy"], result.get("test_images", {}), result.get("classnames", {})
+    cfg = result.get("config", {})
+    lines = []
+    if result.get("already_finished"):
+        lines.append("this run had already finished: nothing was retrained or rewritten (python eval.py run RUN_DIR "
+                     "evaluates it again)")
+    amount = (f"{result['data_fraction']:g} of the training data" if result.get("data_fraction", 1) < 1
+              else f"{result['shots']} shots")
+    trained = (f"epoch {result['selected_epoch']} of {cfg['epochs']}" if result.get("selected_epoch")
+               else "no training")
+    lines.append(f"{result['method']}{result.get('tag') or ''} on {result['dataset']} ({result['setting']}, {amount}, "
+                 f"seed {result['seed']}, {trained}): top-1 accuracy in % on the test split")
+    for k, v in acc.items():
+        if k == "hm":
+            what = "harmonic mean of base and new"
+        else:
+            n = len(names.get(k, []))
+            what = (f"{images[k]} test images of the {n} {'' if k == 'all' else k + ' '}classes"
+                    if k in images else f"{n} {k} classes")
+            what += " (same checkpoint)" if k == "new" else ""
+        lines.append(f"  {k:<4} {v:6.2f}  {what}")
+    ref = result.get("zero_shot_reference")
+    if ref:
+        lines.append("  zero-shot toy CLIP on the same test images (--method zsclip): "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in ref.items()))
+    for w in result.get("warnings", []):
+        lines.append(f"  WARNING: {w}")
+    lines.append(f"run folder: {result['run_dir']}")
+    return "\n".join(lines)
+
+
+# the project's own errors, and the file system's (permissions, disk full): one message and exit code 1 from
+# main(), no traceback (--debug shows it)
+USER_ERRORS = (ConfigError, RunError, clip_module.CheckpointError, data.DataError, OSError)
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
+        args = parse_args(argv)
         if args.show_config:
             print(json.dumps(args.cfg, indent=1, default=str))
             return None
         result = train(args.cfg, root=args.root, out=args.out, device=args.device, resume=args.resume)
     except USER_ERRORS as e:
+        if "--debug" in argv:
+            raise
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
-    acc = result["accuracy"]
-    print(" ".join(f"{k} {v:.2f}" for k, v in acc.items()))
+    print(describe(result))
     return result
 
 

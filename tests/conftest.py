@@ -1,6 +1,8 @@
-"""Test configuration: Triton kernels run in interpreter mode on the CPU.
+"""Test configuration: Triton kernels run in interpreter mode on the CPU; torch computes on one thread.
 
-TRITON_INTERPRET must be set before anything imports triton, so it is set here, at collection time.
+TRITON_INTERPRET must be set before anything imports triton, so it is set here, at collection time. One thread
+(the toy runs' default, train.py's config key threads) makes every number independent of the machine's core
+count, and the suite fast on shared cores; DAPT_TEST_THREADS=N overrides it.
 """
 import os
 import sys
@@ -15,6 +17,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import clip as clip_module  # noqa: E402
+
+torch.set_num_threads(int(os.environ.get("DAPT_TEST_THREADS", "1")))
 
 # A small toy benchmark and a briefly pretrained toy CLIP, shared by every end-to-end test of the session.
 # The real toy CLIP recipe (train.TOY_PRETRAIN) takes minutes; tests only need a CLIP that runs through the

@@ -432,3 +432,36 @@ def test_errors_name_the_file_and_what_was_expected(tmp_path, model, case, patte
         path.write_bytes(bytes(raw))
     with pytest.raises(clip.CheckpointError, match=pattern):
         clip.load_clip(path)
+
+
+# ---- shapes that disagree, non-finite weights (issue 11)
+
+
+@pytest.mark.parametrize("key, shape, pattern", [
+    ("ln_final.weight", (32,), r"text tower width: tensor 'ln_final.weight' has shape \[32\], but "
+                               r"token_embedding.weight \[49408, 64\].* imply 64"),
+    ("ln_final.weight", (64, 1), r"tensor 'ln_final.weight' has shape \[64, 1\]; a CLIP ViT has 1 dimension"),
+    ("visual.proj", (64, 32), r"embedding width: tensor 'visual.proj' has shape \[64, 32\], but text_projection "
+                              r"\[64, 64\] imply 64"),
+    ("transformer.resblocks.0.ln_1.bias", (48,), r"tensor 'transformer.resblocks.0.ln_1.bias' has shape \[48\], "
+                                                 r"expected \[64\]"),
+])
+def test_wrong_shape_names_the_tensor_and_both_shapes(tmp_path, model, key, shape, pattern):
+    sd = dict(model.state_dict(), **{key: torch.zeros(shape)})
+    path = tmp_path / "wrong.pt"
+    torch.save(sd, path)
+    with pytest.raises(clip.CheckpointError, match="wrong.pt: .*" + pattern) as e:
+        clip.load_clip(path)
+    assert len(str(e.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, model, value):
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    sd["visual.transformer.resblocks.1.mlp.c_fc.weight"][3, :2] = value
+    path = tmp_path / "nan.safetensors"
+    save_safetensors(sd, path)
+    with pytest.raises(clip.CheckpointError, match=r"nan.safetensors: non-finite weights \(NaN or inf\) in "
+                                                   r"tensor\(s\) visual.transformer.resblocks.1.mlp.c_fc.weight "
+                                                   r"\(2 of 16384 values\)"):
+        clip.load_clip(path)

@@ -412,3 +412,84 @@ def test_class_balanced_sampler():
     assert order == [i for i, _ in s]  # same seed and epoch: same order
     s.epoch = 2
     assert order != [i for i, _ in s]
+
+
+# ---- read-only datasets, masks that do not fit, toy roots (issue 11)
+
+
+def test_read_only_dataset_caches_in_the_user_cache_folder(tmp_path, monkeypatch, caplog):
+    root = tmp_path / "shared"
+    make_fake(str(root), "food101", per={"train": 9, "val": 5, "test": 2})
+    dataset = str(root / "food-101")
+    local = data.load_benchmark("food101", root, shots=4, seed=1)  # written while the folder was writable
+    assert local.meta["fewshot_cache"] == data.fewshot_cache_path(dataset, 4, 1)
+    monkeypatch.setenv("DAPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "can_write", lambda folder: not os.path.abspath(folder).startswith(dataset))
+    assert data.load_benchmark("food101", root, shots=4, seed=1).meta["cache_hit"]  # still read from the dataset
+    with caplog.at_level(logging.INFO, logger="dapt"):
+        new = data.load_benchmark("food101", root, shots=2, seed=1)
+    path = new.meta["fewshot_cache"]
+    assert path.startswith(str(tmp_path / "cache" / "food-101-")) and path.endswith("split_fewshot/shot_2-seed_1.json")
+    assert f"few-shot split cached at {path} (the dataset folder {dataset} cannot be written)" in caplog.text
+    assert not os.path.exists(data.fewshot_cache_path(dataset, 2, 1))
+    again = data.load_benchmark("food101", root, shots=2, seed=1)
+    assert again.meta["cache_hit"] and again.meta["fewshot_cache"] == path and again.train == new.train
+    monkeypatch.delenv("DAPT_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert data.user_cache_root() == str(tmp_path / "xdg" / "dapt")
+
+
+def test_can_write_follows_permissions_and_missing_folders(tmp_path):
+    assert data.can_write(str(tmp_path / "not" / "yet"))  # the nearest existing parent decides
+    if os.geteuid() != 0:  # permissions do not bind root
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        os.chmod(ro, 0o555)
+        assert not data.can_write(str(ro)) and not data.can_write(str(ro / "split_fewshot"))
+        os.chmod(ro, 0o755)
+
+
+def toy_with_masks(tmp_path):
+    root = tmp_path / "toyroot"
+    data.make_toy(str(root), per_class={"train": 2, "val": 1, "test": 1})
+    return str(root), str(root / "toy")
+
+
+def test_masks_whose_size_differs_are_counted_and_listed(tmp_path, caplog, capsys):
+    root, d = toy_with_masks(tmp_path)
+    b = data.load_benchmark("toy", root, shots=0)
+    masks = [data.mask_path(d, p) for p, _, _ in b.train[:3]]
+    for m in masks:
+        Image.open(m).resize((16, 16)).save(m)
+    tf = data.build_transform(True, size=32)
+    with caplog.at_level(logging.WARNING, logger="dapt"):
+        loader = data.build_loader(b.train, tf, 8, train=True, masks=True, dataset_dir=d)
+    assert f"3 of {len(b.train)} masks differ in size from their image (e.g. {masks[0]}: 16x16, image 32x32)" \
+        in caplog.text
+    assert next(iter(loader))["fg_mask"].shape[-2:] == (32, 32)  # resized to the image, as before
+    assert data.main(["check", "toy", "--root", root]) == 0  # a size that differs is reported, not an error
+    out = capsys.readouterr().out
+    assert f"MASK SIZE {masks[0]}: 16x16, image 32x32" in out and "3 mask(s) differ in size from their image" in out
+
+
+def test_check_exits_non_zero_on_missing_training_masks_and_names_them(tmp_path, capsys):
+    root, d = toy_with_masks(tmp_path)
+    b = data.load_benchmark("toy", root, shots=0)
+    gone = data.mask_path(d, b.train[5][0])
+    os.remove(gone)
+    os.remove(data.mask_path(d, b.test[0][0]))  # test images need no mask
+    assert data.main(["check", "toy", "--root", root]) == 1
+    out = capsys.readouterr().out
+    assert f"MISSING MASK {gone}" in out and "1 training image(s) have no mask" in out
+    assert "1 val / test image(s) have no mask (fine" in out
+
+
+def test_toy_root_that_does_not_exist(tmp_path, monkeypatch, capsys):
+    with pytest.raises(data.DatasetNotFoundError, match=r"data root .*typo does not exist: to write the toy "
+                                                        r"benchmark there, run python data.py toy --root .*typo"):
+        data.load_benchmark("toy", tmp_path / "typo")
+    assert not os.path.exists(tmp_path / "typo")
+    monkeypatch.chdir(tmp_path)  # the default root DATA is created on first use
+    real = data.make_toy
+    monkeypatch.setattr(data, "make_toy", lambda root: real(root, per_class={"train": 1, "val": 1, "test": 1}))
+    assert len(data.load_benchmark("toy", "DATA", shots=0).classnames) == 24 and os.path.isdir(tmp_path / "DATA")
