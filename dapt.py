@@ -1137,6 +1137,206 @@ class DAVPT(FrozenTextClassifier):
         self.proxy_map.load_state(state)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# 6b. IVLP, 6. PromptSRC and 6c. MMRL (methods.md §6b, §6, §6c; IVLP first: PromptSRC builds on it). Their
+# initial values can be the official ones for the same seed: `official_init` replays the official build's draws.
+
+
+def block_draws(width):
+    """The uniform draws of one OpenAI ResidualAttentionBlock.__init__, in order: MultiheadAttention's out_proj
+    (Linear: weight, bias), its in_proj_weight (xavier), mlp.c_fc, mlp.c_proj (weight, bias)."""
+    W = width
+    return [("u", W * W), ("u", W), ("u", 3 * W * W), ("u", 4 * W * W), ("u", 4 * W), ("u", 4 * W * W), ("u", W)]
+
+
+def clip_draws(c, after_conv=(), image_block=None, after_proj=(), text_block=None):
+    """The random draws of the official CLIP.__init__ (clip/model.py of the official repositories: VisionTransformer,
+    text Transformer, token_embedding, initialize_parameters) for constructor arguments c, in order: ("u" | "n",
+    count) for tensors nobody keeps, and the given callables where a prompted copy draws a tensor of its own (after
+    conv1, in image / text block i: image_block(i) / text_block(i) -> list, after visual.proj)."""
+    Wv, Wt, E, p = c["vision_width"], c["transformer_width"], c["embed_dim"], c["vision_patch_size"]
+    grid = (c["image_resolution"] // p) ** 2 + 1
+    ops = [("u", Wv * 3 * p * p), *after_conv, ("n", Wv), ("n", grid * Wv)]  # conv1, class / positional embedding
+    for i in range(c["vision_layers"]):
+        ops += block_draws(Wv) + (image_block(i) if image_block else [])
+    ops += [("n", Wv * E), *after_proj]  # proj
+    for i in range(c["transformer_layers"]):
+        ops += block_draws(Wt) + (text_block(i) if text_block else [])
+    V = c["vocab_size"] * Wt  # token_embedding, then initialize_parameters (text tower only)
+    ops += [("n", V), ("n", V), ("n", c["context_length"] * Wt)]
+    ops += [("n", n) for _ in range(c["transformer_layers"]) for n in (3 * Wt * Wt, Wt * Wt, 4 * Wt * Wt, 4 * Wt * Wt)]
+    return ops + [("n", Wt * E)]  # text_projection
+
+
+def replay(ops, seed):
+    """The kept values of `ops` (clip_draws) drawn from torch.manual_seed(seed), as the official runs draw them
+    (Dassl's set_random_seed, then nothing draws from torch before the model is built), without touching the global
+    generator; the skipped draws go into a scratch buffer. Exact while torch keeps the CPU kernels of uniform_ /
+    normal_ (checked on torch 2.13 against the official builds)."""
+    kept, sizes = [], [op[1] for op in ops if not callable(op)]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        buf = torch.empty(max(sizes, default=0))
+        for op in ops:
+            if callable(op):
+                kept.append(op())
+            elif op[0] == "u":
+                buf[:op[1]].uniform_()
+            else:
+                buf[:op[1]].normal_()
+    return kept
+
+
+class IVLP(PromptModel):
+    """Independent vision-language prompts: deep text and deep image prompts, not coupled (methods.md §6b).
+
+    Text "[SOS] ctx <rest of ctx_init> <name> . [EOT]": ctx [n_t, W_t] = the first n_t token embeddings of ctx_init
+    when n_t <= 4 (the rest of the phrase stays frozen text), else N(0, 0.02^2) with "X" slots (independentVL.py
+    79-92). Before text block i = 1..J_t-1, rows 1..n_t of every sequence <- P^t_i [n_t, W_t] (clip/model.py
+    242-252); J_t >= 1 (independentVL.py 67). Image: V_0 [n_v, W_v] appended after the patches, then ln_pre over all
+    tokens (clip/model.py 402-413); before image block i = 1..J_v-1 the last n_v tokens <- P^v_i (233-241);
+    J_v = 0: no image prompts (370-373). Prompts N(0, 0.02^2) (215-221, 374-379).
+    l = exp(logit_scale) n(E_v) n(E_t)^T, L = CE(l, y) (independentVL.py 163-174). Trainable: names with
+    "prompt_learner" or "VPT" (201-207): 2+2 depth 12: 30,720 values; 4+4 depth 9: 46,080.
+    Defaults: the MaPLe repository's IVLP baseline (configs/trainers/IVLP/vit_b16_c2_ep5_batch4_2+2ctx.yaml).
+    Files: muzairkhattak/PromptSRC @ bb95c77 (trainers/independentVL.py, clip/model.py; the MaPLe repository's are
+    the same code). official_init: the official initial values for the seed (official build order: VPT after
+    conv1, P^v_i / P^t_i inside blocks i, then the random ctx after the whole CLIP; clip/model.py 363-392, 536-583)."""
+
+    defaults = dict(PromptModel.defaults, n_ctx_text=2, n_ctx_vision=2, prompt_depth_text=12, prompt_depth_vision=12,
+                    ctx_init="a photo of a", official_init=True)
+
+    def __init__(self, clip, classnames, cfg=None):
+        super().__init__(clip, classnames, cfg)
+        c, v = self.cfg, clip.visual
+        n_t, n_v, W_t, W_v = c["n_ctx_text"], c["n_ctx_vision"], clip.transformer.width, v.conv1.weight.shape[0]
+        self.J_t = min(c["prompt_depth_text"], clip.transformer.layers)
+        self.J_v = min(c["prompt_depth_vision"], v.transformer.layers) if n_v > 0 else 0
+        if self.J_t < 1:
+            raise ConfigError(f"{type(self).__name__.lower()}: --prompt-depth-text must be >= 1 (image prompts only: "
+                              "--method vpt)")
+        init = c["ctx_init"].replace("_", " ") if c["ctx_init"] and n_t <= 4 else None
+        self.prompts = TextPrompts(clip, classnames, n_t, init)
+
+        def draw(n, W):
+            return lambda: nn.init.normal_(torch.empty(n, W), std=0.02)
+
+        ops = clip_draws(clip.config, [draw(n_v, W_v)] if self.J_v else [],
+                         lambda i: [draw(n_v, W_v)] if 0 < i < self.J_v else [], (),
+                         lambda i: [draw(n_t, W_t)] if 0 < i < self.J_t else [])
+        if init is None:  # drawn in the model dtype, fp16 in every released config
+            ops.append(lambda: torch.empty(n_t, W_t, dtype=torch.float16).normal_(std=0.02).float())
+        kept = iter(replay(ops, c["seed"]) if c["official_init"] else [op() for op in ops if callable(op)])
+        image = [next(kept) for _ in range(self.J_v)]  # V_0, P^v_1..P^v_{J_v-1}
+        text = [next(kept) for _ in range(self.J_t - 1)]  # P^t_1..P^t_{J_t-1}
+        self.ctx = nn.Parameter(next(kept) if init is None else self.prompts.init_vectors.clone())  # [n_t, W_t]
+        self.text_prompts = nn.Parameter(torch.stack(text) if text else torch.empty(0, n_t, W_t))  # [J_t-1, n_t, W_t]
+        self.image_prompts = nn.Parameter(torch.stack(image)) if image else None  # [J_v, n_v, W_v]
+        self.changes_image_tower = self.J_v > 0
+
+    def set_classnames(self, classnames):
+        super().set_classnames(classnames)
+        self.prompts.set_classnames(classnames)
+
+    def text_features(self, extra_tokens=None):
+        deep = [None] + list(self.text_prompts)  # before text block i = 1..J_t-1, rows 1..n_t <- P^t_i
+        return normalize(self.prompts.encode(self.ctx, self.cfg["text_savings"], extra_tokens, deep_prompts=deep,
+                                             prompt_slice=slice(1, 1 + self.cfg["n_ctx_text"])))
+
+    def visual_prompts(self):
+        """V_0 through ln_pre, P^v_i before image block i = 1..J_v-1; None without image prompts."""
+        if self.image_prompts is None:
+            return None
+        return VisualPrompts(self.image_prompts[0], [None] + list(self.image_prompts[1:]), ln_pre=True)
+
+
+# promptsrc.py 14, 122: imagenet_templates.py 3-64, the first 60 of CLIP's 80 ImageNet templates with
+# "a photo of a {}." (index 39) moved to the front
+PROMPTSRC_TEMPLATES = ["a photo of a {}."] + [t for t in data.IMAGENET_TEMPLATES[:60] if t != "a photo of a {}."]
+
+
+def gpa_weights(epochs, mean, std):
+    """promptsrc.py 265-270, 358-360: w_e = g(e) / sum_k g(k), e = 1..E, g the normal density (mean, std)."""
+    g = [math.exp(-0.5 * ((e - mean) / std) ** 2) / (std * math.sqrt(2 * math.pi)) for e in range(1, epochs + 1)]
+    return [x / sum(g) for x in g]
+
+
+class PromptSRC(IVLP):
+    """IVLP prompts trained with self-regulating terms toward frozen CLIP and Gaussian prompt aggregation
+    (methods.md §6; muzairkhattak/PromptSRC @ bb95c77 trainers/promptsrc.py).
+
+    L = CE(l, y) + 25 mean|T - T0| + 10 mean|z - z0| + (1 / (B C)) sum_bc p0_bc (log p0_bc - log p_bc)  (297-313)
+      z = n(E_v^P(x)) [B, E], T = n(E_t^P) [C, E], l = s z T^T, p = softmax(l), p0 = softmax(l0), l0 = s z0 T0^T (205)
+      z0 = n(E_v(x)): the frozen tower without prompts, same augmented batch, no gradient (201-203)
+      T0 = n((1/60) sum_k E_t(template_k(name))): RAW features of the 60 PROMPTSRC_TEMPLATES averaged, then
+           normalised (113-128, 199-200); the same templates for every dataset
+      mean|.| = F.l1_loss over the C x E / B x E elements; the KL at temperature 1 (306-311)
+      25 / 10 = TEXT_LOSS_WEIGHT / IMAGE_LOSS_WEIGHT in every config (train.py::extend_cfg 121-122)
+    GPA (263-270, 316-335): after epoch e = 1..E (E = epochs), G <- G + w_e prompts_e (gpa_weights, mu = gpa_mean,
+    sigma = gpa_std); after epoch E the prompts become G: that model is tested and checkpointed. Here G covers the
+    trainable tensors in fp32 and is part of the checkpoint (extra_state), so a resumed run ends where an
+    uninterrupted one does (official: the whole state dict in each tensor's dtype, fp16 frozen weights included, and
+    G is not saved; methods.md §6 quirks). Defaults: the B2N config vit_b16_c2_ep20_batch4_4+4ctx.yaml (4+4 prompts,
+    depth 9, GPA 15 / 1 over 20 epochs)."""
+
+    defaults = dict(IVLP.defaults, n_ctx_text=4, n_ctx_vision=4, prompt_depth_text=9, prompt_depth_vision=9,
+                    text_loss_weight=25.0, image_loss_weight=10.0, gpa_mean=15.0, gpa_std=1.0, epochs=20)
+
+    def __init__(self, clip, classnames, cfg=None):
+        super().__init__(clip, classnames, cfg)
+        self.gpa_w = gpa_weights(self.cfg["epochs"], self.cfg["gpa_mean"], self.cfg["gpa_std"])
+        self.gpa, self.gpa_epochs = None, 0  # G {name: fp32 tensor}, epochs aggregated so far
+        self.t0 = None  # (class names, T0 [C, E])
+
+    @torch.no_grad()
+    def teacher_text(self):
+        """T0 [C, E] of the current class names, computed once per class list (training only needs it)."""
+        if self.t0 is None or self.t0[0] != self.classnames:
+            names = [c.replace("_", " ") for c in self.classnames]
+            device = self.clip.token_embedding.weight.device
+            with torch.autocast(device.type, enabled=False):
+                raw = [torch.cat([self.clip.encode_text(tokenize([t.format(n) for n in names[i:i + 1000]]).to(device))
+                                  for i in range(0, len(names), 1000)]).float() for t in PROMPTSRC_TEMPLATES]
+            self.t0 = (list(self.classnames), normalize(torch.stack(raw).mean(0)))  # raw mean over 60, then n(.)
+        return self.t0[1]
+
+    def loss_terms(self, batch, z, T, logits):
+        C, c = len(self.classnames), self.cfg
+        with torch.no_grad():
+            z0 = normalize(self.clip.visual(batch["image"]))  # [B, E]
+            T0 = self.teacher_text().to(z0.device)  # [C, E]
+            l0 = self.logit_scale * z0 @ T0.t()  # [B, C]
+        l = logits[:, :C].float()  # (DAPT's bg_slice_quirk adds columns: the terms use the C classes)
+        kl = F.kl_div(F.log_softmax(l, 1), F.log_softmax(l0, 1), reduction="sum", log_target=True) / l.numel()
+        return dict(super().loss_terms(batch, z, T, logits),
+                    scl_text=(c["text_loss_weight"], F.l1_loss(T[:C].float(), T0)),
+                    scl_image=(c["image_loss_weight"], F.l1_loss(z.float(), z0)), scl_logits=(1.0, kl))
+
+    @torch.no_grad()
+    def epoch_end(self, epoch, loader=None):
+        """GPA: G += w_e * (this epoch's prompts); after the last epoch the prompts become G."""
+        e = epoch + 1
+        if e > len(self.gpa_w) or e <= self.gpa_epochs:
+            return
+        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        cur = {n: p.detach().float() * self.gpa_w[e - 1] for n, p in params.items()}
+        self.gpa = cur if self.gpa is None else {n: self.gpa[n] + cur[n] for n in cur}
+        self.gpa_epochs = e
+        if e == len(self.gpa_w):
+            for n, p in params.items():
+                p.copy_(self.gpa[n])
+
+    def extra_state(self):
+        gpa = None if self.gpa is None else {n: t.detach().cpu() for n, t in self.gpa.items()}
+        return dict(gpa=gpa, gpa_epochs=self.gpa_epochs)
+
+    def load_extra_state(self, state):
+        if state is not None:  # None: a checkpoint without GPA state (evaluation of the final prompts needs none)
+            device = self.ctx.device
+            self.gpa = None if state["gpa"] is None else {n: t.to(device) for n, t in state["gpa"].items()}
+            self.gpa_epochs = state["gpa_epochs"]
+
+
 METHODS = {
     "zsclip": ZeroShotCLIP,
     "coop": CoOp,
@@ -1148,6 +1348,8 @@ METHODS = {
     "fvgpt": FVGPT,
     "dapt-dist": DistributionAwarePT,
     "davpt": DAVPT,
+    "ivlp": IVLP,
+    "promptsrc": PromptSRC,
 }
 
 
