@@ -11,6 +11,7 @@ each loss's PyTorch reference beside its fused kernel) are re-exported here: `da
 `dapt.tokenize`, `dapt.pull_push_loss`, ... are the public names.
 Deliberately not here: data loading (data.py), the training loop and recipes (train.py), Triton kernels (kernels/).
 """
+import copy
 import hashlib
 import logging
 import math
@@ -196,6 +197,13 @@ class PromptModel(nn.Module):
     def set_classnames(self, classnames):
         """A new class list (base -> new evaluation, cross-dataset): rebuild what depends on the class names."""
         self.classnames = list(classnames)
+
+    def set_dataset(self, name):
+        """The classes that come next are dataset `name`'s (eval.py calls this before set_classnames): for methods
+        whose template or prediction rule depends on the dataset (MMRL); composed models pass it to their host."""
+        host = getattr(self, "host", None)
+        if isinstance(host, PromptModel):
+            host.set_dataset(name)
 
     def text_features(self, extra_tokens=None):
         """[C, E] normalised class features (gradients to the text prompts); with extra_tokens [N, L] (frozen
@@ -1337,6 +1345,153 @@ class PromptSRC(IVLP):
             self.gpa_epochs = state["gpa_epochs"]
 
 
+class MMRL(PromptModel):
+    """Multi-Modal Representation Learning (methods.md §6c; yunncheng/MMRL @ 27d8821: T = trainers/mmrl.py,
+    M = clip/model_mmrl.py, C = trainers/config.py).
+
+    Space R [K, d_r], N(0, 0.02^2); per rep block l: r^v_l = F^v_l(R) [K, W_v], r^t_l = F^t_l(R) [K, W_t], Linear maps
+    with bias, the 7 per tower deep copies of ONE initialised Linear (T 171-192). rep_layers are 1-based (M 181).
+    Image: blocks before the first rep layer unchanged; r^v inserted before it and replaced before the later ones
+    (M 208-221), no positional embedding, no ln_pre. Official position: right after CLS; here after the patches
+    (attention is permutation-equivariant over keys: equal up to float summation order, measured in the README).
+      f_c = ln_post(h_CLS) @ proj (frozen), f_r = mean_k ln_post(h_k) @ proj_rep [W_v, E], proj_rep = W_v^-0.5 N(0, 1)
+      (M 338, 367-376). Text: the dataset's template (T 21-37, 160-169), r^t inserted after SOS before the first rep
+      block, replaced later, causal over the longer sequence, read at EOT + K (M 223-245, T 72-84).
+      l_c = s n(f_c) n(T)^T, l_r = s n(f_r) n(T)^T, l_f = a l_c + (1 - a) l_r, s = mmrl_scale = 100 (T 226-233)
+      L = a CE(l_c) + (1 - a) CE(l_r) + lam (1 - mean_b cos(n(f_c), z0)) + lam (1 - mean_c cos(n(T), T0)) (T 238-255)
+      z0 = n(frozen CLIP image feature, same batch) (T 346-348), T0 = n(frozen CLIP template features) (T 280-283)
+    Constants: K 5, d_r 512, rep layers 6-12 (negative: counted from the last block, -1 = the last), a 0.7,
+    lam 1.0 (yaml; per dataset C 5-41, in train.py). Prediction (T 421-428): l_f on the training class list of the
+    training dataset, l_c on any other list or dataset (predict_mode auto; fusion / cls / rep force one).
+    image_features is the normalised feature of that prediction (protocol): on the training list
+    n(a n(f_c) + (1 - a) n(f_r)), whose logits rank classes as l_f does. Exact savings: blocks before the first rep
+    layer see no learned token: the text ones run once per class list, the image ones once per batch, shared by the
+    student and the frozen teacher z0. official_init: the official initial values for the seed."""
+
+    defaults = dict(PromptModel.defaults, n_rep_tokens=5, rep_dim=512, rep_layers=(6, 7, 8, 9, 10, 11, 12), alpha=0.7,
+                    reg_weight=1.0, mmrl_scale=100.0, template="a photo of a {}.", dataset="", predict_mode="auto",
+                    official_init=True)
+    changes_image_tower = True
+
+    def __init__(self, clip, classnames, cfg=None):
+        super().__init__(clip, classnames, cfg)
+        c, (W_v, E), W_t = self.cfg, clip.visual.proj.shape, clip.transformer.width
+        K, d, n_blocks = c["n_rep_tokens"], c["rep_dim"], min(clip.transformer.layers, clip.visual.transformer.layers)
+        self.rep_blocks = sorted({int(l) - 1 if int(l) > 0 else n_blocks + int(l) for l in c["rep_layers"]})  # 0-based
+        if not self.rep_blocks or self.rep_blocks[0] < 0 or self.rep_blocks[-1] >= n_blocks:
+            raise ConfigError(f"mmrl: --rep-layers {c['rep_layers']} must be block numbers 1..{n_blocks} of this CLIP")
+        choice(c, "predict_mode", ("auto", "fusion", "cls", "rep"))
+        proj_rep = lambda: W_v ** -0.5 * torch.randn(W_v, E)  # noqa: E731  M 338
+        ops = [lambda: torch.empty(K, d).normal_(std=0.02), lambda: nn.Linear(d, W_v), lambda: nn.Linear(d, W_t)]
+        if c["official_init"]:  # the CLIP with proj_rep, the zero-shot CLIP (T 270-271), R and the maps (T 171-175)
+            ops = (clip_draws(clip.config, after_proj=[proj_rep]) + clip_draws(clip.config, after_proj=[("n", W_v * E)])
+                   + ops)
+            P, R, lin_v, lin_t = replay(ops, c["seed"])
+        else:
+            (R, lin_v, lin_t), P = [op() for op in ops], proj_rep()
+        self.rep_tokens = nn.Parameter(R)  # R [K, d_r]
+        self.r2v = nn.ModuleList(copy.deepcopy(lin_v) for _ in self.rep_blocks)  # F^v_l: d_r -> W_v
+        self.r2t = nn.ModuleList(copy.deepcopy(lin_t) for _ in self.rep_blocks)  # F^t_l: d_r -> W_t
+        self.proj_rep = nn.Parameter(P)  # [W_v, E]
+        self.first, self.train_classnames = self.rep_blocks[0], list(classnames)
+        self.template, self.same_dataset = c["template"], True
+        self.set_classnames(classnames)
+
+    def set_dataset(self, name):
+        """Classes of dataset `name` come next (eval.py): its template, and l_c unless it is the training dataset
+        (T 421-428: every cross-dataset and domain-shift target, ImageNet-V2 / Sketch included, is scored with l_c)."""
+        self.same_dataset = name == self.cfg["dataset"]
+        self.template = self.cfg["template"] if self.same_dataset else data.DATASETS[name].template
+
+    @torch.no_grad()
+    def set_classnames(self, classnames):
+        super().set_classnames(classnames)
+        texts = [self.template.format(n.replace("_", " ")) for n in classnames]
+        self.register_buffer("tokens", tokenize(texts).to(self.clip.token_embedding.weight.device), persistent=False)
+        self.register_buffer("T0", encode_texts(self.clip, texts), persistent=False)  # [C, E]
+        self.text_cache = None  # (key, [C, L', W_t] entering the first rep block)
+        same = self.same_dataset and list(classnames) == self.train_classnames
+        self.mode = self.cfg["predict_mode"] if self.cfg["predict_mode"] != "auto" else ("fusion" if same else "cls")
+
+    def deep(self, maps, n_blocks):
+        """Per block: F_l(R) [K, W] before rep block l, None elsewhere."""
+        index = {b: j for j, b in enumerate(self.rep_blocks)}
+        return [maps[index[i]](self.rep_tokens) if i in index else None for i in range(n_blocks)]
+
+    def encode_text(self, tokens, cache=False):
+        """[N, E] (not normalised) of the texts tokens [N, 77] with r^t inserted after SOS."""
+        clip, eot, savings = self.clip, tokens.argmax(-1), self.cfg["text_savings"]
+        dt = tokens.device.type
+        key = (tokens.device, torch.is_autocast_enabled(dt), torch.get_autocast_dtype(dt))  # the cache's conditions
+        if cache and savings and self.text_cache is not None and self.text_cache[0] == key:
+            x = self.text_cache[1]
+        else:
+            with torch.no_grad():  # frozen, no learned token: cut at the last EOT (exact: causal) when savings
+                x = clip.embed_text(tokens[:, : int(eot.max()) + 1] if savings else tokens)
+                x = x + clip.positional_embedding[: x.shape[1]].to(x.dtype)
+                x = clip.transformer(x, causal=True, stop=self.first)  # [N, L0, W_t] entering the first rep block
+            self.text_cache = (key, x) if cache and savings else self.text_cache
+        L0, deep = x.shape[1], self.deep(self.r2t, clip.transformer.layers)
+        # an empty slot after SOS: r^t is inserted at the first rep block, then replaced -> [N, L0 + K, W_t]
+        x = clip.transformer(x, causal=True, deep_prompts=deep, prompt_slice=slice(1, 1), start=self.first)
+        return clip.ln_final(x[torch.arange(len(x)), eot + x.shape[1] - L0]) @ clip.text_projection.to(x.dtype)
+
+    def text_features(self, extra_tokens=None):
+        T = self.encode_text(self.tokens, cache=True)  # [C, E]
+        if extra_tokens is not None:  # frozen texts (DAPT's backgrounds) through the same prompted tower
+            T = torch.cat([T, self.encode_text(extra_tokens.to(self.tokens.device))])
+        return normalize(T)
+
+    def visual_prompts(self):  # r^v_l replaces what follows CLS + patches before rep block l: 0 -> K tokens
+        return VisualPrompts(None, self.deep(self.r2v, self.clip.visual.transformer.layers))
+
+    def heads(self, images, key_mask=None, trunk=None):
+        """(f_c, f_r) [B, E], not normalised. trunk: the tokens entering the first rep block, when already computed."""
+        v = self.clip.visual
+        if trunk is None:
+            with torch.no_grad():
+                trunk = v.run(images, key_mask=key_mask, stop=self.first)  # [B, 1 + P, W_v]
+        x = v.transformer(trunk, key_mask=key_mask, deep_prompts=self.visual_prompts().deep,
+                          prompt_slice=slice(trunk.shape[1], None), start=self.first)  # [B, 1 + P + K, W_v]
+        return v.head(x), v.ln_post(x[:, trunk.shape[1]:]).mean(1) @ self.proj_rep.to(x.dtype)
+
+    def head_weight(self):  # a of the current prediction: l_f (a), l_c (1), l_r (0)
+        return {"fusion": self.cfg["alpha"], "cls": 1.0, "rep": 0.0}[self.mode]
+
+    def image_features(self, images, key_mask=None):
+        f_c, f_r = self.heads(images, key_mask)
+        a = self.head_weight()
+        return normalize(a * normalize(f_c) + (1 - a) * normalize(f_r))
+
+    def forward(self, images, text_features=None):
+        T = self.text_features() if text_features is None else text_features
+        f_c, f_r = self.heads(images)
+        s, a = self.cfg["mmrl_scale"], self.head_weight()
+        return a * (s * normalize(f_c) @ T.t()) + (1 - a) * (s * normalize(f_r) @ T.t())
+
+    def objective(self, batch, T):
+        """({name: (weight, value)}, l_f): the official loss on the batch with class features T [C, E]."""
+        x, y, c, v = batch["image"], batch["label"], self.cfg, self.clip.visual
+        with torch.no_grad():
+            trunk = v.run(x, stop=self.first)  # shared by the student and the frozen teacher (exact)
+            z0 = normalize(v.head(v.transformer(trunk, start=self.first)))  # [B, E]
+        f_c, f_r = self.heads(x, trunk=trunk)
+        f_c, s, a, lam, C = normalize(f_c), c["mmrl_scale"], c["alpha"], c["reg_weight"], len(self.classnames)
+        l_c, l_r = s * f_c @ T.t(), s * normalize(f_r) @ T.t()  # [B, C]
+        terms = {"cls": (a, F.cross_entropy(l_c, y)), "rep": (1 - a, F.cross_entropy(l_r, y)),
+                 "reg_img": (lam, 1 - F.cosine_similarity(f_c, z0, dim=1).mean()),
+                 "reg_text": (lam, 1 - F.cosine_similarity(T[:C].float(), self.T0, dim=1).mean())}
+        return terms, a * l_c + (1 - a) * l_r
+
+    def loss_terms(self, batch, z, T, logits):
+        """The official terms on the batch's images (its own tower pass: both heads are needed; z is not)."""
+        return self.objective(batch, T)[0]
+
+    def loss(self, batch, epoch):
+        terms, logits = self.objective(batch, self.text_features())
+        return total(terms, logits, batch["label"])
+
+
 METHODS = {
     "zsclip": ZeroShotCLIP,
     "coop": CoOp,
@@ -1350,6 +1505,7 @@ METHODS = {
     "davpt": DAVPT,
     "ivlp": IVLP,
     "promptsrc": PromptSRC,
+    "mmrl": MMRL,
 }
 
 
