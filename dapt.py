@@ -544,7 +544,7 @@ class DAPT(PromptModel):
     no_grad call, the others in one call with gradients: the same numbers as one 3B call, less backward work.
     The host's keys (n_ctx, prompt_depth, ...) are its class defaults, overridable as usual."""
 
-    hosts = ("maple", "coop", "kgcoop", "vpt")  # composed through the protocol; each is tested
+    hosts = ("maple", "coop", "kgcoop", "vpt", "promptsrc", "mmrl")  # composed through the protocol; each is tested
     defaults = dict(PromptModel.defaults, host="maple", cue="masks", decouple="pixel", dapt_schedule="staged",
                     dapt_switch_epoch=7, dapt_w_v=0.8, dapt_w_f=0.1, dapt_w_b=0.5, dapt_margin=1.5,
                     bg_template="a clean origami {}.", bg_slice_quirk=False, gradcam_threshold=0.5,
@@ -585,6 +585,22 @@ class DAPT(PromptModel):
 
     def image_features(self, images, key_mask=None):
         return self.host.image_features(images, key_mask)
+
+    # the host's own set-up, optimizer groups, epoch hook and state (PromptSRC's GPA aggregate)
+    def prepare(self, bench, train_tf, test_tf, device):
+        self.host.prepare(bench, train_tf, test_tf, device)
+
+    def param_groups(self):
+        return self.host.param_groups()
+
+    def epoch_end(self, epoch, loader=None):
+        self.host.epoch_end(epoch, loader)
+
+    def extra_state(self):
+        return self.host.extra_state()
+
+    def load_extra_state(self, state):
+        self.host.load_extra_state(state)
 
     def gradcam(self, images, labels, T, return_cam=False):
         """DAPT-G foreground masks [B, 1, S, S] in {0, 1} for exactly these (augmented) images: grad_cam of the
