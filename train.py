@@ -151,7 +151,9 @@ DATASET_OVERRIDES.update({
     ("mmrl", "eurosat"): dict(reg_weight=0.01, rep_dim=2048),
     ("mmrl", "imagenet"): dict(reg_weight=0.5, batch=32, epochs=5),
     ("mmrl", "imagenet", "xd"): dict(reg_weight=0.2, batch=32, epochs=1, warmup_epochs=0),
-    ("mmrl", "toy"): dict(rep_layers=(-2, -1)),  # the last 2 of the toy CLIP's 4 blocks (6-12 of 12: the upper 7)
+    # the toy CLIP's last block: 5 tokens beside 16 patches weigh more than beside 196; inserted from block 3 of 4
+    # they start at 67.5 % on the toy's base test (zero-shot 83.75), from block 4 at 82.5 (seed 1, README)
+    ("mmrl", "toy"): dict(rep_layers=(-1,)),
 })
 
 
