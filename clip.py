@@ -137,7 +137,8 @@ class Transformer(nn.Module):
         self.width, self.layers = width, layers
         self.resblocks = nn.Sequential(*[ResidualAttentionBlock(width, heads) for _ in range(layers)])
 
-    def forward(self, x, causal=False, key_mask=None, deep_prompts=None, prompt_slice=None, stop=None, hook=None):
+    def forward(self, x, causal=False, key_mask=None, deep_prompts=None, prompt_slice=None, stop=None, hook=None,
+                start=0):
         """The one loop over the blocks, for both towers and every prompt method.
 
         x: [B, L, W], or (prefix [G, P, W], suffix [G * R, S, W]) for causal sequences whose first P positions
@@ -147,8 +148,12 @@ class Transformer(nn.Module):
         change from block to block (DA-VPT: M proxies in guided blocks, 8 prompts elsewhere).
         key_mask: bool [B, L0] for the first L0 tokens (CLS + patches); tokens after them (prompts) are visible.
         stop: return the input of block `stop` (its prompts written) instead of running every block (Grad-CAM).
-        hook: f(i, x) -> keyword arguments for block i's attention (bias, attn_mask, capture; DA-VPT)."""
+        hook: f(i, x) -> keyword arguments for block i's attention (bias, attn_mask, capture; DA-VPT).
+        start: x is the input of block `start` (what stop=start returned): the blocks before it are skipped (MMRL
+        runs its frozen prompt-free blocks once and continues from there)."""
         for i, block in enumerate(self.resblocks):
+            if i < start:
+                continue
             if deep_prompts is not None and i < len(deep_prompts) and deep_prompts[i] is not None:
                 x, prompt_slice = write_prompts(x, deep_prompts[i], prompt_slice)
             if i == stop:

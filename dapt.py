@@ -219,6 +219,13 @@ class PromptModel(nn.Module):
         """A new class list (base -> new evaluation, cross-dataset): rebuild what depends on the class names."""
         self.classnames = list(classnames)
 
+    def set_dataset(self, name):
+        """The classes that come next are dataset `name`'s (eval.py calls this before set_classnames): for methods
+        whose template or prediction rule depends on the dataset (MMRL); composed models pass it to their host."""
+        host = getattr(self, "host", None)
+        if isinstance(host, PromptModel):
+            host.set_dataset(name)
+
     def text_features(self, extra_tokens=None):
         """[C, E] normalised class features (gradients to the text prompts); with extra_tokens [N, L] (frozen
         texts) the same prompted text tower also encodes them: [C + N, E]."""
@@ -568,7 +575,7 @@ class DAPT(PromptModel):
     no_grad call, the others in one call with gradients: the same numbers as one 3B call, less backward work.
     The host's keys (n_ctx, prompt_depth, ...) are its class defaults, overridable as usual."""
 
-    hosts = ("maple", "coop", "kgcoop", "vpt")  # composed through the protocol; each is tested
+    hosts = ("maple", "coop", "kgcoop", "vpt", "promptsrc", "mmrl")  # composed through the protocol; each is tested
     defaults = dict(PromptModel.defaults, host="maple", cue="masks", decouple="pixel", dapt_schedule="staged",
                     dapt_switch_epoch=7, dapt_w_v=0.8, dapt_w_f=0.1, dapt_w_b=0.5, dapt_margin=1.5,
                     bg_template="a clean origami {}.", bg_slice_quirk=False, gradcam_threshold=0.5,
@@ -609,6 +616,22 @@ class DAPT(PromptModel):
 
     def image_features(self, images, key_mask=None):
         return self.host.image_features(images, key_mask)
+
+    # the host's own set-up, optimizer groups, epoch hook and state (PromptSRC's GPA aggregate)
+    def prepare(self, bench, train_tf, test_tf, device):
+        self.host.prepare(bench, train_tf, test_tf, device)
+
+    def param_groups(self):
+        return self.host.param_groups()
+
+    def epoch_end(self, epoch, loader=None):
+        self.host.epoch_end(epoch, loader)
+
+    def extra_state(self):
+        return self.host.extra_state()
+
+    def load_extra_state(self, state):
+        self.host.load_extra_state(state)
 
     def gradcam(self, images, labels, T, return_cam=False):
         """DAPT-G foreground masks [B, 1, S, S] in {0, 1} for exactly these (augmented) images: grad_cam of the
@@ -1229,6 +1252,353 @@ class DAVPT(FrozenTextClassifier):
         self.proxy_map.load_state(state)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# 6b. IVLP, 6. PromptSRC and 6c. MMRL (methods.md §6b, §6, §6c; IVLP first: PromptSRC builds on it). Their
+# initial values can be the official ones for the same seed: `official_init` replays the official build's draws.
+
+
+def block_draws(width):
+    """The uniform draws of one OpenAI ResidualAttentionBlock.__init__, in order: MultiheadAttention's out_proj
+    (Linear: weight, bias), its in_proj_weight (xavier), mlp.c_fc, mlp.c_proj (weight, bias)."""
+    W = width
+    return [("u", W * W), ("u", W), ("u", 3 * W * W), ("u", 4 * W * W), ("u", 4 * W), ("u", 4 * W * W), ("u", W)]
+
+
+def clip_draws(c, after_conv=(), image_block=None, after_proj=(), text_block=None):
+    """The random draws of the official CLIP.__init__ (clip/model.py of the official repositories: VisionTransformer,
+    text Transformer, token_embedding, initialize_parameters) for constructor arguments c, in order: ("u" | "n",
+    count) for tensors nobody keeps, and the given callables where a prompted copy draws a tensor of its own (after
+    conv1, in image / text block i: image_block(i) / text_block(i) -> list, after visual.proj)."""
+    Wv, Wt, E, p = c["vision_width"], c["transformer_width"], c["embed_dim"], c["vision_patch_size"]
+    grid = (c["image_resolution"] // p) ** 2 + 1
+    ops = [("u", Wv * 3 * p * p), *after_conv, ("n", Wv), ("n", grid * Wv)]  # conv1, class / positional embedding
+    for i in range(c["vision_layers"]):
+        ops += block_draws(Wv) + (image_block(i) if image_block else [])
+    ops += [("n", Wv * E), *after_proj]  # proj
+    for i in range(c["transformer_layers"]):
+        ops += block_draws(Wt) + (text_block(i) if text_block else [])
+    V = c["vocab_size"] * Wt  # token_embedding, then initialize_parameters (text tower only)
+    ops += [("n", V), ("n", V), ("n", c["context_length"] * Wt)]
+    ops += [("n", n) for _ in range(c["transformer_layers"]) for n in (3 * Wt * Wt, Wt * Wt, 4 * Wt * Wt, 4 * Wt * Wt)]
+    return ops + [("n", Wt * E)]  # text_projection
+
+
+def replay(ops, seed):
+    """The kept values of `ops` (clip_draws) drawn from torch.manual_seed(seed), as the official runs draw them
+    (Dassl's set_random_seed, then nothing draws from torch before the model is built), without touching the global
+    generator; the skipped draws go into a scratch buffer. Exact while torch keeps the CPU kernels of uniform_ /
+    normal_ (checked on torch 2.13 against the official builds)."""
+    kept, sizes = [], [op[1] for op in ops if not callable(op)]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        buf = torch.empty(max(sizes, default=0))
+        for op in ops:
+            if callable(op):
+                kept.append(op())
+            elif op[0] == "u":
+                buf[:op[1]].uniform_()
+            else:
+                buf[:op[1]].normal_()
+    return kept
+
+
+class IVLP(PromptModel):
+    """Independent vision-language prompts: deep text and deep image prompts, not coupled (methods.md §6b).
+
+    Text "[SOS] ctx <rest of ctx_init> <name> . [EOT]": ctx [n_t, W_t] = the first n_t token embeddings of ctx_init
+    when n_t <= 4 (the rest of the phrase stays frozen text), else N(0, 0.02^2) with "X" slots (independentVL.py
+    79-92). Before text block i = 1..J_t-1, rows 1..n_t of every sequence <- P^t_i [n_t, W_t] (clip/model.py
+    242-252); J_t >= 1 (independentVL.py 67). Image: V_0 [n_v, W_v] appended after the patches, then ln_pre over all
+    tokens (clip/model.py 402-413); before image block i = 1..J_v-1 the last n_v tokens <- P^v_i (233-241);
+    J_v = 0: no image prompts (370-373). Prompts N(0, 0.02^2) (215-221, 374-379).
+    l = exp(logit_scale) n(E_v) n(E_t)^T, L = CE(l, y) (independentVL.py 163-174). Trainable: names with
+    "prompt_learner" or "VPT" (201-207): 2+2 depth 12: 30,720 values; 4+4 depth 9: 46,080.
+    Defaults: the MaPLe repository's IVLP baseline (configs/trainers/IVLP/vit_b16_c2_ep5_batch4_2+2ctx.yaml).
+    Files: muzairkhattak/PromptSRC @ bb95c77 (trainers/independentVL.py, clip/model.py; the MaPLe repository's are
+    the same code). official_init: the official initial values for the seed (official build order: VPT after
+    conv1, P^v_i / P^t_i inside blocks i, then the random ctx after the whole CLIP; clip/model.py 363-392, 536-583)."""
+
+    defaults = dict(PromptModel.defaults, n_ctx_text=2, n_ctx_vision=2, prompt_depth_text=12, prompt_depth_vision=12,
+                    ctx_init="a photo of a", official_init=True)
+
+    def __init__(self, clip, classnames, cfg=None):
+        super().__init__(clip, classnames, cfg)
+        c, v = self.cfg, clip.visual
+        n_t, n_v, W_t, W_v = c["n_ctx_text"], c["n_ctx_vision"], clip.transformer.width, v.conv1.weight.shape[0]
+        self.J_t = min(c["prompt_depth_text"], clip.transformer.layers)
+        self.J_v = min(c["prompt_depth_vision"], v.transformer.layers) if n_v > 0 else 0
+        if self.J_t < 1:
+            raise ConfigError(f"{type(self).__name__.lower()}: --prompt-depth-text must be >= 1 (image prompts only: "
+                              "--method vpt)")
+        init = c["ctx_init"].replace("_", " ") if c["ctx_init"] and n_t <= 4 else None
+        self.prompts = TextPrompts(clip, classnames, n_t, init)
+
+        def draw(n, W):
+            return lambda: nn.init.normal_(torch.empty(n, W), std=0.02)
+
+        ops = clip_draws(clip.config, [draw(n_v, W_v)] if self.J_v else [],
+                         lambda i: [draw(n_v, W_v)] if 0 < i < self.J_v else [], (),
+                         lambda i: [draw(n_t, W_t)] if 0 < i < self.J_t else [])
+        if init is None:  # drawn in the model dtype, fp16 in every released config
+            ops.append(lambda: torch.empty(n_t, W_t, dtype=torch.float16).normal_(std=0.02).float())
+        kept = iter(replay(ops, c["seed"]) if c["official_init"] else [op() for op in ops if callable(op)])
+        image = [next(kept) for _ in range(self.J_v)]  # V_0, P^v_1..P^v_{J_v-1}
+        text = [next(kept) for _ in range(self.J_t - 1)]  # P^t_1..P^t_{J_t-1}
+        self.ctx = nn.Parameter(next(kept) if init is None else self.prompts.init_vectors.clone())  # [n_t, W_t]
+        self.text_prompts = nn.Parameter(torch.stack(text) if text else torch.empty(0, n_t, W_t))  # [J_t-1, n_t, W_t]
+        self.image_prompts = nn.Parameter(torch.stack(image)) if image else None  # [J_v, n_v, W_v]
+        self.changes_image_tower = self.J_v > 0
+
+    def set_classnames(self, classnames):
+        super().set_classnames(classnames)
+        self.prompts.set_classnames(classnames)
+
+    def text_features(self, extra_tokens=None):
+        deep = [None] + list(self.text_prompts)  # before text block i = 1..J_t-1, rows 1..n_t <- P^t_i
+        return normalize(self.prompts.encode(self.ctx, self.cfg["text_savings"], extra_tokens, deep_prompts=deep,
+                                             prompt_slice=slice(1, 1 + self.cfg["n_ctx_text"])))
+
+    def visual_prompts(self):
+        """V_0 through ln_pre, P^v_i before image block i = 1..J_v-1; None without image prompts."""
+        if self.image_prompts is None:
+            return None
+        return VisualPrompts(self.image_prompts[0], [None] + list(self.image_prompts[1:]), ln_pre=True)
+
+
+# promptsrc.py 14, 122: imagenet_templates.py 3-64, the first 60 of CLIP's 80 ImageNet templates with
+# "a photo of a {}." (index 39) moved to the front
+PROMPTSRC_TEMPLATES = ["a photo of a {}."] + [t for t in data.IMAGENET_TEMPLATES[:60] if t != "a photo of a {}."]
+
+
+def gpa_weights(epochs, mean, std):
+    """promptsrc.py 265-270, 358-360: w_e = g(e) / sum_k g(k), e = 1..E, g the normal density (mean, std)."""
+    g = [math.exp(-0.5 * ((e - mean) / std) ** 2) / (std * math.sqrt(2 * math.pi)) for e in range(1, epochs + 1)]
+    return [x / sum(g) for x in g]
+
+
+class PromptSRC(IVLP):
+    """IVLP prompts trained with self-regulating terms toward frozen CLIP and Gaussian prompt aggregation
+    (methods.md §6; muzairkhattak/PromptSRC @ bb95c77 trainers/promptsrc.py).
+
+    L = CE(l, y) + 25 mean|T - T0| + 10 mean|z - z0| + (1 / (B C)) sum_bc p0_bc (log p0_bc - log p_bc)  (297-313)
+      z = n(E_v^P(x)) [B, E], T = n(E_t^P) [C, E], l = s z T^T, p = softmax(l), p0 = softmax(l0), l0 = s z0 T0^T (205)
+      z0 = n(E_v(x)): the frozen tower without prompts, same augmented batch, no gradient (201-203)
+      T0 = n((1/60) sum_k E_t(template_k(name))): RAW features of the 60 PROMPTSRC_TEMPLATES averaged, then
+           normalised (113-128, 199-200); the same templates for every dataset
+      mean|.| = F.l1_loss over the C x E / B x E elements; the KL at temperature 1 (306-311)
+      25 / 10 = TEXT_LOSS_WEIGHT / IMAGE_LOSS_WEIGHT in every config (train.py::extend_cfg 121-122)
+    GPA (263-270, 316-335): after epoch e = 1..E (E = epochs), G <- G + w_e prompts_e (gpa_weights, mu = gpa_mean,
+    sigma = gpa_std); after epoch E the prompts become G: that model is tested and checkpointed. Here G covers the
+    trainable tensors in fp32 and is part of the checkpoint (extra_state), so a resumed run ends where an
+    uninterrupted one does (official: the whole state dict in each tensor's dtype, fp16 frozen weights included, and
+    G is not saved; methods.md §6 quirks). Defaults: the B2N config vit_b16_c2_ep20_batch4_4+4ctx.yaml (4+4 prompts,
+    depth 9, GPA 15 / 1 over 20 epochs)."""
+
+    defaults = dict(IVLP.defaults, n_ctx_text=4, n_ctx_vision=4, prompt_depth_text=9, prompt_depth_vision=9,
+                    text_loss_weight=25.0, image_loss_weight=10.0, gpa_mean=15.0, gpa_std=1.0, epochs=20)
+
+    def __init__(self, clip, classnames, cfg=None):
+        super().__init__(clip, classnames, cfg)
+        self.gpa_w = gpa_weights(self.cfg["epochs"], self.cfg["gpa_mean"], self.cfg["gpa_std"])
+        self.gpa, self.gpa_epochs = None, 0  # G {name: fp32 tensor}, epochs aggregated so far
+        self.t0 = None  # (class names, T0 [C, E])
+
+    @torch.no_grad()
+    def teacher_text(self):
+        """T0 [C, E] of the current class names, computed once per class list (training only needs it)."""
+        if self.t0 is None or self.t0[0] != self.classnames:
+            names = [c.replace("_", " ") for c in self.classnames]
+            device = self.clip.token_embedding.weight.device
+            with torch.autocast(device.type, enabled=False):
+                raw = [torch.cat([self.clip.encode_text(tokenize([t.format(n) for n in names[i:i + 1000]]).to(device))
+                                  for i in range(0, len(names), 1000)]).float() for t in PROMPTSRC_TEMPLATES]
+            self.t0 = (list(self.classnames), normalize(torch.stack(raw).mean(0)))  # raw mean over 60, then n(.)
+        return self.t0[1]
+
+    def loss_terms(self, batch, z, T, logits):
+        C, c = len(self.classnames), self.cfg
+        with torch.no_grad():
+            z0 = normalize(self.clip.visual(batch["image"]))  # [B, E]
+            T0 = self.teacher_text().to(z0.device)  # [C, E]
+            l0 = self.logit_scale * z0 @ T0.t()  # [B, C]
+        l = logits[:, :C].float()  # (DAPT's bg_slice_quirk adds columns: the terms use the C classes)
+        kl = F.kl_div(F.log_softmax(l, 1), F.log_softmax(l0, 1), reduction="sum", log_target=True) / l.numel()
+        return dict(super().loss_terms(batch, z, T, logits),
+                    scl_text=(c["text_loss_weight"], F.l1_loss(T[:C].float(), T0)),
+                    scl_image=(c["image_loss_weight"], F.l1_loss(z.float(), z0)), scl_logits=(1.0, kl))
+
+    @torch.no_grad()
+    def epoch_end(self, epoch, loader=None):
+        """GPA: G += w_e * (this epoch's prompts); after the last epoch the prompts become G."""
+        e = epoch + 1
+        if e > len(self.gpa_w) or e <= self.gpa_epochs:
+            return
+        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        cur = {n: p.detach().float() * self.gpa_w[e - 1] for n, p in params.items()}
+        self.gpa = cur if self.gpa is None else {n: self.gpa[n] + cur[n] for n in cur}
+        self.gpa_epochs = e
+        if e == len(self.gpa_w):
+            for n, p in params.items():
+                p.copy_(self.gpa[n])
+
+    def extra_state(self):
+        gpa = None if self.gpa is None else {n: t.detach().cpu() for n, t in self.gpa.items()}
+        return dict(gpa=gpa, gpa_epochs=self.gpa_epochs)
+
+    def load_extra_state(self, state):
+        if state is not None:  # None: a checkpoint without GPA state (evaluation of the final prompts needs none)
+            device = self.ctx.device
+            self.gpa = None if state["gpa"] is None else {n: t.to(device) for n, t in state["gpa"].items()}
+            self.gpa_epochs = state["gpa_epochs"]
+
+
+class MMRL(PromptModel):
+    """Multi-Modal Representation Learning (methods.md §6c; yunncheng/MMRL @ 27d8821: T = trainers/mmrl.py,
+    M = clip/model_mmrl.py, C = trainers/config.py).
+
+    Space R [K, d_r], N(0, 0.02^2); per rep block l: r^v_l = F^v_l(R) [K, W_v], r^t_l = F^t_l(R) [K, W_t], Linear maps
+    with bias, the 7 per tower deep copies of ONE initialised Linear (T 171-192). rep_layers are 1-based (M 181).
+    Image: blocks before the first rep layer unchanged; r^v inserted before it and replaced before the later ones
+    (M 208-221), no positional embedding, no ln_pre. Official position: right after CLS; here after the patches
+    (attention is permutation-equivariant over keys: equal up to float summation order, measured in the README).
+      f_c = ln_post(h_CLS) @ proj (frozen), f_r = mean_k ln_post(h_k) @ proj_rep [W_v, E], proj_rep = W_v^-0.5 N(0, 1)
+      (M 338, 367-376). Text: the dataset's template (T 21-37, 160-169), r^t inserted after SOS before the first rep
+      block, replaced later, causal over the longer sequence, read at EOT + K (M 223-245, T 72-84).
+      l_c = s n(f_c) n(T)^T, l_r = s n(f_r) n(T)^T, l_f = a l_c + (1 - a) l_r, s = mmrl_scale = 100 (T 226-233)
+      L = a CE(l_c) + (1 - a) CE(l_r) + lam (1 - mean_b cos(n(f_c), z0)) + lam (1 - mean_c cos(n(T), T0)) (T 238-255)
+      z0 = n(frozen CLIP image feature, same batch) (T 346-348), T0 = n(frozen CLIP template features) (T 280-283)
+    Constants: K 5, d_r 512, rep layers 6-12 (negative: counted from the last block, -1 = the last), a 0.7,
+    lam 1.0 (yaml; per dataset C 5-41, in train.py). Prediction (T 421-428): l_f on the training class list of the
+    training dataset, l_c on any other list or dataset (predict_mode auto; fusion / cls / rep force one).
+    image_features is the normalised feature of that prediction (protocol): on the training list
+    n(a n(f_c) + (1 - a) n(f_r)), whose logits rank classes as l_f does. Exact savings: blocks before the first rep
+    layer see no learned token: the text ones run once per class list, the image ones once per batch, shared by the
+    student and the frozen teacher z0. official_init: the official initial values for the seed."""
+
+    defaults = dict(PromptModel.defaults, n_rep_tokens=5, rep_dim=512, rep_layers=(6, 7, 8, 9, 10, 11, 12), alpha=0.7,
+                    reg_weight=1.0, mmrl_scale=100.0, template="a photo of a {}.", dataset="", predict_mode="auto",
+                    official_init=True)
+    changes_image_tower = True
+
+    def __init__(self, clip, classnames, cfg=None):
+        super().__init__(clip, classnames, cfg)
+        c, (W_v, E), W_t = self.cfg, clip.visual.proj.shape, clip.transformer.width
+        K, d, n_blocks = c["n_rep_tokens"], c["rep_dim"], min(clip.transformer.layers, clip.visual.transformer.layers)
+        self.rep_blocks = sorted({int(l) - 1 if int(l) > 0 else n_blocks + int(l) for l in c["rep_layers"]})  # 0-based
+        if not self.rep_blocks or self.rep_blocks[0] < 0 or self.rep_blocks[-1] >= n_blocks:
+            raise ConfigError(f"mmrl: --rep-layers {c['rep_layers']} must be block numbers 1..{n_blocks} of this CLIP")
+        choice(c, "predict_mode", ("auto", "fusion", "cls", "rep"))
+        proj_rep = lambda: W_v ** -0.5 * torch.randn(W_v, E)  # noqa: E731  M 338
+        ops = [lambda: torch.empty(K, d).normal_(std=0.02), lambda: nn.Linear(d, W_v), lambda: nn.Linear(d, W_t)]
+        if c["official_init"]:  # the CLIP with proj_rep, the zero-shot CLIP (T 270-271), R and the maps (T 171-175)
+            ops = (clip_draws(clip.config, after_proj=[proj_rep]) + clip_draws(clip.config, after_proj=[("n", W_v * E)])
+                   + ops)
+            P, R, lin_v, lin_t = replay(ops, c["seed"])
+        else:
+            (R, lin_v, lin_t), P = [op() for op in ops], proj_rep()
+        self.rep_tokens = nn.Parameter(R)  # R [K, d_r]
+        self.r2v = nn.ModuleList(copy.deepcopy(lin_v) for _ in self.rep_blocks)  # F^v_l: d_r -> W_v
+        self.r2t = nn.ModuleList(copy.deepcopy(lin_t) for _ in self.rep_blocks)  # F^t_l: d_r -> W_t
+        self.proj_rep = nn.Parameter(P)  # [W_v, E]
+        self.first, self.train_classnames = self.rep_blocks[0], list(classnames)
+        self.template, self.same_dataset = c["template"], True
+        self.set_classnames(classnames)
+
+    def set_dataset(self, name):
+        """Classes of dataset `name` come next (eval.py): its template, and l_c unless it is the training dataset
+        (T 421-428: every cross-dataset and domain-shift target, ImageNet-V2 / Sketch included, is scored with l_c)."""
+        self.same_dataset = name == self.cfg["dataset"]
+        self.template = self.cfg["template"] if self.same_dataset else data.DATASETS[name].template
+
+    @torch.no_grad()
+    def set_classnames(self, classnames):
+        super().set_classnames(classnames)
+        texts = [self.template.format(n.replace("_", " ")) for n in classnames]
+        self.register_buffer("tokens", tokenize(texts).to(self.clip.token_embedding.weight.device), persistent=False)
+        self.register_buffer("T0", encode_texts(self.clip, texts), persistent=False)  # [C, E]
+        self.text_cache = None  # (key, [C, L', W_t] entering the first rep block)
+        same = self.same_dataset and list(classnames) == self.train_classnames
+        self.mode = self.cfg["predict_mode"] if self.cfg["predict_mode"] != "auto" else ("fusion" if same else "cls")
+
+    def deep(self, maps, n_blocks):
+        """Per block: F_l(R) [K, W] before rep block l, None elsewhere."""
+        index = {b: j for j, b in enumerate(self.rep_blocks)}
+        return [maps[index[i]](self.rep_tokens) if i in index else None for i in range(n_blocks)]
+
+    def encode_text(self, tokens, cache=False):
+        """[N, E] (not normalised) of the texts tokens [N, 77] with r^t inserted after SOS."""
+        clip, eot, savings = self.clip, tokens.argmax(-1), self.cfg["text_savings"]
+        dt = tokens.device.type
+        key = (tokens.device, torch.is_autocast_enabled(dt), torch.get_autocast_dtype(dt))  # the cache's conditions
+        if cache and savings and self.text_cache is not None and self.text_cache[0] == key:
+            x = self.text_cache[1]
+        else:
+            with torch.no_grad():  # frozen, no learned token: cut at the last EOT (exact: causal) when savings
+                x = clip.embed_text(tokens[:, : int(eot.max()) + 1] if savings else tokens)
+                x = x + clip.positional_embedding[: x.shape[1]].to(x.dtype)
+                x = clip.transformer(x, causal=True, stop=self.first)  # [N, L0, W_t] entering the first rep block
+            self.text_cache = (key, x) if cache and savings else self.text_cache
+        L0, deep = x.shape[1], self.deep(self.r2t, clip.transformer.layers)
+        # an empty slot after SOS: r^t is inserted at the first rep block, then replaced -> [N, L0 + K, W_t]
+        x = clip.transformer(x, causal=True, deep_prompts=deep, prompt_slice=slice(1, 1), start=self.first)
+        return clip.ln_final(x[torch.arange(len(x)), eot + x.shape[1] - L0]) @ clip.text_projection.to(x.dtype)
+
+    def text_features(self, extra_tokens=None):
+        T = self.encode_text(self.tokens, cache=True)  # [C, E]
+        if extra_tokens is not None:  # frozen texts (DAPT's backgrounds) through the same prompted tower
+            T = torch.cat([T, self.encode_text(extra_tokens.to(self.tokens.device))])
+        return normalize(T)
+
+    def visual_prompts(self):  # r^v_l replaces what follows CLS + patches before rep block l: 0 -> K tokens
+        return VisualPrompts(None, self.deep(self.r2v, self.clip.visual.transformer.layers))
+
+    def heads(self, images, key_mask=None, trunk=None):
+        """(f_c, f_r) [B, E], not normalised. trunk: the tokens entering the first rep block, when already computed."""
+        v = self.clip.visual
+        if trunk is None:
+            with torch.no_grad():
+                trunk = v.run(images, key_mask=key_mask, stop=self.first)  # [B, 1 + P, W_v]
+        x = v.transformer(trunk, key_mask=key_mask, deep_prompts=self.visual_prompts().deep,
+                          prompt_slice=slice(trunk.shape[1], None), start=self.first)  # [B, 1 + P + K, W_v]
+        return v.head(x), v.ln_post(x[:, trunk.shape[1]:]).mean(1) @ self.proj_rep.to(x.dtype)
+
+    def head_weight(self):  # a of the current prediction: l_f (a), l_c (1), l_r (0)
+        return {"fusion": self.cfg["alpha"], "cls": 1.0, "rep": 0.0}[self.mode]
+
+    def image_features(self, images, key_mask=None):
+        f_c, f_r = self.heads(images, key_mask)
+        a = self.head_weight()
+        return normalize(a * normalize(f_c) + (1 - a) * normalize(f_r))
+
+    def forward(self, images, text_features=None):
+        T = self.text_features() if text_features is None else text_features
+        f_c, f_r = self.heads(images)
+        s, a = self.cfg["mmrl_scale"], self.head_weight()
+        return a * (s * normalize(f_c) @ T.t()) + (1 - a) * (s * normalize(f_r) @ T.t())
+
+    def objective(self, batch, T):
+        """({name: (weight, value)}, l_f): the official loss on the batch with class features T [C, E]."""
+        x, y, c, v = batch["image"], batch["label"], self.cfg, self.clip.visual
+        with torch.no_grad():
+            trunk = v.run(x, stop=self.first)  # shared by the student and the frozen teacher (exact)
+            z0 = normalize(v.head(v.transformer(trunk, start=self.first)))  # [B, E]
+        f_c, f_r = self.heads(x, trunk=trunk)
+        f_c, s, a, lam, C = normalize(f_c), c["mmrl_scale"], c["alpha"], c["reg_weight"], len(self.classnames)
+        l_c, l_r = s * f_c @ T.t(), s * normalize(f_r) @ T.t()  # [B, C]
+        terms = {"cls": (a, F.cross_entropy(l_c, y)), "rep": (1 - a, F.cross_entropy(l_r, y)),
+                 "reg_img": (lam, 1 - F.cosine_similarity(f_c, z0, dim=1).mean()),
+                 "reg_text": (lam, 1 - F.cosine_similarity(T[:C].float(), self.T0, dim=1).mean())}
+        return terms, a * l_c + (1 - a) * l_r
+
+    def loss_terms(self, batch, z, T, logits):
+        """The official terms on the batch's images (its own tower pass: both heads are needed; z is not)."""
+        return self.objective(batch, T)[0]
+
+    def loss(self, batch, epoch):
+        terms, logits = self.objective(batch, self.text_features())
+        return total(terms, logits, batch["label"])
+
+
 METHODS = {
     "zsclip": ZeroShotCLIP,
     "coop": CoOp,
@@ -1240,6 +1610,9 @@ METHODS = {
     "fvgpt": FVGPT,
     "dapt-dist": DistributionAwarePT,
     "davpt": DAVPT,
+    "ivlp": IVLP,
+    "promptsrc": PromptSRC,
+    "mmrl": MMRL,
 }
 
 

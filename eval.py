@@ -61,6 +61,7 @@ def _evaluate_run(run_dir, datasets, subsample, root, device):
     out = {}
     for name in datasets or [cfg["dataset"]]:
         bench = data.load_benchmark(name, root, shots=cfg["shots"], seed=cfg["seed"], subsample=subsample)
+        model.set_dataset(name)  # MMRL: the dataset's template and prediction rule
         model.set_classnames(bench.classnames)
         _, test_tf = train.transforms_of(cfg, bench, model.clip.visual.input_resolution)
         loader = train.make_loader(dict(cfg, workers=cfg["workers"]), bench, bench.test, test_tf, False, model,

@@ -69,6 +69,11 @@ COMMON = dict(
 # Per method and setting (fewshot / b2n / xd; "all" = any): optimisation and the setting's model keys.
 # `epochs` may be a {shots: epochs} table.
 COOP_FS_EPOCHS = {1: 50, 2: 100, 4: 100, 8: 200, 16: 200}
+FVG_KEY = dict(fvg_host_recipe="")  # see SWITCHES
+# MMRL (methods.md §6c): AdamW 1e-3 (Dassl defaults: wd 5e-4, betas 0.9 / 0.999), warm-up 1 epoch at 1e-5, RRC
+# scale (0.5, 1), test batch 250, the dataset's template
+MMRL_OPTIM = dict(template="", optimizer="adamw", lr=1e-3, weight_decay=5e-4, warmup_epochs=1, warmup_lr=1e-5,
+                  rrc_scale=(0.5, 1.0), test_batch=250)
 RECIPES = {
     "zsclip": {"all": dict(epochs=0, template="")},  # template "" = the dataset's
     "coop": {"fewshot": dict(batch=32, lr=0.002, epochs=COOP_FS_EPOCHS),
@@ -84,13 +89,31 @@ RECIPES = {
     "dapt": {"fewshot": dict(batch=4, lr=0.0035, epochs=10, selection="best_val"),
              "b2n": dict(batch=4, lr=0.0035, epochs=5, selection="best_val")},
     # FVG-PT (methods.md §9): stage 2 on a finished host run; optimisation as the FVG-PT CoOp host config
-    "fvgpt": {"all": dict(host_run="", batch=4, lr=0.0035, epochs=10)},
+    "fvgpt": {"all": dict(FVG_KEY, host_run="", batch=4, lr=0.0035, epochs=10)},
     # methods.md §10: lr / betas per dataset below
     "dapt-dist": {"all": dict(batch=32, lr=0.002, epochs=COOP_FS_EPOCHS)},
     # methods.md §11: our VPT-deep recipe; official_optim switches to the released one (SWITCHES)
     "davpt": {"all": dict(official_optim=False, batch=4, lr=0.0025, epochs=5)},
+    # methods.md §6b: the MaPLe repository's IVLP baseline (configs/trainers/IVLP/vit_b16_c2_ep5_batch4_2+2ctx.yaml;
+    # cross-dataset: scripts/independent-vlp/xd_train_ivlp.sh trains it on ImageNet); no released few-shot recipe
+    "ivlp": {"all": dict(batch=4, lr=0.0035, epochs=5)},
+    # methods.md §6 (muzairkhattak/PromptSRC configs/trainers/PromptSRC/): the last (= GPA) model; few-shot GPA per
+    # dataset in DATASET_OVERRIDES; fvg_host_recipe (SWITCHES): FVG-PT's host config
+    "promptsrc": {"b2n": dict(FVG_KEY, batch=4, lr=0.0025, epochs=20),  # vit_b16_c2_ep20_batch4_4+4ctx.yaml
+                  "fewshot": dict(FVG_KEY, gpa_mean=30.0, gpa_std=30.0, batch=4, lr=0.0025, epochs=50),  # few_shot.yaml
+                  "xd": dict(FVG_KEY, prompt_depth_text=3, prompt_depth_vision=3, gpa_mean=6.0, gpa_std=10.0, batch=4,
+                             lr=0.0025, epochs=20)},  # vit_b16_c2_ep20_batch4_4+4ctx_cross_datasets.yaml
+    # methods.md §6c (yunncheng/MMRL configs/trainers/MMRL/*.yaml, scripts/mmrl/*.sh); lambda and d_r per dataset,
+    # ImageNet's own config in DATASET_OVERRIDES
+    "mmrl": {"b2n": dict(MMRL_OPTIM, **FVG_KEY, batch=4, epochs=10),  # vit_b16.yaml
+             "fewshot": dict(MMRL_OPTIM, **FVG_KEY, batch=32, epochs=50),  # vit_b16_few_shot.yaml
+             "xd": dict(MMRL_OPTIM, **FVG_KEY, batch=32, epochs=1, warmup_epochs=0, reg_weight=0.2)},  # + the .sh
 }
-# A boolean key that swaps in a whole recipe; keys given explicitly (--key value) still win.
+# DAPT on these hosts trains with the host's recipe (its RECIPES rows and DATASET_OVERRIDES), as DAPT on MaPLe uses
+# MaPLe's: the DAPT + PromptSRC recipe was not released (our decision, README)
+HOST_RECIPE = {("dapt", "promptsrc"), ("dapt", "mmrl")}
+# A boolean key that swaps in a whole recipe (a string key: the recipe its value names); keys given explicitly
+# (--key value) still win.
 SWITCHES = {
     # DA-VPT's released recipe (methods.md §11), with its class-balanced sampler (2 images per class)
     # (Noahsark/DA-VPT configs/fgvc/vitb_cub200: lr 5e-4, head weight decay 5.0, re-clustering from epoch index 1)
@@ -98,8 +121,17 @@ SWITCHES = {
                            epochs=100, warmup_epochs=10, warmup_lr=1e-8, schedule="timm_cosine", min_lr=1e-9,
                            grad_clip=10.0, batch=32, class_balanced=2, kmeans_sampling="official",
                            recluster_from=1),
+    # FVG-PT's configs for its hosts (JREion/FVG-PT run_tuning.py 114-136), for the host run (stage 1) and for fvgpt
+    # on it (stage 2: FVGPT_<host>/ = <host>/, byte-identical): --fvg-host-recipe <host method>. A string switch
+    # applies the recipe its value names (keys this run has); the value must be the run's (fvgpt: its host run's) method
+    "fvg_host_recipe": {
+        "promptsrc": dict(batch=32, lr=0.0025, epochs=10),  # PromptSRC/vit_b16_c2_ep10_batch32_4+4ctx.yaml, GPA 15 / 1
+        # MMRL/vit_b16.yaml on every dataset, without MMRL's per-dataset table (FVG-PT's train.py merges none)
+        "mmrl": dict(MMRL_OPTIM, batch=4, epochs=10, reg_weight=1.0, rep_dim=512),
+    },
 }
-# (method, dataset) -> overrides; "*" matches every method.
+# (method, dataset) -> overrides, or (method, dataset, setting) for one setting only (applied after the others);
+# "*" matches every method.
 DATASET_OVERRIDES = {
     ("coop", "imagenet"): dict(epochs=50),
     # KgCoOp's own template table differs from CoOp's zero-shot one on DTD only (htyao89/KgCoOp, FVG-PT's copy)
@@ -126,6 +158,23 @@ DATASET_OVERRIDES = {
     ("dapt-dist", "ucf101"): dict(lr=20.0, beta_v=0.1, beta_t=0.1),
     ("dapt-dist", "toy"): dict(lr=0.002, beta_v=10.0, beta_t=0.01),
 }
+# PromptSRC few-shot GPA (configs/trainers/PromptSRC/vit_b16_c2_ep50_batch4_4+4ctx_few_shot.yaml 42-47: 30 / 30 in the
+# row for ImageNet, Caltech101, OxfordPets, Food101, UCF101, SUN397; 45 / 5 for these)
+DATASET_OVERRIDES.update({("promptsrc", d, "fewshot"): dict(gpa_mean=45.0, gpa_std=5.0)
+                          for d in ("stanford_cars", "oxford_flowers", "fgvc_aircraft", "dtd", "eurosat")})
+# MMRL lambda per dataset in every setting (trainers/config.py 5-41), EuroSAT d_r 2048; ImageNet: vit_b16_imagenet.yaml
+# (B2N and few-shot), the cross-dataset row keeps its own (scripts/mmrl/cross_datasets_train.sh: lambda 0.2)
+DATASET_OVERRIDES.update({("mmrl", d): dict(reg_weight=w) for d, w in (
+    ("stanford_cars", 7.0), ("fgvc_aircraft", 6.0), ("sun397", 6.0), ("dtd", 6.0), ("food101", 5.0),
+    ("oxford_flowers", 4.0), ("ucf101", 3.0), ("caltech101", 0.5), ("oxford_pets", 0.2))})
+DATASET_OVERRIDES.update({
+    ("mmrl", "eurosat"): dict(reg_weight=0.01, rep_dim=2048),
+    ("mmrl", "imagenet"): dict(reg_weight=0.5, batch=32, epochs=5),
+    ("mmrl", "imagenet", "xd"): dict(reg_weight=0.2, batch=32, epochs=1, warmup_epochs=0),
+    # the toy CLIP's last block: 5 tokens beside 16 patches weigh more than beside 196; inserted from block 3 of 4
+    # they start at 67.5 % on the toy's base test (zero-shot 83.75), from block 4 at 82.5 (seed 1, README)
+    ("mmrl", "toy"): dict(rep_layers=(-1,)),
+})
 
 
 def setting_of(cfg):
@@ -160,22 +209,30 @@ def resolve_config(method, dataset, overrides):
     if dataset not in data.DATASETS:
         raise ConfigError(f"unknown dataset {dataset!r}: expected one of {', '.join(data.DATASETS)}")
     cfg = dict(dapt.model_defaults(method, overrides.get("host")), **COMMON, method=method, dataset=dataset)
-    for key in ("subsample", "setting", "shots"):  # the setting decides which row applies
+    for key in ("subsample", "setting", "shots", "host"):  # the setting (and DAPT's host) decide which row applies
         if key in overrides:
             cfg[key] = overrides[key]
-    rows = RECIPES[method]
     check_values(cfg)  # the setting decides the row: an unknown one must not fall back to another
+    recipe = cfg["host"] if (method, cfg.get("host")) in HOST_RECIPE else method  # whose rows apply
+    rows = RECIPES[recipe]
     setting = setting_of(cfg)
     cfg.update(rows.get(setting) or rows.get("all") or rows.get("b2n" if setting == "xd" else "fewshot"))
-    for (m, d), extra in DATASET_OVERRIDES.items():
-        if d == dataset and m in ("*", method):
+    for key, extra in sorted(DATASET_OVERRIDES.items(), key=lambda kv: len(kv[0])):  # setting rows last
+        m, d, s = key if len(key) == 3 else (*key, setting)
+        if d == dataset and m in ("*", recipe) and s == setting:
             cfg.update(extra)
     unknown = sorted(set(overrides) - set(cfg))
     if unknown:
         raise ConfigError(f"unknown config key(s) {unknown} for method {method!r}. Valid keys: {', '.join(sorted(cfg))}")
     cfg.update(overrides)
     for key, switch in SWITCHES.items():
-        if cfg.get(key):
+        value = cfg.get(key)
+        if value and isinstance(value, str):  # a string switch: the recipe its value names, keys this run has
+            if value not in switch or (method != "fvgpt" and value != recipe):
+                raise ConfigError(f"--{key.replace('_', '-')} {value!r}: expected the run's method (fvgpt: its host "
+                                  f"run's), one of {', '.join(switch)}")
+            switch = {k: v for k, v in switch[value].items() if k in cfg}
+        if value:
             cfg.update({k: v for k, v in switch.items() if k not in overrides})
     if not 0 < cfg["data_fraction"] <= 1:
         raise ConfigError(f"--data-fraction {cfg['data_fraction']}: expected a value in (0, 1]")
@@ -677,6 +734,9 @@ def load_host(cfg, clip, classnames):
         raise RunError(f"{path}: holds no run config; expected the checkpoint.pt of a finished train.py run")
     if host_cfg["method"] == "fvgpt":
         raise ConfigError(f"{cfg['host_run']}: the host of fvgpt cannot be an fvgpt run")
+    if cfg.get("fvg_host_recipe") and cfg["fvg_host_recipe"] != host_cfg["method"]:
+        raise ConfigError(f"fvgpt --fvg-host-recipe {cfg['fvg_host_recipe']} but the host run {cfg['host_run']} is "
+                          f"{host_cfg['method']}")
     for key, default in (("dataset", None), ("subsample", None), ("shots", None), ("seed", None), ("clip", None),
                          ("data_fraction", 1.0)):
         if host_cfg.get(key, default) != cfg.get(key, default):

@@ -214,7 +214,7 @@ def bench_text_side(device, small, reps):
     return [out]
 
 
-def bench_train_step(device, small, reps, methods=("coop", "maple", "dapt")):
+def bench_train_step(device, small, reps, methods=("coop", "maple", "dapt", "ivlp", "promptsrc", "mmrl")):
     """One optimizer step (forward, backward, SGD) of each method on random weights: images/s and peak memory.
 
     Full size: ViT-B/16 (random weights, bfloat16 on the GPU), 100 classes, batch 32 (dapt: 3 x 32 views).
@@ -251,6 +251,8 @@ def bench_train_step(device, small, reps, methods=("coop", "maple", "dapt")):
         for name, extra in variants.items():
             cfg = train.resolve_config(method, "caltech101", dict(subsample="base"))
             cfg.update(extra)
+            if method == "mmrl" and small:  # the last 2 of the 4 blocks (6-12 of 12 at full size)
+                cfg["rep_layers"] = (-2, -1)
             model = train.build_model(cfg, clip, CALTECH101).to(device)
             clip.set_attention(cfg["attn"])
             params = [q for q in model.parameters() if q.requires_grad]
