@@ -552,6 +552,8 @@ def open_run(cfg, out, resume):
 def build_run(cfg, root, device):
     """(benchmark, model on device with float32 prompts, train / test transforms, precision name)."""
     bench = data.load_benchmark(cfg["dataset"], root, shots=cfg["shots"], seed=cfg["seed"], subsample=cfg["subsample"])
+    if cfg.get("template") == "":  # a folder dataset's template is known once it is read (DIR/template.txt)
+        cfg["template"] = bench.template
     if cfg["data_fraction"] < 1:
         bench = data_fraction_split(bench, cfg["data_fraction"], cfg["seed"])
     clip = load_backbone(cfg, root, device)
