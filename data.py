@@ -602,7 +602,7 @@ def _folder_help(root):
             f"Check it with: python data.py check folder --root {root}")
 
 
-def _images_below(top):
+def images_below(top):
     """Image files below `top` (recursive, hidden entries skipped), as sorted '/'-joined paths relative to top."""
     out = []
     for here, dirs, files in os.walk(top):
@@ -632,7 +632,7 @@ def folder_listing(dataset_dir):
         for name in _listdir(top):
             if not os.path.isdir(os.path.join(top, name)) or (part == "all" and name in FOLDER_RESERVED):
                 continue
-            files = _images_below(os.path.join(top, name))
+            files = images_below(os.path.join(top, name))
             if files:
                 prefix = "" if part == "all" else part + "/"
                 listing[part][name] = [f"{prefix}{name}/{f}" for f in files]
