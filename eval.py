@@ -308,7 +308,7 @@ def attention_pictures(run_dir, paths, out, block=-1, root=None, device="cpu", s
                    Image.fromarray(shown).resize((size, size), Image.BICUBIC)),
                   (["zero-shot CLIP: CLS attention", f"'{model.classnames[zs_pred]}' {zs_p[zs_pred]:.2f}",
                     f"on patches: {zs_map.sum():.2f}"], _overlay(shown, zs_map.numpy(), size)),
-                  ([f"{tag}: CLS attention" + ("" if model.changes_image_tower else " (tower unchanged)"),
+                  ([f"{tag}: CLS attention" + ("" if tuned_tower.changes_image_tower else " (tower unchanged)"),
                     f"'{model.classnames[pred]}' {p[pred]:.2f}", f"on patches: {tuned_map.sum():.2f}"],
                    _overlay(shown, tuned_map.numpy(), size))]
         if cue_kind:
