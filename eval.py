@@ -342,6 +342,7 @@ def collect(root):
     for path in sorted(glob.glob(os.path.join(root, "**", "result.json"), recursive=True)):
         with open(path) as f:
             r = json.load(f)
+        r.setdefault("run_dir", os.path.dirname(path))
         key = (r["setting"], r["method"] + (r.get("tag") or ""), r["dataset"], r["shots"])
         groups.setdefault(key, []).append(r)
     return groups
@@ -380,8 +381,10 @@ def fewshot_table(groups):
     return tables
 
 
-def render(tables_b2n, tables_fs):
-    """Markdown text and CSV rows of both tables."""
+def render(tables_b2n, tables_fs, flagged=()):
+    """Markdown text and CSV rows of both tables; cells of `flagged` (setting, method, dataset, shots) get a ⚠."""
+    warn = lambda setting, method, dataset, shots=None: " ⚠" if any(  # noqa: E731
+        f[:3] == (setting, method, dataset) and shots in (None, f[3]) for f in flagged) else ""
     md, rows = [], [["table", "method", "dataset", "shots", "base", "base_std", "new", "new_std", "hm", "acc", "acc_std", "seeds"]]
     if tables_b2n:
         md += ["## Base-to-novel (mean over seeds; HM of the means)", "",
@@ -389,7 +392,8 @@ def render(tables_b2n, tables_fs):
         for method, t in tables_b2n.items():
             for dataset, r in t["rows"].items():
                 md.append(f"| {method} | {dataset} | {r['base']:.2f} ± {r['base_std']:.2f} | "
-                          f"{r['new']:.2f} ± {r['new_std']:.2f} | {r['hm']:.2f} | {len(r['seeds'])} |")
+                          f"{r['new']:.2f} ± {r['new_std']:.2f} | {r['hm']:.2f} | {len(r['seeds'])}"
+                          f"{warn('b2n', method, dataset)} |")
                 rows.append(["b2n", method, dataset, 16, f"{r['base']:.4f}", f"{r['base_std']:.4f}", f"{r['new']:.4f}",
                              f"{r['new_std']:.4f}", f"{r['hm']:.4f}", "", "", " ".join(map(str, r["seeds"]))])
             a = t["average"]
@@ -398,12 +402,13 @@ def render(tables_b2n, tables_fs):
         md.append("")
     if tables_fs:
         shots = sorted({k for t in tables_fs.values() for rows in t.values() for k in rows})
-        md += ["## Few-shot accuracy (all classes; mean ± std over seeds)", "",
+        md += ["## Few-shot accuracy (all classes; mean ± std over seeds, number of seeds in brackets)", "",
                "| method | dataset | " + " | ".join(f"{k} shots" for k in shots) + " |",
                "|---|---|" + "---|" * len(shots)]
         for method, t in tables_fs.items():
             for dataset, r in t.items():
-                cells = [(f"{r[k][0]:.2f} ± {r[k][1]:.2f}" if dataset != "average" else f"**{r[k][0]:.2f}**")
+                cells = [(f"{r[k][0]:.2f} ± {r[k][1]:.2f} ({len(r[k][2])}){warn('fewshot', method, dataset, k)}"
+                          if dataset != "average" else f"**{r[k][0]:.2f}**")
                          if k in r else "" for k in shots]
                 md.append(f"| {method} | {dataset} | " + " | ".join(cells) + " |")
                 for k in shots:
@@ -414,12 +419,89 @@ def render(tables_b2n, tables_fs):
     return "\n".join(md), rows
 
 
+# one row per run, and seeds that look collapsed (PromptKD#22: "model-best" at epoch 1 for two seeds, up to 33
+# points off). A run is flagged when one of its accuracies (base, new; all) is more than COLLAPSE_POINTS below
+# the mean of the cell's other seeds, or, with at least two other seeds, more than COLLAPSE_STD of their standard
+# deviations and at least COLLAPSE_MIN_GAP points below it (so seeds that agree to 0.1 do not flag a 0.5-point
+# dip); or when model selection picked the first of several epochs.
+COLLAPSE_POINTS, COLLAPSE_STD, COLLAPSE_MIN_GAP = 10.0, 3.0, 1.0
+IDENTITY_KEYS = ("method", "dataset", "setting", "shots", "seed", "subsample", "tag", "data_fraction")
+
+
+def collapse_flags(groups):
+    """{run folder: [reason, ...]} of the runs that look collapsed (see COLLAPSE_POINTS)."""
+    flags = {}
+    for runs in groups.values():
+        metrics = sorted({k for r in runs for k, v in r["accuracy"].items() if k != "hm" and isinstance(v, (int, float))})
+        for i, r in enumerate(runs):
+            why = []
+            for m in metrics:
+                others = [o["accuracy"][m] for j, o in enumerate(runs) if j != i and m in o["accuracy"]]
+                if m not in r["accuracy"] or not others:
+                    continue
+                v, mu = r["accuracy"][m], statistics.fmean(others)
+                sd = statistics.stdev(others) if len(others) > 1 else 0.0
+                if mu - v > COLLAPSE_POINTS:
+                    why.append(f"{m} {v:.2f} is {mu - v:.1f} points below the other seeds' mean {mu:.2f}")
+                elif len(others) > 1 and sd > 0 and mu - v > COLLAPSE_STD * sd and mu - v >= COLLAPSE_MIN_GAP:
+                    why.append(f"{m} {v:.2f} is {(mu - v) / sd:.1f} std below the other seeds' {mu:.2f} ± {sd:.2f}")
+            epochs = (r.get("config") or {}).get("epochs") or 0
+            if r.get("selected_epoch") == 0 and epochs > 1:
+                why.append(f"model selection picked the first of {epochs} epochs")
+            if why:
+                flags[r["run_dir"]] = why
+    return flags
+
+
+def changed_keys(result):
+    """{key: value} of the run's config keys that differ from what train.py resolves for its method, dataset and
+    setting without --key flags (COMMON, the model's defaults, RECIPES, DATASET_OVERRIDES); None when unknown."""
+    cfg = result.get("config") or {}
+    try:
+        base = train.resolve_config(cfg["method"], cfg["dataset"], {k: cfg[k] for k in (
+            "subsample", "setting", "shots", "host", "data_fraction") if k in cfg})
+    except (dapt.ConfigError, KeyError):
+        return None
+    norm = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731  (tuples in code, lists in JSON)
+    out = {k: cfg[k] for k, v in base.items() if k not in IDENTITY_KEYS and k in cfg and norm(cfg[k]) != norm(v)
+           and not (k == "template" and v == "")}  # "" = the folder dataset's own template
+    default_host = dapt.METHODS[cfg["method"]].defaults.get("host")
+    if cfg.get("host", default_host) != default_host:
+        out["host"] = cfg["host"]
+    return out
+
+
+def run_rows(groups, flags):
+    """runs.csv: one row per run: identity, accuracies, seconds, selected epoch, the collapse flag, the changed
+    keys as one text column and one column per key changed in any run (every run's value in it)."""
+    runs = [r for key in sorted(groups) for r in sorted(groups[key], key=lambda r: r["seed"])]
+    changed = {r["run_dir"]: changed_keys(r) for r in runs}
+    keys = sorted({k for c in changed.values() if c for k in c})
+    accs = [k for k in ("base", "new", "hm", "all") if any(k in r["accuracy"] for r in runs)]
+    accs += sorted({k for r in runs for k in r["accuracy"]} - set(accs))
+    rows = [["run", "method", "tag", "dataset", "setting", "shots", "seed", "subsample", *accs, "seconds",
+             "selected_epoch", "epochs", "possible_collapse", "changed", *keys]]
+    for r in runs:
+        cfg, c = r.get("config") or {}, changed[r["run_dir"]]
+        rows.append([r["run_dir"], r["method"], r.get("tag", ""), r["dataset"], r["setting"], r["shots"], r["seed"],
+                     r.get("subsample", ""), *[f"{r['accuracy'][k]:.4f}" if k in r["accuracy"] else "" for k in accs],
+                     r.get("seconds", ""), r.get("selected_epoch", ""), cfg.get("epochs", ""),
+                     "; ".join(flags.get(r["run_dir"], [])),
+                     "?" if c is None else " ".join(f"{k}={json.dumps(v, default=str)}" for k, v in c.items()),
+                     *[json.dumps(cfg[k], default=str) if k in cfg else "" for k in keys]])
+    return rows
+
+
 def table(root, out=None):
     groups = collect(root)
     if not groups:
         raise train.RunError(f"no result.json below {root}: train runs first (python train.py ...)")
     b2n, fs = b2n_table(groups), fewshot_table(groups)
-    md, rows = render(b2n, fs)
+    flags = collapse_flags(groups)
+    md, rows = render(b2n, fs, {key for key, runs in groups.items() if any(r["run_dir"] in flags for r in runs)})
+    if flags:
+        md += "\n".join(["", "## Possible collapses (a seed far below the others, or model selection at the first epoch)",
+                         ""] + [f"- `{d}`: " + "; ".join(why) for d, why in sorted(flags.items())] + [""])
     print(md)
     out = out or root
     os.makedirs(out, exist_ok=True)
@@ -427,7 +509,9 @@ def table(root, out=None):
         f.write(md + "\n")
     with open(os.path.join(out, "table.csv"), "w", newline="") as f:
         csv.writer(f).writerows(rows)
-    print(f"wrote {os.path.join(out, 'table.md')} and table.csv")
+    with open(os.path.join(out, "runs.csv"), "w", newline="") as f:
+        csv.writer(f).writerows(run_rows(groups, flags))
+    print(f"wrote {os.path.join(out, 'table.md')}, table.csv and runs.csv (one row per run)")
     return b2n, fs
 
 
