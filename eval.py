@@ -473,14 +473,14 @@ def changed_keys(result):
 
 def run_rows(groups, flags):
     """runs.csv: one row per run: identity, accuracies, seconds, selected epoch, the collapse flag, the changed
-    keys as one text column and one column per key changed in any run (every run's value in it)."""
+    keys as one text column and a column config.<key> per key changed in any run (every run's value in it)."""
     runs = [r for key in sorted(groups) for r in sorted(groups[key], key=lambda r: r["seed"])]
     changed = {r["run_dir"]: changed_keys(r) for r in runs}
     keys = sorted({k for c in changed.values() if c for k in c})
     accs = [k for k in ("base", "new", "hm", "all") if any(k in r["accuracy"] for r in runs)]
     accs += sorted({k for r in runs for k in r["accuracy"]} - set(accs))
     rows = [["run", "method", "tag", "dataset", "setting", "shots", "seed", "subsample", *accs, "seconds",
-             "selected_epoch", "epochs", "possible_collapse", "changed", *keys]]
+             "selected_epoch", "epochs", "possible_collapse", "changed", *[f"config.{k}" for k in keys]]]
     for r in runs:
         cfg, c = r.get("config") or {}, changed[r["run_dir"]]
         rows.append([r["run_dir"], r["method"], r.get("tag", ""), r["dataset"], r["setting"], r["shots"], r["seed"],

@@ -49,7 +49,7 @@ def test_table_counts_seeds_writes_run_rows_and_flags_collapses(tmp_path, capsys
         rows = list(csv.DictReader(f))
     assert len(rows) == 10 and {row["run"] for row in rows} == set(b2n + fs + calm + [early])
     row = {x["run"]: x for x in rows}
-    assert row[fs[1]]["changed"] == "lr=0.05" and row[fs[1]]["lr"] == "0.05" and row[fs[0]]["lr"] == "0.002"
+    assert row[fs[1]]["changed"] == "lr=0.05" and row[fs[1]]["config.lr"] == "0.05" and row[fs[0]]["config.lr"] == "0.002"
     assert row[fs[0]]["changed"] == "" and row[b2n[2]]["new"] == "45.5000" and row[b2n[2]]["seconds"] == "37.5"
     assert row[early]["selected_epoch"] == "0" and row[early]["epochs"] == "5" and row[early]["possible_collapse"]
     assert "runs.csv" in capsys.readouterr().out
