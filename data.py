@@ -776,6 +776,10 @@ def read_folder_split(dataset_dir):
     folders = sorted({f for part in listing.values() for f in part})
     info = dict(layout=layout, skipped=skipped, folders=len(folders))
     if layout == "subtrees" and "val" in listing:
+        missing = [f for f in folders if f not in listing["train"] or f not in listing["test"]]
+        if missing:
+            raise EmptyClassError(f"class folder(s) {missing[:5]} of {d} lack images in train/ or test/; every class "
+                                  "needs both")
         names, info["classnames"] = folder_classnames(d, folders)
         label = {f: y for y, f in enumerate(folders)}
         split = {s: [(p, label[f], names[label[f]]) for f, files in listing[s].items() for p in files]

@@ -258,6 +258,8 @@ def attention_pictures(run_dir, paths, out, block=-1, root=None, device="cpu", s
     T = model.text_features()
     tuned_tower = model.host if isinstance(model, dapt.FVGPT) else model
     n_blocks = len(visual.transformer.resblocks)
+    if not -n_blocks <= block < n_blocks:
+        raise dapt.ConfigError(f"--block {block}: the image tower has {n_blocks} blocks (0..{n_blocks - 1}, or -1 = last)")
     b = block % n_blocks
     dataset_dir = os.path.normpath(os.path.join(model.run_root or "", data.DATASETS[cfg["dataset"]].folder)) \
         if cfg.get("dataset") in data.DATASETS else None

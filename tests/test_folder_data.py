@@ -104,6 +104,9 @@ def test_folder_subtree_layouts(tmp_path):
     assert (len(b.train), len(b.val), len(b.test)) == (12, 4, 8)
     assert data.find_folder_split(full) is None  # the sub-trees are the split
     assert all("/train/" in p for p, _, _ in b.train) and all("/test/" in p for p, _, _ in b.test)
+    shutil.rmtree(os.path.join(full, "test", "red_circle"))
+    with pytest.raises(data.EmptyClassError, match="red_circle.*lack images in train/ or test/"):
+        data.load_benchmark("folder", full, shots=0)
     no_val = make_folder_dataset(tmp_path / "b", masks=False, parts={"train": 5, "test": 2})
     b = data.load_benchmark("folder", no_val, shots=0)
     assert (len(b.train), len(b.val), len(b.test)) == (16, 4, 8)  # val = 20 % of each train class, drawn once
