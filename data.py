@@ -913,7 +913,8 @@ def import_splits(src, root, force=False):
         splits = {f: d for f, d in files.items() if f != FOLDER_SPLIT_FILE}
         names = {d.get("dataset") for d in splits.values()}
         if len(names) != 1 or next(iter(names)) not in DATASETS:
-            raise SplitFileError(f"{folder}: expected few-shot splits of one known dataset, found {sorted(map(str, names))}")
+            raise SplitFileError(f"{folder}: expected few-shot splits of one known dataset, found "
+                                 f"{sorted(map(str, names))}")
         name = names.pop()
         info = DATASETS[name]
         dataset_dir = os.path.normpath(os.path.join(os.path.abspath(os.path.expanduser(str(root))), info.folder))

@@ -259,7 +259,8 @@ def attention_pictures(run_dir, paths, out, block=-1, root=None, device="cpu", s
     tuned_tower = model.host if isinstance(model, dapt.FVGPT) else model
     n_blocks = len(visual.transformer.resblocks)
     if not -n_blocks <= block < n_blocks:
-        raise dapt.ConfigError(f"--block {block}: the image tower has {n_blocks} blocks (0..{n_blocks - 1}, or -1 = last)")
+        raise dapt.ConfigError(f"--block {block}: the image tower has {n_blocks} blocks (0..{n_blocks - 1}, or -1 "
+                               "= the last)")
     b = block % n_blocks
     dataset_dir = os.path.normpath(os.path.join(model.run_root or "", data.DATASETS[cfg["dataset"]].folder)) \
         if cfg.get("dataset") in data.DATASETS else None
@@ -279,8 +280,8 @@ def attention_pictures(run_dir, paths, out, block=-1, root=None, device="cpu", s
         if mask is None:
             x = tf(img)
         x = x[None].to(device)
-        zs_logits, zs_row = cls_attention(zs_clip.visual.transformer.resblocks[b].attn,
-                                          lambda: zs_clip.logit_scale.exp() * dapt.normalize(zs_clip.visual(x)) @ zs_T.t())
+        zs_logits, zs_row = cls_attention(zs_clip.visual.transformer.resblocks[b].attn, lambda: (
+            zs_clip.logit_scale.exp() * dapt.normalize(zs_clip.visual(x)) @ zs_T.t()))
         attn = model.clip.visual.transformer.resblocks[b].attn
         logits, row = cls_attention(attn, lambda: model(x, text_features=T))
         pred = int(logits.argmax(-1))
@@ -434,7 +435,8 @@ def collapse_flags(groups):
     """{run folder: [reason, ...]} of the runs that look collapsed (see COLLAPSE_POINTS)."""
     flags = {}
     for runs in groups.values():
-        metrics = sorted({k for r in runs for k, v in r["accuracy"].items() if k != "hm" and isinstance(v, (int, float))})
+        metrics = sorted({k for r in runs for k, v in r["accuracy"].items()
+                          if k != "hm" and isinstance(v, (int, float))})
         for i, r in enumerate(runs):
             why = []
             for m in metrics:
@@ -502,8 +504,8 @@ def table(root, out=None):
     flags = collapse_flags(groups)
     md, rows = render(b2n, fs, {key for key, runs in groups.items() if any(r["run_dir"] in flags for r in runs)})
     if flags:
-        md += "\n".join(["", "## Possible collapses (a seed far below the others, or model selection at the first epoch)",
-                         ""] + [f"- `{d}`: " + "; ".join(why) for d, why in sorted(flags.items())] + [""])
+        md += "\n".join(["", "## Possible collapses (a seed far below the others, or model selection at the first "
+                         "epoch)", ""] + [f"- `{d}`: " + "; ".join(why) for d, why in sorted(flags.items())] + [""])
     print(md)
     out = out or root
     os.makedirs(out, exist_ok=True)

@@ -749,7 +749,8 @@ def _brace_expand(text):
     m = re.search(r"\{([^{}]*,[^{}]*)\}", text)
     if m is None:
         return [text]
-    return [out for option in m.group(1).split(",") for out in _brace_expand(text[:m.start()] + option + text[m.end():])]
+    return [out for option in m.group(1).split(",")
+            for out in _brace_expand(text[:m.start()] + option + text[m.end():])]
 
 
 def expand_plan(text, out="runs", root="DATA", where="plan"):

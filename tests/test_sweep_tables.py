@@ -3,7 +3,6 @@ grid syntax, skipping finished runs, resuming unfinished ones, a failed run not 
 shipped plan resolving to valid runs."""
 import csv
 import glob
-import json
 import os
 
 import pytest
