@@ -254,8 +254,13 @@ def attention_pictures(run_dir, paths, out, block=-1, root=None, device="cpu", s
     cfg, visual = model.cfg, model.clip.visual
     _, tf = train.transforms_of(cfg, None, visual.input_resolution)
     zs_clip = dapt.run_clip(cfg, model.run_root, device) if _unfrozen_clip(model) else model.clip
-    zs_T = dapt.encode_texts(zs_clip, [f"a photo of a {c}." for c in model.classnames])
-    T = model.text_features()
+    autocast = train.precision_of(cfg, device)[2]  # as evaluation: bf16 / fp16 weights run under autocast
+
+    def amp():
+        return torch.autocast(device_type=torch.device(device).type, dtype=autocast, enabled=autocast is not None)
+    with amp():
+        zs_T = dapt.encode_texts(zs_clip, [f"a photo of a {c}." for c in model.classnames])
+        T = model.text_features()
     tuned_tower = model.host if isinstance(model, dapt.FVGPT) else model
     n_blocks = len(visual.transformer.resblocks)
     if not -n_blocks <= block < n_blocks:
@@ -280,14 +285,15 @@ def attention_pictures(run_dir, paths, out, block=-1, root=None, device="cpu", s
         if mask is None:
             x = tf(img)
         x = x[None].to(device)
-        zs_logits, zs_row = cls_attention(zs_clip.visual.transformer.resblocks[b].attn, lambda: (
-            zs_clip.logit_scale.exp() * dapt.normalize(zs_clip.visual(x)) @ zs_T.t()))
-        attn = model.clip.visual.transformer.resblocks[b].attn
-        logits, row = cls_attention(attn, lambda: model(x, text_features=T))
+        with amp():
+            zs_logits, zs_row = cls_attention(zs_clip.visual.transformer.resblocks[b].attn, lambda: (
+                zs_clip.logit_scale.exp() * dapt.normalize(zs_clip.visual(x)) @ zs_T.t()))
+            logits, row = cls_attention(model.clip.visual.transformer.resblocks[b].attn,
+                                        lambda: model(x, text_features=T))
         pred = int(logits.argmax(-1))
         cue, cue_title = None, []
         if cue_kind == "gradcam":
-            with torch.enable_grad():
+            with torch.enable_grad(), amp():
                 m, cam = model.gradcam(x, torch.tensor([pred], device=device),
                                        model.host.text_features(model.bg_tokens) if cfg.get("gradcam_quirk") else T,
                                        return_cam=True)
