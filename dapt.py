@@ -13,6 +13,7 @@ Deliberately not here: data loading (data.py), the training loop and recipes (tr
 """
 import copy
 import hashlib
+import json
 import logging
 import math
 import os
@@ -1623,3 +1624,89 @@ def model_defaults(method, host=None):
     if "host" not in cls.defaults:
         return dict(cls.defaults)
     return {**METHODS[host or cls.defaults["host"]].defaults, **cls.defaults}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a trained run of train.py, ready for inference: rebuilt from its checkpoint alone (no training code)
+
+TOY_CLIP_FILE = os.path.join("toy_clip", "toy_clip.pt")  # under the run's data root (train.toy_clip_path)
+
+
+def read_run_file(path, device="cpu"):
+    """torch.load(path, weights_only=True) of a file train.py wrote; errors name the file."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} not found: expected a run folder of train.py (it writes checkpoint.pt after "
+                              "the set-up and after every epoch)") from None
+    except Exception as e:  # refused globals, truncated zip, not a torch file
+        raise CheckpointError(f"{path}: cannot be read with torch.load(weights_only=True) "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def run_clip(cfg, root=None, device="cpu", dtype=None):
+    """The CLIP a run was trained on: cfg["clip"] through load_clip, the toy CLIP from <root>/toy_clip/toy_clip.pt.
+    dtype None: float32 on the CPU; elsewhere the run's precision (bfloat16 for auto, as train.py)."""
+    name = cfg["clip"]
+    if name == "toy":
+        name = os.path.join(root or "DATA", TOY_CLIP_FILE)
+        if not os.path.isfile(name):
+            raise CheckpointError(f"toy CLIP not found at {name}: a toy run's CLIP lives under its data root "
+                                  "(pass root=, or --root); train.py makes it on the first toy run")
+    if dtype is None:
+        dtype = torch.float32 if torch.device(device).type == "cpu" else \
+            {"fp32": torch.float32, "fp16": torch.float16}.get(cfg.get("precision"), torch.bfloat16)
+    clip = load_clip(name, device=device, dtype=dtype)
+    clip.set_attention(cfg.get("attn", "auto"))
+    return clip
+
+
+def _host_run_dir(host_run, run_dir):
+    """An fvgpt run's host folder: as recorded (relative to where training ran), else found from an ancestor of
+    the fvgpt run's folder (a runs/ tree moved or read from another working directory)."""
+    if os.path.isfile(os.path.join(host_run, "checkpoint.pt")) or run_dir is None or os.path.isabs(host_run):
+        return host_run
+    here = os.path.abspath(run_dir)
+    while os.path.dirname(here) != here:
+        here = os.path.dirname(here)
+        for depth in range(len(host_run.split(os.sep))):  # drop leading parts: runs/b2n/... under another root
+            candidate = os.path.join(here, *host_run.split(os.sep)[depth:])
+            if os.path.isfile(os.path.join(candidate, "checkpoint.pt")):
+                return candidate
+    return host_run
+
+
+def model_of_checkpoint(ckpt, clip, classnames=None, run_dir=None):
+    """The prompt model of a checkpoint dict of train.py (params, config, classnames, extra) on `clip`, its
+    learned state restored, prompt parameters in float32, eval mode. FVG-PT's host is rebuilt from its host run."""
+    cfg, classnames = ckpt["config"], list(classnames or ckpt["classnames"])
+    device = clip.logit_scale.device
+    if cfg["method"] == "fvgpt":
+        host_dir = _host_run_dir(cfg["host_run"], run_dir)
+        host_ckpt = read_run_file(os.path.join(host_dir, "checkpoint.pt"), device)
+        model = FVGPT(model_of_checkpoint(host_ckpt, clip, classnames, host_dir), classnames, cfg)
+    else:
+        model = METHODS[cfg["method"]](clip, classnames, cfg)
+    model = model.to(device)
+    for p in model.parameters():  # as train.build_run: prompt parameters in float32
+        if p.requires_grad:
+            p.data = p.data.float()
+    model.load_checkpoint(ckpt)
+    return model.eval()
+
+
+def load_run(run_dir, device="cpu", root=None, dtype=None):
+    """A trained run of train.py (its folder) -> the PromptModel, ready for inference on its own classes
+    (model.set_classnames(names) for others; model(images) -> logits). The CLIP is the run's (`run_clip`; a
+    toy run's from <root>/toy_clip/, root defaulting to the data root recorded in config.json). Every file is
+    read with torch.load(weights_only=True). model.run_dir, model.run_root and model.cfg describe the run."""
+    ckpt = read_run_file(os.path.join(run_dir, "checkpoint.pt"), device)
+    if not isinstance(ckpt, dict) or not {"params", "config", "classnames"} <= set(ckpt):
+        raise CheckpointError(f"{os.path.join(run_dir, 'checkpoint.pt')} is not a checkpoint of train.py "
+                              "(expected params, config and classnames)")
+    if root is None and os.path.isfile(os.path.join(run_dir, "config.json")):
+        with open(os.path.join(run_dir, "config.json")) as f:
+            root = json.load(f).get("root")
+    model = model_of_checkpoint(ckpt, run_clip(ckpt["config"], root, device, dtype), run_dir=run_dir)
+    model.run_dir, model.run_root = run_dir, root
+    return model

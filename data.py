@@ -195,6 +195,8 @@ class DataValueError(DataError, ValueError):
 
 
 def _layout_help(info, root):
+    if info.kind == "folder":
+        return _folder_help(root)
     return (f"expected layout:\n  {os.path.join(root, info.folder)}/\n    {info.layout}\n"
             + (f"    {info.split}\n" if info.kind == "json" and info.name != "toy" else "")
             + ("Create it with: python data.py toy --root " + root if info.name == "toy" else
@@ -279,6 +281,8 @@ def _list_class_folders(top, folders, labels, names):
 def read_full_split(info, dataset_dir):
     """-> ({"train","val","test"} rel items, split file path, sha256 of the split source)."""
     image_dir = os.path.join(dataset_dir, info.image_dir)
+    if info.kind == "folder":  # a plain class-folder dataset (read_folder_split)
+        return read_folder_split(dataset_dir)
     if info.kind in ("json", "toy"):
         path = os.path.join(dataset_dir, info.split)
         return read_split_json(path), path, _sha256(path)
@@ -528,7 +532,7 @@ def load_benchmark(name, root, shots=16, seed=1, subsample="all", cache=True):
     info = DATASETS[name]
     given_root = os.path.normpath(str(root))
     root = os.path.abspath(os.path.expanduser(str(root)))
-    dataset_dir = os.path.join(root, info.folder)
+    dataset_dir = os.path.normpath(os.path.join(root, info.folder))  # folder: root itself
     if info.kind == "toy" and not os.path.isdir(dataset_dir):
         if not os.path.isdir(root) and given_root != DEFAULT_ROOT:  # a mistyped root must not regenerate it all
             raise DatasetNotFoundError(f"data root {root} does not exist: to write the toy benchmark there, run "
@@ -544,7 +548,7 @@ def load_benchmark(name, root, shots=16, seed=1, subsample="all", cache=True):
     full, split_file, sha = read_full_split(info, dataset_dir)
     where = os.path.basename(split_file)
     all_names = _classnames_of(full["test"] if info.test_only else full["train"], where)
-    if info.name != "toy" and len(all_names) != info.n_classes:
+    if info.kind not in ("toy", "folder") and len(all_names) != info.n_classes:
         log.warning("%s: %d classes found, %d expected (protocol §2)", name, len(all_names), info.n_classes)
 
     train, val, test, short, cpath, hit = full["train"], full["val"], full["test"], [], None, False
@@ -573,6 +577,7 @@ def load_benchmark(name, root, shots=16, seed=1, subsample="all", cache=True):
     test_names = _classnames_of(test, where + " test") if test else []
     if test_names and test_names != classnames:
         raise SplitFileError(f"{where}: test and train disagree on class names/labels; download the split again")
+    template = folder_template(dataset_dir)[0] if info.kind == "folder" else info.template
     absolute = lambda items: [(os.path.join(image_dir, p), y, c) for p, y, c in items]  # noqa: E731
     train, val, test = absolute(train), absolute(val), absolute(test)
     missing = [p for p, _, _ in train + val + test if not os.path.isfile(p)]
@@ -583,11 +588,429 @@ def load_benchmark(name, root, shots=16, seed=1, subsample="all", cache=True):
                 subsample=subsample, split_file=split_file, split_sha256=sha,
                 counts=dict(train=len(train), val=len(val), test=len(test)), n_classes=len(classnames),
                 few_classes=[list(s) for s in short], fewshot_cache=cpath, cache_hit=hit,
-                image_size=info.image_size, template=info.template,
+                image_size=info.image_size, template=template,
                 label_map=None if relabel is None else {int(k): v for k, v in relabel.items()})
     log.info("%s %s shots=%d seed=%d: %d classes, train %d / val %d / test %d", name, subsample, shots, seed,
              len(classnames), len(train), len(val), len(test))
-    return Benchmark(train, val, test, [c.replace("_", " ") for c in classnames], info.template, meta)
+    return Benchmark(train, val, test, [c.replace("_", " ") for c in classnames], template, meta)
+
+# ----------------------------------------------------------------------------------------------------------
+# plain class-folder datasets: `--dataset folder --root DIR`, DIR being the dataset itself (issue 15)
+#
+#   DIR/<class>/**/<image>                          one sub-folder per class (images found recursively), or
+#   DIR/train/<class>/..., DIR/test/<class>/...     ready-made sub-trees (DIR/val/<class>/... optional)
+#   DIR/mask/<same relative path>                   optional foreground masks (same name, or same stem .png)
+#   DIR/classnames.txt                              optional: lines "<folder> <class name>" (a tab also separates)
+#   DIR/template.txt                                optional: the hand-crafted template, e.g. "a photo of a {}, a bird."
+#
+# Without sub-trees, a seeded class-stratified split (per class 50 % train / 20 % val / 30 % test, CoOp's
+# read_and_split_data fractions) is written once as a CoOp-format split file DIR/split_folder.json, or in the
+# user cache folder when DIR cannot be written; with train/ and test/ but no val/, val is 20 % of each train
+# class (CoOp's split_trainval), written the same way. Labels follow the sorted folder names; class names are
+# the folder names with '_' -> ' ' unless classnames.txt says otherwise (read on every load).
+
+FOLDER_IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+FOLDER_RESERVED = ("mask", "split_fewshot")  # never class folders: the masks, the few-shot caches
+FOLDER_SPLIT_FILE = "split_folder.json"
+FOLDER_FRACTIONS = (0.5, 0.2, 0.3)  # train / val / test per class
+FOLDER_VAL_FRACTION = 0.2  # val carved from train/ when there is no val/
+FOLDER_SPLIT_SEED = 1
+FOLDER_TEMPLATE = "a photo of a {}."
+DATASETS["folder"] = DatasetInfo(
+    "folder", "", "", FOLDER_SPLIT_FILE, "", 0, "folder",  # template "" = DIR/template.txt or FOLDER_TEMPLATE
+    layout="<class>/**/*.jpg|png|... (or train/<class>/, val/<class>/, test/<class>/); optional mask/<same paths>, "
+           "classnames.txt, template.txt")
+_FOLDER_INFO = {}  # dataset dir -> how its split, names and template were found (read_folder_split; check)
+
+
+def _user_cache_root():
+    """$DAPT_CACHE, else $XDG_CACHE_HOME/dapt, else ~/.cache/dapt (caches of datasets that cannot be written)."""
+    return os.environ.get("DAPT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "dapt")
+
+
+def folder_cache_dir(dataset_dir):
+    """Where a read-only folder dataset's split file goes: <user cache>/<folder name>-<12 hex of its path's sha256>."""
+    d = os.path.abspath(dataset_dir)
+    return os.path.join(_user_cache_root(), f"{os.path.basename(d)}-{hashlib.sha256(d.encode()).hexdigest()[:12]}")
+
+
+def _folder_writable(folder):
+    return os.access(folder, os.W_OK | os.X_OK)
+
+
+def _folder_help(root):
+    return (f"expected a folder dataset at {root}:\n  {root}/<class>/<images> (one sub-folder per class), or "
+            f"{root}/train/<class>/..., {root}/test/<class>/... (val/ optional)\n  optional: mask/<same relative "
+            "paths>, classnames.txt ('<folder> <class name>' lines), template.txt ('a photo of a {}.')\n"
+            f"Check it with: python data.py check folder --root {root}")
+
+
+def images_below(top):
+    """Image files below `top` (recursive, hidden entries skipped), as sorted '/'-joined paths relative to top."""
+    out = []
+    for here, dirs, files in os.walk(top):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        rel = os.path.relpath(here, top)
+        out += [n if rel == "." else f"{rel}/{n}".replace(os.sep, "/") for n in files
+                if not n.startswith(".") and n.lower().endswith(FOLDER_IMAGE_EXTENSIONS)]
+    return sorted(out)
+
+
+def folder_listing(dataset_dir):
+    """(layout "classes" | "subtrees", {part: {class folder: [paths relative to DIR]}}, skipped folders).
+
+    part is "all" for one folder per class, else "train" / "val" / "test" (those present). Folders that hold no
+    image (a stray cache or output folder) are skipped and reported, not classes."""
+    d = dataset_dir
+    if not os.path.isdir(d):
+        raise DatasetNotFoundError(f"dataset folder not found: {d}\n" + _folder_help(d))
+    subtrees = [s for s in ("train", "val", "test") if os.path.isdir(os.path.join(d, s))]
+    if subtrees and ("train" not in subtrees or "test" not in subtrees):
+        raise DataValueError(f"{d} has {'/, '.join(subtrees)}/ but the sub-tree layout needs both train/ and test/ "
+                             "(val/ is optional); or put the class folders directly in it\n" + _folder_help(d))
+    parts = {s: os.path.join(d, s) for s in subtrees} if subtrees else {"all": d}
+    listing, skipped = {}, []
+    for part, top in parts.items():
+        listing[part] = {}
+        for name in _listdir(top):
+            if not os.path.isdir(os.path.join(top, name)) or (part == "all" and name in FOLDER_RESERVED):
+                continue
+            files = images_below(os.path.join(top, name))
+            if files:
+                prefix = "" if part == "all" else part + "/"
+                listing[part][name] = [f"{prefix}{name}/{f}" for f in files]
+            else:
+                skipped.append(os.path.relpath(os.path.join(top, name), d))
+    if not any(listing.values()):
+        raise EmptyClassError(f"{d} holds no class folder with images ({', '.join(FOLDER_IMAGE_EXTENSIONS)})\n"
+                              + _folder_help(d))
+    return ("subtrees" if subtrees else "classes"), listing, skipped
+
+
+def folder_classnames(dataset_dir, folders):
+    """(class name per folder, source): the folder name with '_' -> ' ', or DIR/classnames.txt's name for it."""
+    names = {f: f.replace("_", " ") for f in folders}
+    path = os.path.join(dataset_dir, "classnames.txt")
+    if not os.path.isfile(path):
+        return [names[f] for f in folders], "folder names"
+    unknown = []
+    with open(path, encoding="utf-8") as fh:
+        for ln in fh:
+            ln = ln.strip()
+            if not ln or ln.startswith("#"):
+                continue
+            folder, _, name = ln.partition("\t") if "\t" in ln else ln.partition(" ")
+            if folder not in names:
+                unknown.append(folder)
+            elif name.strip():
+                names[folder] = name.strip()
+    if unknown:
+        raise DataValueError(f"{path} names folder(s) {unknown[:5]} that are not class folders of {dataset_dir}; "
+                             "each line is '<folder> <class name>'")
+    out = [names[f] for f in folders]
+    if len(set(out)) < len(out):
+        log.warning("%s: several classes share a name: %s", path, sorted({n for n in out if out.count(n) > 1}))
+    return out, path
+
+
+def folder_template(dataset_dir):
+    """(template, source): the first non-empty line of DIR/template.txt, else FOLDER_TEMPLATE."""
+    path = os.path.join(dataset_dir, "template.txt")
+    if not os.path.isfile(path):
+        return FOLDER_TEMPLATE, "default"
+    with open(path, encoding="utf-8") as fh:
+        lines = [ln.strip() for ln in fh if ln.strip()]
+    if not lines or lines[0].count("{}") != 1:
+        raise DataValueError(f"{path}: expected one line holding '{{}}' once where the class name goes, "
+                             "e.g. 'a photo of a {}, a type of bird.'")
+    return lines[0], path
+
+
+def _listing_sha(listing):
+    return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
+
+
+def find_folder_split(dataset_dir):
+    """The split file of a folder dataset: DIR/split_folder.json, else the user cache's copy, else None."""
+    for folder in (dataset_dir, folder_cache_dir(dataset_dir)):
+        path = os.path.join(folder, FOLDER_SPLIT_FILE)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _class_counts(n, fractions):
+    """(n_train, n_val) of a class of n >= 2 images: rounded fractions, at least one train image and, when the
+    test fraction is not 0, one test image (taken from val first)."""
+    n_train = max(1, round(n * fractions[0]))
+    n_val = min(round(n * fractions[1]), n - n_train)
+    if fractions[2] > 0 and n_train + n_val >= n:
+        n_val, n_train = (n_val - 1, n_train) if n_val else (n_val, n_train - 1)
+    return n_train, n_val
+
+
+def _stratified(files, rng, n_train, n_val):
+    """One class's sorted files, shuffled by rng -> sorted (train, val, rest)."""
+    files = list(files)
+    rng.shuffle(files)
+    parts = files[:n_train], files[n_train:n_train + n_val], files[n_train + n_val:]
+    return [sorted(p) for p in parts]
+
+
+def make_folder_split(dataset_dir, seed=FOLDER_SPLIT_SEED, fractions=FOLDER_FRACTIONS, force=False):
+    """Draw and write the split file of a folder dataset (see the section comment); -> its path.
+
+    One random.Random(seed) shuffles each class's sorted files in label order. Written beside the data, or in
+    folder_cache_dir when DIR cannot be written (logged). An existing file is kept unless force."""
+    d = os.path.abspath(dataset_dir)
+    layout, listing, _ = folder_listing(d)
+    if layout == "subtrees" and "val" in listing:
+        raise DataValueError(f"{d} has train/, val/ and test/: its split is the sub-trees themselves, no split "
+                             "file is drawn")
+    fractions = tuple(float(f) for f in fractions)
+    if len(fractions) != 3 or min(fractions) < 0 or fractions[0] <= 0 or abs(sum(fractions) - 1) > 1e-6:
+        raise DataValueError(f"split fractions {fractions}: expected train,val,test >= 0 summing to 1, train > 0")
+    existing = find_folder_split(d)
+    if existing and not force:
+        log.info("folder split kept: %s (force=True / --force draws a new one)", existing)
+        return existing
+    rng = random.Random(seed)
+    folders = sorted({f for part in listing.values() for f in part})
+    names, _ = folder_classnames(d, folders)
+    split = {"train": [], "val": [], "test": []}
+    if layout == "classes":
+        for y, f in enumerate(folders):
+            if len(listing["all"][f]) < 2:
+                raise EmptyClassError(f"class folder {os.path.join(d, f)} holds {len(listing['all'][f])} image; a "
+                                      "class needs at least 2 (one to train on, one to test)")
+            files = listing["all"][f]
+            for s, part in zip(split, _stratified(files, rng, *_class_counts(len(files), fractions))):
+                split[s] += [[p, y, names[y]] for p in part]
+        how = dict(fractions=list(fractions))
+    else:  # train/ and test/: val from train
+        missing = [f for f in folders if f not in listing["train"] or f not in listing["test"]]
+        if missing:
+            raise EmptyClassError(f"class folder(s) {missing[:5]} of {d} lack images in train/ or test/; every class "
+                                  "needs both")
+        for y, f in enumerate(folders):
+            files = listing["train"][f]
+            k = min(round(len(files) * FOLDER_VAL_FRACTION), len(files) - 1)
+            tr, va, _ = _stratified(files, rng, len(files) - k, k)
+            split["train"] += [[p, y, names[y]] for p in tr]
+            split["val"] += [[p, y, names[y]] for p in va]
+            split["test"] += [[p, y, names[y]] for p in listing["test"][f]]
+        how = dict(val_fraction_of_train=FOLDER_VAL_FRACTION)
+    split["meta"] = dict(generator="dapt data.make_folder_split v1", seed=seed, layout=layout, folders=folders,
+                         listing_sha256=_listing_sha(listing), **how)
+    target = d if _folder_writable(d) else folder_cache_dir(d)
+    path = os.path.join(target, FOLDER_SPLIT_FILE)
+    _write_json(path, split)
+    log.info("folder split (seed %d) written %s: %s", seed,
+             "beside the data" if target == d else f"to the user cache ({d} cannot be written)", path)
+    return path
+
+
+def read_folder_split(dataset_dir):
+    """A folder dataset's full split -> ({"train", "val", "test"} lists of (path rel. to DIR, label, classname),
+    split source path, sha256 of the split's content with its class names). Draws the split file on first use.
+    A split file without our meta (a CoOp-format file the user put there) is used as it is."""
+    d = os.path.abspath(dataset_dir)
+    layout, listing, skipped = folder_listing(d)
+    folders = sorted({f for part in listing.values() for f in part})
+    info = dict(layout=layout, skipped=skipped, folders=len(folders))
+    if layout == "subtrees" and "val" in listing:
+        missing = [f for f in folders if f not in listing["train"] or f not in listing["test"]]
+        if missing:
+            raise EmptyClassError(f"class folder(s) {missing[:5]} of {d} lack images in train/ or test/; every class "
+                                  "needs both")
+        names, info["classnames"] = folder_classnames(d, folders)
+        label = {f: y for y, f in enumerate(folders)}
+        split = {s: [(p, label[f], names[label[f]]) for f, files in listing[s].items() for p in files]
+                 for s in ("train", "val", "test")}
+        path, info["split"] = d, "the train/ val/ test/ sub-trees"
+    else:
+        path = find_folder_split(d) or make_folder_split(d)
+        split = read_split_json(path)
+        with open(path) as fh:
+            meta = json.load(fh).get("meta") or {}
+        info["split"] = path
+        if meta.get("folders"):  # ours: names from the folders / classnames.txt as they are now
+            names, info["classnames"] = folder_classnames(d, meta["folders"])
+            split = {s: [(p, y, names[y]) for p, y, _ in items] for s, items in split.items()}
+            if meta.get("listing_sha256") != _listing_sha(listing):
+                listed = {p for items in split.values() for p, _, _ in items}
+                now = {p for part in listing.values() for files in part.values() for p in files}
+                log.warning("%s changed since %s was drawn: %d image(s) not in the split, %d listed image(s) gone; "
+                            "the split file is kept (python data.py folder-split --root %s --force draws a new one)",
+                            d, path, len(now - listed), len(listed - now), d)
+        else:
+            info["classnames"] = path + " (a user split file, names as written)"
+    info["template"] = folder_template(d)
+    _FOLDER_INFO[d] = info
+    sha = hashlib.sha256(json.dumps({s: split[s] for s in ("train", "val", "test")}).encode()).hexdigest()
+    return split, path, sha
+
+
+def folder_report(dataset_dir):
+    """Lines for `python data.py check folder`: layout, where the split, class names and template came from."""
+    info = _FOLDER_INFO.get(os.path.abspath(dataset_dir), {})
+    template, source = info.get("template", ("?", "?"))
+    lines = [f"  layout: {'one folder per class' if info.get('layout') == 'classes' else 'train/ val/ test/ sub-trees'}"
+             f"; split: {info.get('split')}", f"  class names from: {info.get('classnames')}",
+             f"  template: '{template}' ({source})"]
+    if info.get("skipped"):
+        lines.append(f"  skipped (no images): {', '.join(info['skipped'][:10])}")
+    return lines
+
+# ----------------------------------------------------------------------------------------------------------
+# portable few-shot splits: export on one machine, import on another (issue 15)
+
+EXPORT_SHOTS = (1, 2, 4, 8, 16)
+EXPORT_SEEDS = (1, 2, 3)
+CHECKSUMS = "SHA256SUMS"  # `sha256sum -c SHA256SUMS` checks an export by hand
+
+
+def _export_name(name, dataset_dir):
+    return f"folder-{os.path.basename(os.path.normpath(dataset_dir))}" if name == "folder" else name
+
+
+def export_splits(name, root, out, shots=EXPORT_SHOTS, seeds=EXPORT_SEEDS):
+    """Write the few-shot splits of a dataset (every K in `shots` x seed in `seeds`, drawn now if not cached) to
+    <out>/<dataset>/shot_{K}-seed_{S}.json with paths relative to the dataset's image folder, plus a drawn folder
+    split (split_folder.json) and SHA256SUMS over the files. -> the export folder."""
+    if name not in DATASETS:
+        raise DataValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    info = DATASETS[name]
+    if info.test_only:
+        raise DataValueError(f"{name} is test-only: it has no few-shot splits")
+    dataset_dir = os.path.normpath(os.path.join(os.path.abspath(os.path.expanduser(str(root))), info.folder))
+    if info.kind == "toy" and not os.path.isdir(dataset_dir):
+        raise DatasetNotFoundError(f"{dataset_dir} not found: python data.py toy --root {root}")
+    if not os.path.isdir(dataset_dir):
+        raise DatasetNotFoundError(f"dataset folder not found: {dataset_dir}\n" + _layout_help(info, str(root)))
+    full, split_file, sha = read_full_split(info, dataset_dir)
+    target = os.path.join(out, _export_name(name, dataset_dir))
+    os.makedirs(target, exist_ok=True)
+    files = []
+    if info.kind == "folder" and os.path.isfile(split_file):  # a drawn split travels with its few-shot splits
+        with open(split_file) as fh:
+            drawn = json.load(fh)
+        _write_json(os.path.join(target, FOLDER_SPLIT_FILE), drawn)
+        files.append(FOLDER_SPLIT_FILE)
+    for k in shots:
+        for s in seeds:
+            train, val, short, cpath, _ = _load_fewshot(info, dataset_dir, full, split_file, sha, k, s, True)
+            sampler = "dassl-v1"
+            if cpath and os.path.isfile(cpath):
+                with open(cpath) as fh:
+                    sampler = json.load(fh).get("meta", {}).get("sampler", sampler)
+            fname = f"shot_{k}-seed_{s}.json"
+            _write_json(os.path.join(target, fname), {
+                "dataset": name, "K": k, "seed": s, "train": [list(x) for x in train], "val": [list(x) for x in val],
+                "meta": {"split_file": os.path.basename(split_file), "split_sha256": sha, "sampler": sampler,
+                         "few_classes": [list(x) for x in short], "paths": "relative to the image folder"}})
+            files.append(fname)
+    with open(os.path.join(target, CHECKSUMS), "w") as fh:
+        fh.writelines(f"{_sha256(os.path.join(target, f))}  {f}\n" for f in files)
+    log.info("exported %d few-shot splits of %s to %s", len(files), name, target)
+    return target
+
+
+def _verified_files(folder):
+    """{file name: parsed JSON} of an export folder, every file checked against its SHA256SUMS."""
+    path = os.path.join(folder, CHECKSUMS)
+    if not os.path.isfile(path):
+        raise SplitFileError(f"{path} not found: not a folder written by python data.py export-splits")
+    out = {}
+    for ln in _read_lines(path):
+        digest, _, fname = ln.partition("  ")
+        fpath = os.path.join(folder, fname)
+        if os.path.basename(fname) != fname or not os.path.isfile(fpath):
+            raise SplitFileError(f"{path} lists {fname!r}, which is not in {folder}")
+        if _sha256(fpath) != digest:
+            raise SplitFileError(f"{fpath}: sha256 differs from {CHECKSUMS} (changed or damaged in transit); "
+                                 "export it again")
+        with open(fpath) as fh:
+            out[fname] = json.load(fh)
+    unlisted = sorted(set(n for n in os.listdir(folder) if n.endswith(".json")) - set(out))
+    if unlisted:
+        raise SplitFileError(f"{folder}: {unlisted[:3]} are not in {CHECKSUMS}; they cannot be checked")
+    return out
+
+
+def import_splits(src, root, force=False):
+    """Install exported few-shot splits (export_splits) as this machine's few-shot caches, which load_benchmark
+    then reads. `src` is an export folder or a folder of them; `root` the data root (for `folder`: the dataset
+    itself). Checks: SHA256SUMS; every item is an image of the local split with the same label and class name;
+    a drawn folder split is installed first (an existing, different one only with force). The local split's
+    sha256 may differ (e.g. an ImageNet listing with extra files): logged. -> written cache paths."""
+    folders = [src] if os.path.isfile(os.path.join(src, CHECKSUMS)) else sorted(
+        os.path.join(src, n) for n in _listdir(src) if os.path.isfile(os.path.join(src, n, CHECKSUMS))) \
+        if os.path.isdir(src) else []
+    if not folders:
+        raise SplitFileError(f"{src}: no {CHECKSUMS} in it or in its sub-folders; expected the output of "
+                             "python data.py export-splits")
+    written = []
+    for folder in folders:
+        files = _verified_files(folder)
+        splits = {f: d for f, d in files.items() if f != FOLDER_SPLIT_FILE}
+        names = {d.get("dataset") for d in splits.values()}
+        if len(names) != 1 or next(iter(names)) not in DATASETS:
+            raise SplitFileError(f"{folder}: expected few-shot splits of one known dataset, found "
+                                 f"{sorted(map(str, names))}")
+        name = names.pop()
+        info = DATASETS[name]
+        dataset_dir = os.path.normpath(os.path.join(os.path.abspath(os.path.expanduser(str(root))), info.folder))
+        if not os.path.isdir(dataset_dir):
+            raise DatasetNotFoundError(f"dataset folder not found: {dataset_dir}\n" + _layout_help(info, str(root)))
+        if FOLDER_SPLIT_FILE in files:
+            _install_folder_split(dataset_dir, files[FOLDER_SPLIT_FILE], force)
+        full, split_file, sha = read_full_split(info, dataset_dir)
+        image_dir = os.path.join(dataset_dir, info.image_dir)
+        known = {p: (y, c) for p, y, c in full["train"] + full["val"]}
+        for fname, d in sorted(splits.items()):
+            items = [tuple(x) for x in d["train"] + d["val"]]
+            bad = [p for p, y, c in items if known.get(p) != (y, c) or not os.path.isfile(os.path.join(image_dir, p))]
+            if bad:
+                raise SplitFileError(f"{os.path.join(folder, fname)}: {len(bad)} item(s) are not images of the local "
+                                     f"{name} split with the same label and class name, e.g. {bad[0]} (under "
+                                     f"{image_dir}); the two copies of the dataset differ")
+            m = d["meta"]
+            if m.get("split_sha256") != sha:
+                log.warning("%s: the exporting machine's split differs (sha256 %s... vs %s... here); every item was "
+                            "found with the same label and class name, so it is imported", fname,
+                            str(m.get("split_sha256"))[:12], sha[:12])
+            path = fewshot_cache_path(dataset_dir, d["K"], d["seed"])
+            _write_json(path, {"train": d["train"], "val": d["val"], "meta": {
+                "K": d["K"], "seed": d["seed"], "split_file": os.path.basename(split_file), "split_sha256": sha,
+                "sampler": m.get("sampler", "dassl-v1"), "few_classes": m.get("few_classes", []),
+                "imported_from": os.path.abspath(os.path.join(folder, fname))}})
+            written.append(path)
+        log.info("imported %d few-shot splits of %s into %s", len(splits), name, dataset_dir)
+    return written
+
+
+def _install_folder_split(dataset_dir, split, force):
+    d = os.path.abspath(dataset_dir)
+    existing = find_folder_split(d)
+    if existing:
+        with open(existing) as fh:
+            old = json.load(fh)
+        same = all(old.get(s) == split.get(s) for s in ("train", "val", "test"))
+        if same:
+            return existing
+        if not force:
+            raise SplitFileError(f"{existing} differs from the exported {FOLDER_SPLIT_FILE}; pass --force to replace "
+                                 "it (runs trained on the old split are then not comparable)")
+    target = d if _folder_writable(d) else folder_cache_dir(d)
+    path = os.path.join(target, FOLDER_SPLIT_FILE)
+    if existing and existing != path:
+        os.remove(existing)
+    _write_json(path, split)
+    log.info("folder split installed at %s", path)
+    return path
+
 
 # ----------------------------------------------------------------------------------------------------------
 # transforms (protocol §5): torchvision's semantics with Pillow + torch
@@ -1198,6 +1621,9 @@ def check(name, root, sample=None, seed=0, out=print):
     out(f"{name}: {m['dataset_dir']}\n  split: {m['split_file']} (sha256 {m['split_sha256'][:16]}...)")
     out(f"  classes: {len(b.classnames)} ({', '.join(b.classnames[:5])}{', ...' if len(b.classnames) > 5 else ''})")
     out(f"  images: train {len(b.train)}, val {len(b.val)}, test {len(b.test)}; template '{b.template}'")
+    if name == "folder":
+        for line in folder_report(m["dataset_dir"]):
+            out(line)
     items = b.train + b.val + b.test
     if name in ("caltech101", "eurosat", "ucf101", "sun397", "oxford_pets"):  # names CoOp derives from paths
         raw = (lambda p: "/" + os.path.dirname(p)) if name == "sun397" else \
@@ -1250,27 +1676,60 @@ def check(name, root, sample=None, seed=0, out=print):
 def main(argv=None):
     ap = argparse.ArgumentParser(
         prog="data.py", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Benchmark data tools: validate a dataset in the CoOp layout, or write the offline toy "
-                    "benchmark.",
+        description="Benchmark data tools: validate a dataset in the CoOp layout or a plain class-folder dataset, "
+                    "write the offline toy benchmark, export / import few-shot splits.",
         epilog="datasets: " + ", ".join(DATASETS) + f"\nlayouts and downloads: {COOP_DATASETS_MD}\n"
                "examples:\n  python data.py toy --root DATA\n"
-               "  python data.py check caltech101 --root DATA --sample 500")
+               "  python data.py check caltech101 --root DATA --sample 500\n"
+               "  python data.py check folder --root MY_IMAGES      # one sub-folder per class\n"
+               "  python data.py export-splits caltech101 --root DATA --out splits\n"
+               "  python data.py import-splits splits --root DATA")
     sub = ap.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("check", allow_abbrev=False, help="validate a dataset: split file, class names, open every "
                        "image (or --sample N of them), count masks; prints a summary, trains nothing")
     c.add_argument("dataset", choices=list(DATASETS), metavar="DATASET",
                    help="one of: " + ", ".join(DATASETS))
-    c.add_argument("--root", required=True, help="folder holding the dataset folders (e.g. DATA)")
+    c.add_argument("--root", required=True, help="folder holding the dataset folders (e.g. DATA); for folder: "
+                   "the dataset itself")
     c.add_argument("--sample", type=int, default=None, help="open only N randomly chosen images")
     t = sub.add_parser("toy", allow_abbrev=False, help="write the toy benchmark to ROOT/toy (seconds)")
     t.add_argument("--root", required=True)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--force", action="store_true", help="replace an existing ROOT/toy")
-    for command in (c, t):
+    fs = sub.add_parser("folder-split", allow_abbrev=False, help="draw the split file of a folder dataset again "
+                        "(it is drawn on first use with seed 1 and 0.5,0.2,0.3)")
+    fs.add_argument("--root", required=True, help="the folder dataset (one sub-folder per class)")
+    fs.add_argument("--seed", type=int, default=FOLDER_SPLIT_SEED)
+    fs.add_argument("--fractions", default=",".join(map(str, FOLDER_FRACTIONS)), help="train,val,test per class")
+    fs.add_argument("--force", action="store_true", help="replace an existing split file")
+    e = sub.add_parser("export-splits", allow_abbrev=False, help="write the few-shot splits (relative paths, "
+                       "SHA256SUMS) for another machine: OUT/<dataset>/shot_K-seed_S.json")
+    e.add_argument("dataset", choices=list(DATASETS), metavar="DATASET")
+    e.add_argument("--root", required=True)
+    e.add_argument("--out", required=True)
+    e.add_argument("--shots", default=",".join(map(str, EXPORT_SHOTS)))
+    e.add_argument("--seeds", default=",".join(map(str, EXPORT_SEEDS)))
+    i = sub.add_parser("import-splits", allow_abbrev=False, help="install exported few-shot splits as this "
+                       "machine's few-shot caches (checksums and every image checked)")
+    i.add_argument("src", help="an export folder (holding SHA256SUMS) or a folder of them")
+    i.add_argument("--root", required=True, help="data root (for folder: the dataset itself)")
+    i.add_argument("--force", action="store_true", help="replace a different folder split file")
+    for command in (c, t, fs, e, i):
         command.add_argument("--debug", action="store_true", help="show the traceback of an error")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
+        if a.cmd == "folder-split":
+            print(make_folder_split(a.root, a.seed, [float(x) for x in a.fractions.split(",")], a.force))
+            return 0
+        if a.cmd == "export-splits":
+            print(export_splits(a.dataset, a.root, a.out, [int(x) for x in a.shots.split(",")],
+                                [int(x) for x in a.seeds.split(",")]))
+            return 0
+        if a.cmd == "import-splits":
+            written = import_splits(a.src, a.root, a.force)
+            print(f"imported {len(written)} few-shot splits" + (f" (e.g. {written[0]})" if written else ""))
+            return 0
         if a.cmd == "toy":
             out = os.path.join(a.root, "toy")
             if os.path.isdir(out):

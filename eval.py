@@ -4,22 +4,30 @@
     python eval.py run RUN_DIR --dataset oxford_pets    # cross-dataset transfer of a trained run
     python eval.py run RUN_DIR --dataset imagenetv2 imagenet_sketch imagenet_a imagenet_r   # domain shift
     python eval.py run RUN_DIR --subsample new          # re-evaluate base / new / all from the checkpoint
+    python eval.py predict RUN_DIR photos/ --topk 3     # top-k classes per image (--classes a,b,c: others)
+    python eval.py predict --method zsclip --clip ViT-B/16 cat.jpg --classes cat,dog   # zero-shot, no run
+    python eval.py attention RUN_DIR img.jpg --out pics # CLS attention: zero-shot CLIP beside the tuned model
 
 Tables follow protocol.md §4: per dataset, the mean (and standard deviation) over seeds; HM = 2BN/(B+N) of
 the seed-averaged base and new accuracies; the average row averages base and new over datasets first and
-takes the HM of those two averages (as the papers do), not the mean of per-dataset HMs.
-Deliberately not here: training (train.py), attention maps (a later addition).
+takes the HM of those two averages (as the papers do), not the mean of per-dataset HMs. `table` also writes
+runs.csv (one row per run) and flags possible seed collapses.
+Deliberately not here: training and sweeps (train.py), the models (dapt.py).
 """
 import argparse
 import csv
 import glob
 import json
+import math
 import os
 import statistics
 import sys
 
+import numpy as np
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
+import dapt
 import data
 import train
 
@@ -76,6 +84,271 @@ def _evaluate_run(run_dir, datasets, subsample, root, device):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# inference on image files: top-k classes of a trained run, or of zero-shot CLIP without a run
+
+
+def image_files(paths):
+    """The image files among `paths`, folders searched recursively (data.images_below), in the order given."""
+    out = []
+    for p in paths:
+        if os.path.isdir(p):
+            out += [os.path.join(p, f) for f in data.images_below(p)]
+        elif os.path.isfile(p):
+            out.append(p)
+        else:
+            raise data.MissingImageError(f"{p}: no such image file or folder")
+    if not out:
+        raise data.DataValueError(f"no image files ({', '.join(data.FOLDER_IMAGE_EXTENSIONS)}) in {', '.join(paths)}")
+    return out
+
+
+def class_list(classes=None, classes_file=None):
+    """--classes "a,b,c" or --classes-file F (one class per line; '#' comments) -> list, or None for the run's."""
+    if classes and classes_file:
+        raise dapt.ConfigError("give --classes or --classes-file, not both")
+    if classes_file:
+        with open(classes_file, encoding="utf-8") as f:
+            names = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+    elif classes:
+        names = [c.strip() for c in classes.split(",") if c.strip()]
+    else:
+        return None
+    if len(names) < 2:
+        raise dapt.ConfigError(f"at least two classes are needed to classify, got {names}")
+    return names
+
+
+def predictor(run_dir=None, clip=None, root=None, classes=None, template="a photo of a {}.", device="cpu"):
+    """(model on its class list, run config, test transform): a trained run (dapt.load_run; `classes` replaces
+    its classes), or without a run zero-shot CLIP `clip` (a name or a path; "toy" = <root>/toy_clip/) on
+    `classes` with `template`."""
+    if run_dir:
+        model = dapt.load_run(run_dir, device, root)
+        cfg = model.cfg
+        if classes:
+            model.set_classnames(classes)
+    else:
+        if not classes:
+            raise dapt.ConfigError("zero-shot prediction without a run needs --classes or --classes-file")
+        cfg = dict(train.COMMON, clip=clip or train.COMMON["clip"], method="zsclip", template=template)
+        model = dapt.ZeroShotCLIP(dapt.run_clip(cfg, root or "DATA", device), classes, cfg).eval()
+    _, test_tf = train.transforms_of(cfg, None, model.clip.visual.input_resolution)
+    return model, cfg, test_tf
+
+
+@torch.no_grad()
+def predict(paths, run_dir=None, clip=None, root=None, classes=None, template="a photo of a {}.", topk=5,
+            out=None, device="cpu", batch=32, echo=print):
+    """Top-k classes with probabilities (softmax of the model's logits) for every image among `paths`;
+    printed one line per image and, with `out`, written as CSV (image, class_1, prob_1, ..., class_k, prob_k).
+    -> [(image path, [(class, probability), ...])]."""
+    files = image_files(paths)
+    model, cfg, tf = predictor(run_dir, clip, root, classes, template, device)
+    autocast = train.precision_of(cfg, device)[2] if run_dir else None
+    names, k = list(model.classnames), min(topk, len(model.classnames))
+    rows = []
+    with torch.autocast(device_type=torch.device(device).type, dtype=autocast, enabled=autocast is not None):
+        T = model.text_features()
+        for i in range(0, len(files), batch):
+            chunk = files[i:i + batch]
+            x = torch.stack([tf(data.open_image(p)) for p in chunk]).to(device)
+            prob = model(x, text_features=T).float().softmax(-1)
+            p, idx = prob.topk(k, dim=-1)
+            for f, pp, ii in zip(chunk, p.tolist(), idx.tolist()):
+                rows.append((f, [(names[j], v) for j, v in zip(ii, pp)]))
+                echo(f"{f}: " + ", ".join(f"{c} {v:.3f}" for c, v in rows[-1][1]))
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["image"] + [h for r in range(1, k + 1) for h in (f"class_{r}", f"prob_{r}")])
+            w.writerows([f] + [x for c, v in top for x in (c, f"{v:.6f}")] for f, top in rows)
+        echo(f"wrote {out}")
+    return rows
+
+# ----------------------------------------------------------------------------------------------------------
+# attention pictures: the CLS query's attention over the patches, zero-shot CLIP beside the tuned model
+#
+# The map is one block's attention row of the CLS query (default: the last block), softmax(q_cls k^T / sqrt(d))
+# averaged over the heads, read at the patch keys: a [grid, grid] map that sums to at most 1 (the rest goes to
+# CLS itself and to prompt tokens). It is not attention rollout: with deep prompts the prompt tokens are replaced
+# between blocks, so a rollout through them is not defined; the last block's row is what the CLS output reads.
+
+
+def cls_attention(attn, forward):
+    """(forward()'s output, [B, L] attention row of the CLS query in the FIRST call of the clip.Attention module
+    `attn` during forward(), averaged over heads). Read from the q, k the module computes (its `capture`), so
+    prompts, biases (DA-VPT+) and masks of the model are the ones used; nothing is copied from the block loop."""
+    seen = []
+
+    def pre_hook(module, args, kwargs):
+        if not seen:
+            seen.append(kwargs)
+            if kwargs.get("capture") is None:
+                kwargs["capture"] = {}
+        return args, kwargs
+
+    handle = attn.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        out = forward()
+    finally:
+        handle.remove()
+    if not seen:
+        raise RuntimeError("the attention block was not called by forward()")
+    kw = seen[0]
+    q, k = kw["capture"]["q"].float(), kw["capture"]["k"].float()  # [B, H, L, d]
+    scores = (q[:, :, :1] @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # [B, H, 1, L]
+    if kw.get("key_mask") is not None:
+        km = kw["key_mask"]
+        km = torch.nn.functional.pad(km, (0, scores.shape[-1] - km.shape[1]), value=True)
+        scores = scores.masked_fill(~km[:, None, None, :], float("-inf"))
+    if kw.get("attn_mask") is not None:
+        scores = scores.masked_fill(~kw["attn_mask"][:1].to(scores.device)[None, None], float("-inf"))
+    return out, scores.softmax(-1).mean(1)[:, 0]
+
+
+def patch_map(row, grid):
+    """[B, L] CLS attention row -> [B, grid, grid] over the patch keys (row-major, as the ViT's patches)."""
+    return row[:, 1:1 + grid * grid].reshape(-1, grid, grid)
+
+
+def _unfrozen_clip(model):
+    """Whether training changed CLIP's own tensors (DA-VPT+ with bias_extra): then zero-shot needs a fresh CLIP."""
+    return any(n.startswith("clip.") for n, p in model.named_parameters() if p.requires_grad)
+
+
+def _colormap(v):
+    """[..] values in [0, 1] -> uint8 [.., 3]: dark blue -> blue -> cyan -> yellow -> red."""
+    stops = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
+    rgb = np.array([[0, 0, 96], [0, 64, 255], [0, 230, 230], [255, 230, 0], [230, 0, 0]], dtype=np.float64)
+    return np.stack([np.interp(v, stops, rgb[:, c]) for c in range(3)], -1).astype(np.uint8)
+
+
+def _overlay(image, value_map, size, dim=None):
+    """image uint8 [S, S, 3] -> PIL [size, size]: value_map ([g, g] or [S, S], >= 0) as a heat overlay scaled to
+    its max (patch grids drawn as blocks); dim: a {0, 1} [S, S] mask whose 0 area is darkened instead."""
+    base = Image.fromarray(image).resize((size, size), Image.BICUBIC)
+    if dim is not None:
+        m = np.asarray(Image.fromarray((dim * 255).astype(np.uint8)).resize((size, size), Image.NEAREST)) / 255.0
+        return Image.fromarray((np.asarray(base) * (0.2 + 0.8 * m[..., None])).astype(np.uint8))
+    v = np.asarray(value_map, dtype=np.float64)
+    v = v / v.max() if v.max() > 0 else v
+    heat = Image.fromarray(_colormap(v)).resize((size, size), Image.NEAREST if v.shape[0] < image.shape[0]
+                                                else Image.BILINEAR)
+    return Image.blend(base, heat, 0.55)
+
+
+def _panel_sheet(panels, size):
+    """[(title lines, PIL image)] -> one PIL image: the panels side by side, the titles above them."""
+    font = ImageFont.load_default()
+    line_h = 14
+    n_lines = max(len(t) for t, _ in panels)
+    sheet = Image.new("RGB", (len(panels) * (size + 8) + 8, size + 16 + n_lines * line_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (title, img) in enumerate(panels):
+        x = 8 + i * (size + 8)
+        for j, t in enumerate(title):
+            draw.text((x, 4 + j * line_h), t, fill="black", font=font)
+        sheet.paste(img, (x, 8 + n_lines * line_h))
+    return sheet
+
+
+@torch.no_grad()
+def attention_pictures(run_dir, paths, out, block=-1, root=None, device="cpu", size=224, echo=print):
+    """Write <out>/<image stem>.png per image: the image (as the model sees it: the test transform), zero-shot
+    CLIP's CLS attention (block `block`, see cls_attention), the tuned model's, and for DAPT / FVG-PT the training
+    cue: the mask file (DIR/mask/...) of an image of the run's dataset, or DAPT-G's Grad-CAM (for the tuned model's
+    predicted class, thresholded as in training). The maps go to <stem>.npz as well.
+    -> [dict(image, png, npz, zero_shot [g, g], tuned [g, g], cue [S, S] or None, cue_kind)]."""
+    files = image_files(paths)
+    model = dapt.load_run(run_dir, device, root)
+    cfg, visual = model.cfg, model.clip.visual
+    _, tf = train.transforms_of(cfg, None, visual.input_resolution)
+    zs_clip = dapt.run_clip(cfg, model.run_root, device) if _unfrozen_clip(model) else model.clip
+    autocast = train.precision_of(cfg, device)[2]  # as evaluation: bf16 / fp16 weights run under autocast
+
+    def amp():
+        return torch.autocast(device_type=torch.device(device).type, dtype=autocast, enabled=autocast is not None)
+    with amp():
+        zs_T = dapt.encode_texts(zs_clip, [f"a photo of a {c}." for c in model.classnames])
+        T = model.text_features()
+    tuned_tower = model.host if isinstance(model, dapt.FVGPT) else model
+    n_blocks = len(visual.transformer.resblocks)
+    if not -n_blocks <= block < n_blocks:
+        raise dapt.ConfigError(f"--block {block}: the image tower has {n_blocks} blocks (0..{n_blocks - 1}, or -1 "
+                               "= the last)")
+    b = block % n_blocks
+    dataset_dir = os.path.normpath(os.path.join(model.run_root or "", data.DATASETS[cfg["dataset"]].folder)) \
+        if cfg.get("dataset") in data.DATASETS else None
+    cue_kind = ("gradcam" if cfg.get("cue") == "gradcam" else "mask") if isinstance(model, dapt.DAPT) else \
+        ("mask" if isinstance(model, dapt.FVGPT) else None)
+    os.makedirs(out, exist_ok=True)
+    records, used = [], set()
+    for path in files:
+        img = data.open_image(path)
+        mask = None
+        if cue_kind == "mask" and dataset_dir and os.path.abspath(path).startswith(dataset_dir + os.sep):
+            mpath = data.mask_path(dataset_dir, os.path.abspath(path))
+            if os.path.isfile(mpath):
+                enc, _ = data.resolve_mask_encoding(dataset_dir, [mpath], "official" if cfg.get("mask_quirk")
+                                                    else cfg.get("mask_encoding", ""))
+                x, mask = tf.pair(img, data.open_mask(mpath), encoding=enc)
+        if mask is None:
+            x = tf(img)
+        x = x[None].to(device)
+        with amp():
+            zs_logits, zs_row = cls_attention(zs_clip.visual.transformer.resblocks[b].attn, lambda: (
+                zs_clip.logit_scale.exp() * dapt.normalize(zs_clip.visual(x)) @ zs_T.t()))
+            logits, row = cls_attention(model.clip.visual.transformer.resblocks[b].attn,
+                                        lambda: model(x, text_features=T))
+        pred = int(logits.argmax(-1))
+        cue, cue_title = None, []
+        if cue_kind == "gradcam":
+            with torch.enable_grad(), amp():
+                m, cam = model.gradcam(x, torch.tensor([pred], device=device),
+                                       model.host.text_features(model.bg_tokens) if cfg.get("gradcam_quirk") else T,
+                                       return_cam=True)
+            cue, cue_dim = cam[0, 0].float().cpu().numpy(), m[0, 0].float().cpu().numpy()
+            cue_title = ["Grad-CAM cue (DAPT-G)", f"for '{model.classnames[pred]}'",
+                         f">= {cfg['gradcam_threshold']}: {cue_dim.mean():.0%} of the image"]
+        elif cue_kind == "mask":
+            if mask is not None:
+                cue = cue_dim = mask[0].numpy()
+                cue_title = ["mask cue (training)", f"foreground {cue_dim.mean():.0%}"]
+            else:
+                cue_title = ["mask cue: no mask file", "(images of the run's", "dataset only)"]
+        g = visual.grid
+        zs_map, tuned_map = patch_map(zs_row, g)[0].cpu(), patch_map(row, g)[0].cpu()
+        shown = ((x[0].float().cpu() * tf._std + tf._mean).clamp(0, 1).permute(1, 2, 0).numpy() * 255).round()
+        shown = shown.astype(np.uint8)
+        zs_p, p = zs_logits.float().softmax(-1)[0], logits.float().softmax(-1)[0]
+        zs_pred = int(zs_p.argmax())
+        tag = f"{cfg['method']}{cfg.get('tag', '')}"
+        panels = [([os.path.basename(path)[:32], f"{shown.shape[0]} px, block {b + 1}/{n_blocks}"],
+                   Image.fromarray(shown).resize((size, size), Image.BICUBIC)),
+                  (["zero-shot CLIP: CLS attention", f"'{model.classnames[zs_pred]}' {zs_p[zs_pred]:.2f}",
+                    f"on patches: {zs_map.sum():.2f}"], _overlay(shown, zs_map.numpy(), size)),
+                  ([f"{tag}: CLS attention" + ("" if tuned_tower.changes_image_tower else " (tower unchanged)"),
+                    f"'{model.classnames[pred]}' {p[pred]:.2f}", f"on patches: {tuned_map.sum():.2f}"],
+                   _overlay(shown, tuned_map.numpy(), size))]
+        if cue_kind:
+            panels.append((cue_title, _overlay(shown, cue, size) if cue_kind == "gradcam" else
+                           (_overlay(shown, None, size, dim=cue) if cue is not None else
+                            Image.new("RGB", (size, size), "lightgray"))))
+        stem = os.path.splitext(os.path.basename(path))[0]
+        while stem in used:
+            stem += "_"
+        used.add(stem)
+        png, npz = os.path.join(out, stem + ".png"), os.path.join(out, stem + ".npz")
+        _panel_sheet(panels, size).save(png)
+        np.savez(npz, image=shown, zero_shot=zs_map.numpy(), tuned=tuned_map.numpy(),
+                 **({"cue": cue} if cue is not None else {}))
+        records.append(dict(image=path, png=png, npz=npz, zero_shot=zs_map, tuned=tuned_map, cue=cue,
+                            cue_kind=cue_kind, prediction=model.classnames[pred]))
+        echo(f"{path} -> {png}")
+    return records
+
+# ----------------------------------------------------------------------------------------------------------
 # aggregating seeds
 
 
@@ -89,7 +362,7 @@ def collect(root):
     for path in sorted(glob.glob(os.path.join(root, "**", "result.json"), recursive=True)):
         with open(path) as f:
             r = json.load(f)
-        r["path"] = os.path.dirname(path)
+        r["path"] = r.setdefault("run_dir", os.path.dirname(path))
         key = (r["setting"], r["method"] + (r.get("tag") or ""), r["dataset"], r["shots"])
         groups.setdefault(key, []).append(r)
     return groups
@@ -128,8 +401,10 @@ def fewshot_table(groups):
     return tables
 
 
-def render(tables_b2n, tables_fs):
-    """Markdown text and CSV rows of both tables."""
+def render(tables_b2n, tables_fs, flagged=()):
+    """Markdown text and CSV rows of both tables; cells of `flagged` (setting, method, dataset, shots) get a ⚠."""
+    warn = lambda setting, method, dataset, shots=None: " ⚠" if any(  # noqa: E731
+        f[:3] == (setting, method, dataset) and shots in (None, f[3]) for f in flagged) else ""
     md, rows = [], [["table", "method", "dataset", "shots", "base", "base_std", "new", "new_std", "hm", "acc", "acc_std", "seeds"]]
     if tables_b2n:
         md += ["## Base-to-novel (mean over seeds; HM of the means)", "",
@@ -137,7 +412,8 @@ def render(tables_b2n, tables_fs):
         for method, t in tables_b2n.items():
             for dataset, r in t["rows"].items():
                 md.append(f"| {method} | {dataset} | {r['base']:.2f} ± {r['base_std']:.2f} | "
-                          f"{r['new']:.2f} ± {r['new_std']:.2f} | {r['hm']:.2f} | {len(r['seeds'])} |")
+                          f"{r['new']:.2f} ± {r['new_std']:.2f} | {r['hm']:.2f} | {len(r['seeds'])}"
+                          f"{warn('b2n', method, dataset)} |")
                 rows.append(["b2n", method, dataset, 16, f"{r['base']:.4f}", f"{r['base_std']:.4f}", f"{r['new']:.4f}",
                              f"{r['new_std']:.4f}", f"{r['hm']:.4f}", "", "", " ".join(map(str, r["seeds"]))])
             a = t["average"]
@@ -146,12 +422,13 @@ def render(tables_b2n, tables_fs):
         md.append("")
     if tables_fs:
         shots = sorted({k for t in tables_fs.values() for rows in t.values() for k in rows})
-        md += ["## Few-shot accuracy (all classes; mean ± std over seeds)", "",
+        md += ["## Few-shot accuracy (all classes; mean ± std over seeds, number of seeds in brackets)", "",
                "| method | dataset | " + " | ".join(f"{k} shots" for k in shots) + " |",
                "|---|---|" + "---|" * len(shots)]
         for method, t in tables_fs.items():
             for dataset, r in t.items():
-                cells = [(f"{r[k][0]:.2f} ± {r[k][1]:.2f}" if dataset != "average" else f"**{r[k][0]:.2f}**")
+                cells = [(f"{r[k][0]:.2f} ± {r[k][1]:.2f} ({len(r[k][2])}){warn('fewshot', method, dataset, k)}"
+                          if dataset != "average" else f"**{r[k][0]:.2f}**")
                          if k in r else "" for k in shots]
                 md.append(f"| {method} | {dataset} | " + " | ".join(cells) + " |")
                 for k in shots:
@@ -162,12 +439,90 @@ def render(tables_b2n, tables_fs):
     return "\n".join(md), rows
 
 
+# one row per run, and seeds that look collapsed (PromptKD#22: "model-best" at epoch 1 for two seeds, up to 33
+# points off). A run is flagged when one of its accuracies (base, new; all) is more than COLLAPSE_POINTS below
+# the mean of the cell's other seeds, or, with at least two other seeds, more than COLLAPSE_STD of their standard
+# deviations and at least COLLAPSE_MIN_GAP points below it (so seeds that agree to 0.1 do not flag a 0.5-point
+# dip); or when model selection picked the first of several epochs.
+COLLAPSE_POINTS, COLLAPSE_STD, COLLAPSE_MIN_GAP = 10.0, 3.0, 1.0
+IDENTITY_KEYS = ("method", "dataset", "setting", "shots", "seed", "subsample", "tag", "data_fraction")
+
+
+def collapse_flags(groups):
+    """{run folder: [reason, ...]} of the runs that look collapsed (see COLLAPSE_POINTS)."""
+    flags = {}
+    for runs in groups.values():
+        metrics = sorted({k for r in runs for k, v in r["accuracy"].items()
+                          if k != "hm" and isinstance(v, (int, float))})
+        for i, r in enumerate(runs):
+            why = []
+            for m in metrics:
+                others = [o["accuracy"][m] for j, o in enumerate(runs) if j != i and m in o["accuracy"]]
+                if m not in r["accuracy"] or not others:
+                    continue
+                v, mu = r["accuracy"][m], statistics.fmean(others)
+                sd = statistics.stdev(others) if len(others) > 1 else 0.0
+                if mu - v > COLLAPSE_POINTS:
+                    why.append(f"{m} {v:.2f} is {mu - v:.1f} points below the other seeds' mean {mu:.2f}")
+                elif len(others) > 1 and sd > 0 and mu - v > COLLAPSE_STD * sd and mu - v >= COLLAPSE_MIN_GAP:
+                    why.append(f"{m} {v:.2f} is {(mu - v) / sd:.1f} std below the other seeds' {mu:.2f} ± {sd:.2f}")
+            epochs = (r.get("config") or {}).get("epochs") or 0
+            if r.get("selected_epoch") == 0 and epochs > 1:
+                why.append(f"model selection picked the first of {epochs} epochs")
+            if why:
+                flags[r["run_dir"]] = why
+    return flags
+
+
+def changed_keys(result):
+    """{key: value} of the run's config keys that differ from what train.py resolves for its method, dataset and
+    setting without --key flags (COMMON, the model's defaults, RECIPES, DATASET_OVERRIDES); None when unknown."""
+    cfg = result.get("config") or {}
+    try:
+        base = train.resolve_config(cfg["method"], cfg["dataset"], {k: cfg[k] for k in (
+            "subsample", "setting", "shots", "host", "data_fraction") if k in cfg})
+    except (dapt.ConfigError, KeyError):
+        return None
+    norm = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731  (tuples in code, lists in JSON)
+    out = {k: cfg[k] for k, v in base.items() if k not in IDENTITY_KEYS and k in cfg and norm(cfg[k]) != norm(v)
+           and not (k == "template" and v == "")}  # "" = the folder dataset's own template
+    default_host = dapt.METHODS[cfg["method"]].defaults.get("host")
+    if cfg.get("host", default_host) != default_host:
+        out["host"] = cfg["host"]
+    return out
+
+
+def run_rows(groups, flags):
+    """runs.csv: one row per run: identity, accuracies, seconds, selected epoch, the collapse flag, the changed
+    keys as one text column and a column config.<key> per key changed in any run (every run's value in it)."""
+    runs = [r for key in sorted(groups) for r in sorted(groups[key], key=lambda r: r["seed"])]
+    changed = {r["run_dir"]: changed_keys(r) for r in runs}
+    keys = sorted({k for c in changed.values() if c for k in c})
+    accs = [k for k in ("base", "new", "hm", "all") if any(k in r["accuracy"] for r in runs)]
+    accs += sorted({k for r in runs for k in r["accuracy"]} - set(accs))
+    rows = [["run", "method", "tag", "dataset", "setting", "shots", "seed", "subsample", *accs, "seconds",
+             "selected_epoch", "epochs", "possible_collapse", "changed", *[f"config.{k}" for k in keys]]]
+    for r in runs:
+        cfg, c = r.get("config") or {}, changed[r["run_dir"]]
+        rows.append([r["run_dir"], r["method"], r.get("tag", ""), r["dataset"], r["setting"], r["shots"], r["seed"],
+                     r.get("subsample", ""), *[f"{r['accuracy'][k]:.4f}" if k in r["accuracy"] else "" for k in accs],
+                     r.get("seconds", ""), r.get("selected_epoch", ""), cfg.get("epochs", ""),
+                     "; ".join(flags.get(r["run_dir"], [])),
+                     "?" if c is None else " ".join(f"{k}={json.dumps(v, default=str)}" for k, v in c.items()),
+                     *[json.dumps(cfg[k], default=str) if k in cfg else "" for k in keys]])
+    return rows
+
+
 def table(root, out=None):
     groups = collect(root)
     if not groups:
         raise train.RunError(f"no result.json below {root}: train runs first (python train.py ...)")
     b2n, fs = b2n_table(groups), fewshot_table(groups)
-    md, rows = render(b2n, fs)
+    flags = collapse_flags(groups)
+    md, rows = render(b2n, fs, {key for key, runs in groups.items() if any(r["run_dir"] in flags for r in runs)})
+    if flags:
+        md += "\n".join(["", "## Possible collapses (a seed far below the others, or model selection at the first "
+                         "epoch)", ""] + [f"- `{d}`: " + "; ".join(why) for d, why in sorted(flags.items())] + [""])
     flagged = [f"{r['path']} ({', '.join(r['flags'])})" for runs in groups.values() for r in runs if r.get("flags")]
     if flagged:  # kept in the means, but never silently
         md += (f"\nFlagged runs (included above; see the warnings in their result.json): {len(flagged)}\n"
@@ -179,7 +534,9 @@ def table(root, out=None):
         f.write(md + "\n")
     with open(os.path.join(out, "table.csv"), "w", newline="") as f:
         csv.writer(f).writerows(rows)
-    print(f"wrote {os.path.join(out, 'table.md')} and table.csv")
+    with open(os.path.join(out, "runs.csv"), "w", newline="") as f:
+        csv.writer(f).writerows(run_rows(groups, flags))
+    print(f"wrote {os.path.join(out, 'table.md')}, table.csv and runs.csv (one row per run)")
     return b2n, fs
 
 
@@ -195,14 +552,48 @@ def main(argv=None):
     r.add_argument("--subsample", default="all", choices=["all", "base", "new"])
     r.add_argument("--root", help="data root (default: the one the run was trained with)")
     r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    for command in (t, r):
+    q = sub.add_parser("predict", allow_abbrev=False, help="top-k classes of images (files or folders) with "
+                       "probabilities, from a trained run or zero-shot CLIP (--method zsclip --clip NAME)")
+    q.add_argument("paths", nargs="+", metavar="RUN_DIR IMAGE_OR_FOLDER", help="a run folder, then images or folders "
+                   "(with --method zsclip: images only)")
+    q.add_argument("--method", choices=["zsclip"], help="zero-shot CLIP without a run (needs --classes)")
+    q.add_argument("--clip", default=train.COMMON["clip"], help="with --method zsclip: a CLIP name or checkpoint "
+                   "path; toy = ROOT/toy_clip/toy_clip.pt")
+    q.add_argument("--template", default="a photo of a {}.", help="with --method zsclip (default: %(default)s)")
+    q.add_argument("--classes", help="comma-separated class names replacing the run's")
+    q.add_argument("--classes-file", help="one class name per line, replacing the run's")
+    q.add_argument("--topk", type=int, default=5)
+    q.add_argument("--out", help="also write a CSV: image, class_1, prob_1, ...")
+    q.add_argument("--root", help="data root of a toy CLIP (default: the run's, or DATA)")
+    q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = sub.add_parser("attention", allow_abbrev=False, help="PNG per image: the image, zero-shot CLIP's and the "
+                       "tuned model's CLS attention (last block, mean over heads), DAPT / FVG-PT's training cue")
+    a.add_argument("run")
+    a.add_argument("images", nargs="+", help="image files or folders")
+    a.add_argument("--out", required=True, help="folder for <image>.png and <image>.npz (the maps)")
+    a.add_argument("--block", type=int, default=-1, help="which block's CLS attention row (default: the last)")
+    a.add_argument("--root", help="data root (default: the one the run was trained with)")
+    a.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    for command in (t, r, q, a):
         command.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if args.command == "table":
             return table(args.root, args.out)
+        if args.command == "predict":
+            run_dir, paths = (None, args.paths) if args.method else (args.paths[0], args.paths[1:])
+            if not paths:
+                raise dapt.ConfigError("predict RUN_DIR IMAGE_OR_FOLDER...: no images given (zero-shot without a "
+                                       "run: --method zsclip --clip NAME IMAGE... --classes a,b,c)")
+            if run_dir and not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+                raise dapt.ConfigError(f"{run_dir} is not a run folder (no checkpoint.pt); for zero-shot CLIP without "
+                                       "a run pass --method zsclip --clip NAME --classes a,b,c")
+            return predict(paths, run_dir, args.clip, args.root, class_list(args.classes, args.classes_file),
+                           args.template, args.topk, args.out, args.device)
+        if args.command == "attention":
+            return attention_pictures(args.run, args.images, args.out, args.block, args.root, args.device)
         return {run: evaluate_run(run, args.dataset, args.subsample, args.root, args.device) for run in args.runs}
-    except train.USER_ERRORS as e:  # one message, no traceback (--debug shows it)
+    except train.USER_ERRORS + (OSError,) as e:  # one message, no traceback (--debug shows it)
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)

@@ -3,6 +3,7 @@
     python train.py --method coop --dataset caltech101 --root DATA --shots 16 --seed 1 --subsample base
     python train.py --method dapt --dataset toy            # offline: toy benchmark + toy CLIP (pretrained here)
     python train.py --method coop --dataset toy --lr 0.01 --epochs 20   # any config key: --key value
+    python train.py sweep plans/toy_b2n.txt --resume       # a whole table: one run per plan line, done ones skipped
 
 A run folder `<out>/<setting>/<dataset>/<method><tag>/shots<K>_seed<S>/` holds `config.json` (every
 preprocessing and optimisation constant), `log.txt`, `metrics.jsonl` (one line per epoch, counted from 1),
@@ -26,6 +27,9 @@ import math
 import os
 import platform
 import random
+import re
+import shlex
+import statistics
 import sys
 import time
 
@@ -875,6 +879,8 @@ def build_run(cfg, root, device):
     backbone and their caches (toy data, toy CLIP pretraining, few-shot splits), and the model's one-off set-up
     runs with the states kept: a run's result depends on its config and seed, not on what was cached before."""
     bench = data.load_benchmark(cfg["dataset"], root, shots=cfg["shots"], seed=cfg["seed"], subsample=cfg["subsample"])
+    if cfg.get("template") == "":  # a folder dataset's template is known once it is read (DIR/template.txt)
+        cfg["template"] = bench.template
     if cfg["data_fraction"] < 1:
         bench = data_fraction_split(bench, cfg["data_fraction"], cfg["seed"])
     clip = load_backbone(cfg, root, device)
@@ -1163,6 +1169,180 @@ def describe(result):
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# sweeps: a paper table as one command, `python train.py sweep PLAN [--resume]` (plans/*.txt)
+#
+# A plan is a text file with one run per line, written as train.py arguments ('#' starts a comment; a line
+# ending in '\' goes on), and a small grid syntax:
+#   NAME = words      a variable: $NAME or ${NAME} in later lines is replaced by the words
+#   {a,b,c}           one run per value; several groups give every combination (the leftmost varies slowest)
+#   {key}             the value of --key in the same run once expanded ({seed}, {dataset}), or the sweep's {out}
+#                     and {root} (e.g. --host-run {out}/b2n/{dataset}/coop-fvg/shots16_seed{seed})
+# The sweep's --root, --out and --device apply to every line that does not give them. Finished runs (result.json)
+# are skipped, unfinished ones resumed with --resume, runs are trained one after the other in this process.
+
+PLAN_VARIABLE = re.compile(r"^([A-Za-z_]\w*)\s*=\s*(.*)$")
+
+
+def _plan_substitute(text, variables, where):
+    def value(m):
+        name = m.group(1) or m.group(2)
+        if name not in variables:
+            raise ConfigError(f"{where}: ${name} is not defined above (NAME = words)")
+        return variables[name]
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", value, text)
+
+
+def _brace_expand(text):
+    m = re.search(r"\{([^{}]*,[^{}]*)\}", text)
+    if m is None:
+        return [text]
+    return [out for option in m.group(1).split(",")
+            for out in _brace_expand(text[:m.start()] + option + text[m.end():])]
+
+
+def expand_plan(text, out="runs", root="DATA", where="plan"):
+    """Plan text -> [(line number, argv of one run)] in order (see the section comment)."""
+    variables, runs, pending, start = {}, [], "", 0
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].rstrip() if not raw.lstrip().startswith("#") else ""
+        start = start or number
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line, pending, n, start = (pending + line).strip(), "", start, 0
+        if not line:
+            continue
+        m = PLAN_VARIABLE.match(line)
+        if m and not line.startswith("-"):
+            variables[m.group(1)] = _plan_substitute(m.group(2).strip(), variables, f"{where}:{n}")
+            continue
+        for combo in _brace_expand(_plan_substitute(line, variables, f"{where}:{n}")):
+            tokens = shlex.split(combo)
+            given = {t[2:].replace("-", "_"): v for t, v in zip(tokens, tokens[1:]) if t.startswith("--")}
+            given = {**given, "out": given.get("out", out), "root": given.get("root", root)}
+
+            def ref(m, given=given):
+                if m.group(1) not in given:
+                    raise ConfigError(f"{where}:{n}: {{{m.group(1)}}} refers to --{m.group(1)}, which this line does "
+                                      "not set")
+                return given[m.group(1)]
+            runs.append((n, [re.sub(r"\{(\w+)\}", ref, t) for t in tokens]))
+    return runs
+
+
+def run_status(run_dir):
+    """done (result.json), unfinished (started: config.json or resume.pt, no result) or todo."""
+    if os.path.exists(os.path.join(run_dir, "result.json")):
+        return "done"
+    if any(os.path.exists(os.path.join(run_dir, f)) for f in ("config.json", "resume.pt")):
+        return "unfinished"
+    return "todo"
+
+
+def _summary(result):
+    return " ".join(f"{k} {v:.2f}" for k, v in result["accuracy"].items() if isinstance(v, (int, float)))
+
+
+def sweep(plan, out="runs", root="DATA", device=None, resume=False, dry_run=False, echo=print):
+    """Train every run of a plan file that has no result yet, one after the other, with one progress line per run
+    (and an ETA from the runs trained so far), also appended to <out>/sweep.log. Every line is parsed and
+    resolved before anything runs. -> {"done": n, "trained": n, "failed": [(run dir, error)], "skipped": n}."""
+    with open(plan) as f:
+        text = f.read()
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    planned, seen = [], {}
+    for n, tokens in expand_plan(text, out, root, os.path.basename(plan)):
+        argv = tokens + [x for flag, v in (("--root", root), ("--out", out), ("--device", device))
+                         if flag not in tokens for x in (flag, v)]
+        try:
+            args = parse_args(argv)
+        except SystemExit:  # argparse printed its message
+            raise ConfigError(f"{plan}:{n}: cannot read the arguments {' '.join(tokens)}") from None
+        except ConfigError as e:
+            raise ConfigError(f"{plan}:{n}: {e}") from None
+        d = run_dir_of(args.out, args.cfg)
+        if d in seen:
+            raise ConfigError(f"{plan}: lines {seen[d]} and {n} give the same run {d}; tell them apart with --tag")
+        seen[d] = n
+        planned.append((args, d, run_status(d)))
+    to_train = [st == "todo" or (st == "unfinished" and resume) for _, _, st in planned]
+    counts = {s: sum(st == s for _, _, st in planned) for s in ("done", "unfinished", "todo")}
+    log_path = os.path.join(out, "sweep.log")
+
+    def say(msg):
+        echo(msg)
+        if not dry_run:
+            os.makedirs(out, exist_ok=True)
+            with open(log_path, "a") as f:
+                f.write(f"{datetime.datetime.now().isoformat(timespec='seconds')} {msg}\n")
+    say(f"sweep {plan}: {len(planned)} runs: {counts['done']} done, {counts['unfinished']} unfinished, "
+        f"{counts['todo']} to train" + (" (dry run)" if dry_run else ""))
+    stats, times = dict(done=0, trained=0, failed=[], skipped=0), []
+    for i, (args, d, st) in enumerate(planned):
+        head = f"[{i + 1}/{len(planned)}] {d}:"
+        if st == "done":
+            stats["done"] += 1
+            say(f"{head} done")
+            continue
+        if not to_train[i]:
+            stats["skipped"] += 1
+            say(f"{head} unfinished, skipped (pass --resume to continue it)")
+            continue
+        if dry_run:
+            say(f"{head} would {'resume' if st == 'unfinished' else 'train'}")
+            continue
+        t0 = time.time()
+        try:
+            result = train(args.cfg, root=args.root, out=args.out, device=args.device, resume=st == "unfinished")
+        except KeyboardInterrupt:
+            say(f"{head} interrupted; run the sweep again with --resume to continue")
+            raise
+        except Exception as e:  # one failed run (an error, a NaN, out of memory) does not stop the table
+            log.exception("sweep: %s failed", d)
+            stats["failed"].append((d, f"{type(e).__name__}: {e}"))
+            what = f"FAILED ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        else:
+            stats["trained"] += 1
+            times.append(time.time() - t0)
+            what = f"{'resumed' if st == 'unfinished' else 'trained'} in {times[-1]:.0f}s, {_summary(result)}"
+        left = sum(to_train[i + 1:])
+        eta = datetime.timedelta(seconds=int(statistics.fmean(times) * left)) if times else "?"
+        say(f"{head} {what} | {left} to go, ETA {eta}")
+    say(f"sweep {plan}: {stats['done']} were done, {stats['trained']} trained, {len(stats['failed'])} failed, "
+        f"{stats['skipped']} unfinished skipped")
+    return stats
+
+
+def sweep_main(argv):
+    p = argparse.ArgumentParser(prog="train.py sweep", allow_abbrev=False,
+                                description="Train every run of one or more plan files (plans/*.txt); finished runs "
+                                            "are skipped, unfinished ones resumed with --resume.")
+    p.add_argument("plans", nargs="+", metavar="PLAN")
+    p.add_argument("--root", default="DATA", help="data root for lines without --root (default DATA)")
+    p.add_argument("--out", default="runs", help="run folders for lines without --out (default runs)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--resume", action="store_true", help="continue unfinished runs (else they are skipped)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their state, train nothing")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    a = p.parse_args(argv)
+    failed = []
+    try:
+        for plan in a.plans:
+            failed += sweep(plan, a.out, a.root, a.device, a.resume, a.dry_run)["failed"]
+    except USER_ERRORS as e:
+        if a.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    if failed:
+        print(f"{len(failed)} run(s) failed: " + "; ".join(d for d, _ in failed), file=sys.stderr)
+        raise SystemExit(1)
+    return 0
+
+
 # the project's own errors, and the file system's (permissions, disk full): one message and exit code 1 from
 # main(), no traceback (--debug shows it)
 USER_ERRORS = (ConfigError, RunError, clip_module.CheckpointError, data.DataError, OSError)
@@ -1170,6 +1350,8 @@ USER_ERRORS = (ConfigError, RunError, clip_module.CheckpointError, data.DataErro
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["sweep"]:  # python train.py sweep PLAN... (sweep_main)
+        return sweep_main(argv[1:])
     try:
         args = parse_args(argv)
         if args.show_config:

@@ -117,7 +117,7 @@ def make_fake(root, name, per=PER, write=_img):
 def test_dataset_names_and_templates():
     assert list(data.DATASETS) == ["caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101",
                                    "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101", "imagenet", "imagenetv2",
-                                   "imagenet_sketch", "imagenet_a", "imagenet_r", "toy"]
+                                   "imagenet_sketch", "imagenet_a", "imagenet_r", "toy", "folder"]
     assert data.DATASETS["dtd"].template == "{} texture."
     assert data.DATASETS["eurosat"].template == "a centered satellite photo of {}."
     assert data.DATASETS["food101"].template == "a photo of {}, a type of food."
@@ -128,7 +128,7 @@ def test_dataset_names_and_templates():
     assert len(data.SELECT_TEMPLATES) == 7
 
 
-@pytest.mark.parametrize("name", [n for n in data.DATASETS if n != "toy"])
+@pytest.mark.parametrize("name", [n for n in data.DATASETS if n not in ("toy", "folder")])
 def test_fake_layouts_load(tmp_path, name):
     names = make_fake(str(tmp_path), name)
     info = data.DATASETS[name]
