@@ -26,8 +26,7 @@ from torch import nn
 
 import data
 import kernels
-from clip import CLIP, CheckpointError, VisualPrompts, build_clip, load_clip  # noqa: F401  (public names)
-from clip import load_torch_file
+from clip import CLIP, CheckpointError, VisualPrompts, build_clip, load_clip, load_torch_file  # noqa: F401  (public names)
 from kernels.losses import inter_dispersion_reference as inter_dispersion_loss  # noqa: F401  (public names:
 from kernels.losses import intra_dispersion_reference as intra_dispersion_loss  # noqa: F401   plain PyTorch)
 from kernels.losses import proxy_anchor_reference as proxy_anchor_loss  # noqa: F401
@@ -1633,15 +1632,20 @@ TOY_CLIP_FILE = os.path.join("toy_clip", "toy_clip.pt")  # under the run's data 
 
 
 def read_run_file(path, device="cpu"):
-    """torch.load(path, weights_only=True) of a file train.py wrote; errors name the file."""
+    """checkpoint.pt / best.pt / resume.pt of a run folder, read with torch.load(weights_only=True): plain dicts,
+    lists, tensors, numbers and strings only, so a planted file cannot run code (errors name the file)."""
+    state = load_torch_file(path, map_location=device, expected="a checkpoint.pt / best.pt / resume.pt written by train.py")
+    if not isinstance(state, dict) or not isinstance(state.get("params"), dict):
+        raise CheckpointError(f"{path}: not a run file of train.py (expected a dict with the trained 'params')")
+    return state
+
+
+def restore(model, state, path):
+    """model.load_checkpoint(state) with the file named when it does not fit the model."""
     try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} not found: expected a run folder of train.py (it writes checkpoint.pt after "
-                              "the set-up and after every epoch)") from None
-    except Exception as e:  # refused globals, truncated zip, not a torch file
-        raise CheckpointError(f"{path}: cannot be read with torch.load(weights_only=True) "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        model.load_checkpoint(state)
+    except (ValueError, RuntimeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: does not fit the {type(model).__name__} model of this config ({e})") from None
 
 
 def run_clip(cfg, root=None, device="cpu", dtype=None):
@@ -1691,7 +1695,7 @@ def model_of_checkpoint(ckpt, clip, classnames=None, run_dir=None):
     for p in model.parameters():  # as train.build_run: prompt parameters in float32
         if p.requires_grad:
             p.data = p.data.float()
-    model.load_checkpoint(ckpt)
+    restore(model, ckpt, os.path.join(run_dir or ".", "checkpoint.pt"))
     return model.eval()
 
 

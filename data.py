@@ -623,20 +623,9 @@ DATASETS["folder"] = DatasetInfo(
 _FOLDER_INFO = {}  # dataset dir -> how its split, names and template were found (read_folder_split; check)
 
 
-def _user_cache_root():
-    """$DAPT_CACHE, else $XDG_CACHE_HOME/dapt, else ~/.cache/dapt (caches of datasets that cannot be written)."""
-    return os.environ.get("DAPT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "dapt")
-
-
 def folder_cache_dir(dataset_dir):
-    """Where a read-only folder dataset's split file goes: <user cache>/<folder name>-<12 hex of its path's sha256>."""
-    d = os.path.abspath(dataset_dir)
-    return os.path.join(_user_cache_root(), f"{os.path.basename(d)}-{hashlib.sha256(d.encode()).hexdigest()[:12]}")
-
-
-def _folder_writable(folder):
-    return os.access(folder, os.W_OK | os.X_OK)
+    """Where a read-only folder dataset's split file goes: its user cache folder (cache_dirs)."""
+    return os.path.dirname(cache_dirs(dataset_dir)[0][1])
 
 
 def _folder_help(root):
@@ -803,7 +792,7 @@ def make_folder_split(dataset_dir, seed=FOLDER_SPLIT_SEED, fractions=FOLDER_FRAC
         how = dict(val_fraction_of_train=FOLDER_VAL_FRACTION)
     split["meta"] = dict(generator="dapt data.make_folder_split v1", seed=seed, layout=layout, folders=folders,
                          listing_sha256=_listing_sha(listing), **how)
-    target = d if _folder_writable(d) else folder_cache_dir(d)
+    target = d if can_write(d) else folder_cache_dir(d)
     path = os.path.join(target, FOLDER_SPLIT_FILE)
     _write_json(path, split)
     log.info("folder split (seed %d) written %s: %s", seed,
@@ -981,7 +970,7 @@ def import_splits(src, root, force=False):
                 log.warning("%s: the exporting machine's split differs (sha256 %s... vs %s... here); every item was "
                             "found with the same label and class name, so it is imported", fname,
                             str(m.get("split_sha256"))[:12], sha[:12])
-            path = fewshot_cache_path(dataset_dir, d["K"], d["seed"])
+            path = os.path.join(cache_dirs(dataset_dir)[1], os.path.basename(fewshot_cache_path(dataset_dir, d["K"], d["seed"])))
             _write_json(path, {"train": d["train"], "val": d["val"], "meta": {
                 "K": d["K"], "seed": d["seed"], "split_file": os.path.basename(split_file), "split_sha256": sha,
                 "sampler": m.get("sampler", "dassl-v1"), "few_classes": m.get("few_classes", []),
@@ -1003,7 +992,7 @@ def _install_folder_split(dataset_dir, split, force):
         if not force:
             raise SplitFileError(f"{existing} differs from the exported {FOLDER_SPLIT_FILE}; pass --force to replace "
                                  "it (runs trained on the old split are then not comparable)")
-    target = d if _folder_writable(d) else folder_cache_dir(d)
+    target = d if can_write(d) else folder_cache_dir(d)
     path = os.path.join(target, FOLDER_SPLIT_FILE)
     if existing and existing != path:
         os.remove(existing)

@@ -36,21 +36,13 @@ import train
 # evaluating one run on other classes / datasets
 
 
-def load_run(run_dir, device="cpu", root=None):
-    """(model, cfg, root) rebuilt from a run folder's checkpoint (learnable parameters + config), read with
-    weights_only=True (train.read_run_file: a planted file cannot run code)."""
-    path = os.path.join(run_dir, "checkpoint.pt")
-    if not os.path.exists(path):
+def load_run(run_dir, device="cpu"):
+    """(model, cfg, data root the run was trained with) of a run folder: dapt.load_run (every file read with
+    weights_only=True; a toy run's CLIP from its own data root)."""
+    if not os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
         raise train.RunError(f"{run_dir}: no checkpoint.pt (is this a run folder of train.py, and did it finish an epoch?)")
-    ckpt = train.read_run_file(path, device)
-    cfg = ckpt.get("config")
-    if not isinstance(cfg, dict) or not isinstance(ckpt.get("classnames"), list):
-        raise train.RunError(f"{path}: holds no run config and class names; expected the checkpoint.pt of train.py")
-    root = root or train.read_json(os.path.join(run_dir, "config.json"), "run config")["root"]
-    clip = train.load_backbone(cfg, root, device)
-    model = train.build_model(cfg, clip, ckpt["classnames"]).to(device)
-    train.restore(model, ckpt, path)
-    return model, cfg, root
+    model = dapt.load_run(run_dir, device)
+    return model, model.cfg, model.run_root
 
 
 def evaluate_run(run_dir, datasets=None, subsample="all", root=None, device="cpu"):
@@ -64,7 +56,8 @@ def evaluate_run(run_dir, datasets=None, subsample="all", root=None, device="cpu
 
 
 def _evaluate_run(run_dir, datasets, subsample, root, device):
-    model, cfg, root = load_run(run_dir, device, root)
+    model, cfg, run_root = load_run(run_dir, device)
+    root = root or run_root  # the datasets' root (--root), else the run's
     _, _, autocast_dtype, _ = train.precision_of(cfg, device)
     out = {}
     for name in datasets or [cfg["dataset"]]:

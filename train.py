@@ -488,24 +488,6 @@ def read_json(path, what="file"):
         raise RunError(f"{path}: not a readable JSON {what} ({e})") from None
 
 
-def read_run_file(path, device="cpu"):
-    """checkpoint.pt / best.pt / resume.pt of a run folder, read with weights_only=True: plain dicts, lists,
-    tensors, numbers and strings only, so a planted file cannot run code (the error names the file)."""
-    state = clip_module.load_torch_file(path, map_location=device,
-                                        expected="a checkpoint.pt / best.pt / resume.pt written by train.py")
-    if not isinstance(state, dict) or not isinstance(state.get("params"), dict):
-        raise RunError(f"{path}: not a run file of train.py (expected a dict with the trained 'params')")
-    return state
-
-
-def restore(model, state, path):
-    """model.load_checkpoint(state) with the file named when it does not fit the model."""
-    try:
-        model.load_checkpoint(state)
-    except (ValueError, RuntimeError, KeyError, TypeError) as e:
-        raise RunError(f"{path}: does not fit the {type(model).__name__} model of this config ({e})") from None
-
-
 # config.json holds the run config plus what it resolved to; these keys describe the machine and the data
 # copy, not the run, and may differ when a run is resumed or its command repeated.
 RECORD_ONLY = ("root", "device", "transform_train", "transform_test", "trainable_values", "benchmark", "versions")
@@ -732,7 +714,7 @@ def load_host(cfg, clip, classnames):
     if not cfg["host_run"] or not os.path.exists(path):
         raise ConfigError(f"fvgpt needs --host-run RUN_DIR, a finished run folder of train.py holding checkpoint.pt "
                           f"(got {cfg['host_run']!r}); train the host first, e.g. --method coop --subsample base")
-    ckpt = read_run_file(path, clip.logit_scale.device)
+    ckpt = dapt.read_run_file(path, clip.logit_scale.device)
     host_cfg = ckpt.get("config")
     if not isinstance(host_cfg, dict) or "method" not in host_cfg:
         raise RunError(f"{path}: holds no run config; expected the checkpoint.pt of a finished train.py run")
@@ -747,7 +729,7 @@ def load_host(cfg, clip, classnames):
             raise ConfigError(f"fvgpt: {key} = {cfg.get(key)!r} but the host run {cfg['host_run']} has "
                               f"{host_cfg.get(key, default)!r}; stage 2 trains on the host's data and backbone")
     host = build_model(host_cfg, clip, classnames)
-    restore(host, ckpt, path)
+    dapt.restore(host, ckpt, path)
     return host
 
 
@@ -952,8 +934,8 @@ def fit(cfg, run_dir, model, bench, train_tf, test_tf, device, resume):
             log.warning("selection=best_val but %s has no val split: using the last epoch", cfg["dataset"])
     done, best, exploded = 0, None, False  # done: finished epochs
     if resume:
-        state = read_run_file(resume_path, device)
-        restore(model, state, resume_path)
+        state = dapt.read_run_file(resume_path, device)
+        dapt.restore(model, state, resume_path)
         opt.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -1000,7 +982,7 @@ def fit(cfg, run_dir, model, bench, train_tf, test_tf, device, resume):
         raise NonFiniteLoss(f"non-finite loss: {msg}") from None
     if best is not None and cfg["selection"] == "best_val":
         path = os.path.join(run_dir, "best.pt")
-        restore(model, read_run_file(path, device), path)  # parameters and extra state (DA-VPT's map)
+        dapt.restore(model, dapt.read_run_file(path, device), path)  # parameters and extra state (DA-VPT's map)
         log.info("model selection: best val accuracy %.2f at epoch %d of %d", best["val_acc"], best["epoch"], epochs)
     return best, loader.samples_per_epoch
 

@@ -89,7 +89,7 @@ def test_folder_class_names_and_template_files_are_read_on_every_load(tmp_path, 
 def test_read_only_folder_writes_its_split_to_the_user_cache(tmp_path, monkeypatch, caplog):
     d = make_folder_dataset(tmp_path / "shared", per_class=4, masks=False)
     monkeypatch.setenv("DAPT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(data, "_folder_writable", lambda folder: False)  # tests run as root: os.access says yes
+    monkeypatch.setattr(data, "can_write", lambda folder: False)  # tests run as root: os.access says yes
     with caplog.at_level("INFO", logger="dapt"):
         b = data.load_benchmark("folder", d, shots=0)
     path = os.path.join(data.folder_cache_dir(d), "split_folder.json")

@@ -54,7 +54,7 @@ def test_load_run_reproduces_the_runs_accuracy(trained):
         loader = train.make_loader(cfg, bench, bench.test, tf, False, model, model.clip.visual.patch_size)
         acc, _ = train.evaluate(model, loader, "cpu")
         assert acc == pytest.approx(result["accuracy"][result["subsample"]]), name
-    with pytest.raises(dapt.CheckpointError, match="checkpoint.pt not found"):
+    with pytest.raises(dapt.CheckpointError, match="checkpoint.pt: file not found"):
         dapt.load_run(os.path.join(d, "red_circle"))
 
 
