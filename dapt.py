@@ -221,10 +221,8 @@ class PromptModel(nn.Module):
 
     def set_dataset(self, name):
         """The classes that come next are dataset `name`'s (eval.py calls this before set_classnames): for methods
-        whose template or prediction rule depends on the dataset (MMRL); composed models pass it to their host."""
-        host = getattr(self, "host", None)
-        if isinstance(host, PromptModel):
-            host.set_dataset(name)
+        whose template or prediction rule depends on the dataset (zero-shot CLIP, MMRL, FVG-PT); composed models
+        pass it to their host."""
 
     def text_features(self, extra_tokens=None):
         """[C, E] normalised class features (gradients to the text prompts); with extra_tokens [N, L] (frozen
@@ -312,15 +310,24 @@ class ZeroShotCLIP(PromptModel):
 
     def __init__(self, clip, classnames, cfg=None):
         super().__init__(clip, classnames, cfg)
-        ensemble, own = choice(self.cfg, "ensemble", ("", "imagenet80", "select")), self.cfg["template"]
-        if ensemble == "imagenet80":
+        choice(self.cfg, "ensemble", ("", "imagenet80", "select"))
+        self.set_dataset(self.cfg["dataset"])
+        self.set_classnames(classnames)
+
+    def set_dataset(self, name):
+        """The templates for dataset `name`: a cross-dataset target gets its own hand-crafted template in place of
+        the run's when the run used its dataset's (a --template given by hand is kept)."""
+        own = self.cfg["template"]
+        if name != self.cfg["dataset"] and name in data.DATASETS and self.cfg["dataset"] in data.DATASETS \
+                and own == data.DATASETS[self.cfg["dataset"]].template:
+            own = data.DATASETS[name].template
+        if self.cfg["ensemble"] == "imagenet80":
             self.templates = list(data.IMAGENET_TEMPLATES)
-        elif ensemble == "select":
+        elif self.cfg["ensemble"] == "select":
             # CoOp's zsclip adds the dataset's template for every dataset but ImageNet itself (its variants too)
-            self.templates = list(data.SELECT_TEMPLATES) + ([] if self.cfg["dataset"] == "imagenet" else [own])
+            self.templates = list(data.SELECT_TEMPLATES) + ([] if name == "imagenet" else [own])
         else:
             self.templates = [own]
-        self.set_classnames(classnames)
 
     @torch.no_grad()
     def set_classnames(self, classnames):
@@ -598,6 +605,9 @@ class DAPT(PromptModel):
         super().set_classnames(classnames)
         self.host.set_classnames(classnames)
 
+    def set_dataset(self, name):
+        self.host.set_dataset(name)
+
     def split_texts(self, T_all):
         """(T_fg, T_bg). Clean: C classes / 32 backgrounds. bg_slice_quirk (official): C + first 7 / last 25."""
         k = len(self.classnames) + (7 if self.cfg["bg_slice_quirk"] else 0)
@@ -758,7 +768,7 @@ class FVGPT(PromptModel):
         self.alpha_t = nn.Parameter(torch.tensor(c["fvgpt_alpha_init"]))
         self.frg = nn.Sequential(nn.Linear(3, hid), nn.ReLU(), nn.Linear(hid, 1))  # foreground reliability gate
         self.brg = nn.Sequential(nn.Linear(3, hid), nn.ReLU(), nn.Linear(hid, 1))  # backbone reliability gate
-        self.train_classnames = list(classnames)
+        self.train_classnames, self.same_dataset = list(classnames), True
         self.set_classnames(classnames)
 
     def train(self, mode=True):
@@ -766,14 +776,19 @@ class FVGPT(PromptModel):
         self.host.eval()  # frozen: no dropout in the host
         return self
 
+    def set_dataset(self, name):
+        self.same_dataset = name == self.cfg["dataset"]
+        self.host.set_dataset(name)
+
     @torch.no_grad()
     def set_classnames(self, classnames):
         """New class list: refresh the cached host / CLIP class features. predict_mode auto: z_FDC when the list
-        is the training list (base test, all-class few-shot), z_PC otherwise (new classes, cross-dataset)."""
+        is the training list of the training dataset (base test, all-class few-shot), z_PC otherwise (new
+        classes, cross-dataset and domain-shift targets, ImageNet-V2 / Sketch included)."""
         super().set_classnames(classnames)
         self.host.set_classnames(classnames)
-        mode = self.cfg["predict_mode"]
-        self.mode = mode if mode != "auto" else ("fdc" if list(classnames) == self.train_classnames else "pc")
+        mode, same = self.cfg["predict_mode"], self.same_dataset
+        self.mode = mode if mode != "auto" else ("fdc" if same and list(classnames) == self.train_classnames else "pc")
         self.T_host = None  # host class features, computed on first use (device / autocast of the caller)
         names = [c.replace("_", " ") for c in classnames]
         self.register_buffer("T0", encode_texts(self.clip, [f"a photo of a {n}." for n in names]), persistent=False)

@@ -55,3 +55,16 @@ def test_fvgpt_on_every_host(host):
     f, _, f0 = model.frozen_features(x)
     assert torch.equal(f, f0) != host_model.changes_image_tower
     torch.testing.assert_close(f0, dapt.normalize(clip.encode_image(x)))
+
+
+def test_fvgpt_scores_another_dataset_with_the_calibrated_logits():
+    """A domain-shift target with the training class list (ImageNet-V2 / Sketch) is scored with z_PC, as every
+    cross-dataset target; the training dataset's own classes with z_FDC."""
+    model = fvgpt_model()
+    assert model.mode == "fdc"
+    model.set_dataset("imagenetv2")
+    model.set_classnames(NAMES)
+    assert model.mode == "pc"
+    model.set_dataset("toy")
+    model.set_classnames(NAMES)
+    assert model.mode == "fdc"

@@ -236,3 +236,18 @@ def test_maple_initialisation_follows_the_official_draws(clip):
     big = dapt.MaPLe(clip_module.CLIP(**dict(SMALL_CONFIG, vision_layers=4, transformer_layers=4)), NAMES, cfg_of("maple"))
     assert all(torch.equal(f.weight, big.couplings[1].weight) for f in big.couplings[1:])  # F_1..F_3 identical
     assert big.couplings[1].weight.data_ptr() != big.couplings[2].weight.data_ptr()  # but separate tensors
+
+
+def test_zero_shot_takes_a_cross_dataset_targets_template(clip):
+    cfg = train.resolve_config("zsclip", "dtd", {})
+    model = dapt.ZeroShotCLIP(clip, NAMES, cfg)
+    assert model.templates == ["{} texture."]
+    model.set_dataset("eurosat")
+    assert model.templates == [data.DATASETS["eurosat"].template]
+    custom = dapt.ZeroShotCLIP(clip, NAMES, dict(cfg, template="itap of a {}."))  # a template given by hand stays
+    custom.set_dataset("eurosat")
+    assert custom.templates == ["itap of a {}."]
+    select = dapt.ZeroShotCLIP(clip, NAMES, train.resolve_config("zsclip", "imagenet", {"ensemble": "select"}))
+    assert len(select.templates) == 7
+    select.set_dataset("imagenetv2")  # CoOp's rule on the target: 8 templates
+    assert len(select.templates) == 8 and select.templates[-1] == data.DATASETS["imagenetv2"].template
