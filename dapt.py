@@ -437,7 +437,7 @@ class DAPT(PromptModel):
             terms["f"] = (c["dapt_w_f"], F.cross_entropy(s * z["fg"].detach() @ T_fg.t(), y))  # text side only
             bg_logits = s * z["bg"] @ T_bg.t()
             terms["b"] = (c["dapt_w_b"], F.cross_entropy(bg_logits, bg_logits.detach().argmax(-1)))  # pseudo-label
-        return terms, logits, {"fg_area": m.mean().item()}
+        return terms, logits, {"fg_area": m.mean().detach()}
 
     def encode_views(self, views, names):
         """One batched image-tower call for the named views -> {name: [B, E]}."""
@@ -577,7 +577,8 @@ class FVGPT(PromptModel):
         valid = (a >= lo) & (a <= hi)
         target = ((F.cross_entropy(z_fg, y, reduction="none") + c["fvgpt_delta"])
                   < F.cross_entropy(z_full, y, reduction="none")).float()
-        l_rg = F.binary_cross_entropy(r[valid], target[valid]) if valid.any() else r.sum() * 0
+        # the mean BCE over the samples whose area is in bounds (0 when there is none), without reading the mask
+        l_rg = (F.binary_cross_entropy(r, target, reduction="none") * valid).sum() / valid.sum().clamp_min(1)
         r = torch.where(valid, r, torch.zeros_like(r))
         # FDC: adapted logits distilled from the full / foreground view, weighted by the trust
         z_fdc = self.fdc_logits(f, T)
@@ -588,8 +589,9 @@ class FVGPT(PromptModel):
         l_pc = F.cross_entropy(z_pc, y) + (kl_div(z_clip, z_pc, tau).mean() if c["fvgpt_use_kl"] else 0)
         ce = F.cross_entropy(z_fdc, y)
         loss = ce + c["fvgpt_lambda_base"] * (l_dist + c["fvgpt_lambda_rg"] * l_rg) + c["fvgpt_lambda_new"] * l_pc
-        return loss, {"acc": (z_fdc.argmax(-1) == y).float().mean().item(), "L_dist": l_dist.item(),
-                      "L_RG": l_rg.item(), "L_PC": l_pc.item(), "r": r.mean().item()}
+        stats = {"acc": (z_fdc.argmax(-1) == y).float().mean(), "L_dist": l_dist, "L_RG": l_rg, "L_PC": l_pc,
+                 "r": r.mean()}
+        return loss, {k: v.detach() for k, v in stats.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -275,10 +275,11 @@ class PromptModel(nn.Module):
 
 
 def total(terms, logits, labels):
-    """(sum of weight * value, stats): accuracy of the logits and every term's unweighted value."""
+    """(sum of weight * value, stats): accuracy of the logits and every term's unweighted value, as detached 0-d
+    tensors (train.py reads them only when it logs: no device synchronisation per step)."""
     loss = sum(w * t for w, t in terms.values())
-    stats = {"acc": (logits.argmax(-1) == labels).float().mean().item()}
-    stats.update({f"L_{k}": t.item() for k, (_, t) in terms.items()})
+    stats = {"acc": (logits.argmax(-1) == labels).float().mean().detach()}
+    stats.update({f"L_{k}": t.detach() for k, (_, t) in terms.items()})
     return loss, stats
 
 

@@ -773,10 +773,10 @@ def evaluate(model, loader, device, autocast_dtype=None):
         for batch in loader:
             batch = to_device(batch, device)
             pred = model(batch["image"], text_features=T).argmax(-1)
-            correct += (pred == batch["label"]).sum().item()
+            correct = correct + (pred == batch["label"]).sum()  # a tensor: read once, at the end
             total += len(pred)
     model.train()
-    return 100.0 * correct / max(total, 1), total
+    return 100.0 * int(correct) / max(total, 1), total
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1001,12 +1001,16 @@ def checkpoint_of(model, cfg):
 
 
 def train_one_epoch(cfg, model, opt, scaler, loader, epoch, device, autocast_dtype):
+    """One epoch; returns its averaged stats. Nothing reads a value back from the device per step: the loss, its
+    stats and the first non-finite loss stay tensors until a progress line is logged (every log_every steps and
+    at the epoch's end), so a GPU never waits for the host (the fp16 GradScaler's own inf check aside). A
+    non-finite loss stops the run at that check, before the epoch's checkpoint is written."""
     model.train()
     loader.set_epoch(epoch)
     steps = len(loader)
     lr = lr_at(cfg, epoch)
-    total_loss = total_acc = seen = 0.0
-    parts = {}  # the loss's other stats (e.g. its terms), averaged over the epoch
+    sums, seen = {}, 0  # the loss and its stats, summed over the samples as float64 tensors
+    bad_step = bad_loss = None  # the first step with a non-finite loss (-1: none yet) and that loss, as tensors
     t0 = last_print = time.time()
     for step, batch in enumerate(loader):
         if cfg["schedule"] != "cosine":  # per update
@@ -1016,8 +1020,11 @@ def train_one_epoch(cfg, model, opt, scaler, loader, epoch, device, autocast_dty
         batch = to_device(batch, device)
         with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             loss, stats = model.loss(batch, epoch)
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} (lr {lr:.3g})")
+        value = loss.detach().float()
+        if bad_step is None:
+            bad_step, bad_loss = torch.full_like(value, -1, dtype=torch.long), torch.zeros_like(value)
+        first = ~torch.isfinite(value) & (bad_step < 0)
+        bad_step, bad_loss = torch.where(first, step, bad_step), torch.where(first, value, bad_loss)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if cfg["grad_clip"]:
@@ -1026,21 +1033,21 @@ def train_one_epoch(cfg, model, opt, scaler, loader, epoch, device, autocast_dty
         scaler.step(opt)
         scaler.update()
         n = len(batch["label"])
-        total_loss += loss.item() * n
-        total_acc += stats.get("acc", 0.0) * n
-        for k, v in stats.items():
-            if k != "acc":
-                parts[k] = parts.get(k, 0.0) + v * n
+        for k, v in dict(loss=value, **stats).items():
+            sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float64) * n
         seen += n
         now = time.time()
         if step == steps - 1 or (step + 1) % cfg["log_every"] == 0 or now - last_print > 30:
+            if int(bad_step) >= 0:
+                raise NonFiniteLoss(f"loss is {float(bad_loss)} at epoch {epoch + 1}, step {int(bad_step) + 1} "
+                                    f"(lr {lr_at(cfg, epoch, int(bad_step), steps):.3g})")
             ips = seen / max(now - t0, 1e-9)
             eta = (steps - step - 1) * (now - t0) / (step + 1) + (cfg["epochs"] - epoch - 1) * steps * (now - t0) / (step + 1)
             log.info("epoch %d/%d step %d/%d loss %.4f lr %.3e %.1f img/s eta %s", epoch + 1, cfg["epochs"], step + 1,
-                     steps, loss.item(), lr, ips, datetime.timedelta(seconds=int(eta)))
+                     steps, float(value), lr, ips, datetime.timedelta(seconds=int(eta)))
             last_print = now
-    return dict(loss=total_loss / max(seen, 1), train_acc=100 * total_acc / max(seen, 1), lr=lr, samples=int(seen),
-                **{k: v / max(seen, 1) for k, v in parts.items()})
+    avg = {k: float(v) / max(seen, 1) for k, v in sums.items()}
+    return dict(loss=avg.pop("loss", 0.0), train_acc=100 * avg.pop("acc", 0.0), lr=lr, samples=int(seen), **avg)
 
 
 def evaluate_settings(cfg, model, bench, root, test_tf, device):

@@ -99,7 +99,7 @@ def test_staged_schedule_switches_at_the_configured_epoch():
     with torch.no_grad():
         torch.manual_seed(0)
         loss, stats = model.loss(batch, 0)
-    assert loss.item() == pytest.approx(stats["L_cls"] + 0.8 * stats["L_v"], rel=1e-5)
+    assert loss.item() == pytest.approx(float(stats["L_cls"] + 0.8 * stats["L_v"]), rel=1e-5)
 
 
 def test_bg_slice_quirk_columns():

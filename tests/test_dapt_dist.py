@@ -89,9 +89,9 @@ def test_dapt_dist_model_shapes_and_loss(tiny):
     model.prepare(bench, tfs[True], tfs[False], "cpu")
     loss, stats = model.loss(batch, 0)
     expect = stats["L_cls"] + cfg["beta_v"] * stats["L_intra"] + cfg["beta_t"] * stats["L_inter"]
-    assert loss.item() == pytest.approx(expect, rel=1e-5)
+    assert loss.item() == pytest.approx(float(expect), rel=1e-5)
     z = model.image_features(images)
-    assert stats["L_intra"] == pytest.approx(((z - model.prototypes[batch["label"]]) ** 2).mean().item(), rel=1e-5)
+    assert float(stats["L_intra"]) == pytest.approx(((z - model.prototypes[batch["label"]]) ** 2).mean().item(), rel=1e-5)
 
 # ----------------------------------------------------------------------------------------------------------
 # end to end on the toy benchmark

@@ -112,7 +112,7 @@ def test_loss_terms_equal_the_formula():
                       L_reg_img=1 - F.cosine_similarity(f_c, z0).mean(),
                       L_reg_text=1 - F.cosine_similarity(T, T0).mean())
     for k, v in expect.items():
-        assert stats[k] == pytest.approx(v.item(), rel=1e-4, abs=1e-6), k
+        assert float(stats[k]) == pytest.approx(v.item(), rel=1e-4, abs=1e-6), k
     total = 0.7 * expect["L_cls"] + 0.3 * expect["L_rep"] + 3.0 * (expect["L_reg_img"] + expect["L_reg_text"])
     assert loss.item() == pytest.approx(total.item(), rel=1e-5)
     loss.backward()

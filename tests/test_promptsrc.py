@@ -167,7 +167,7 @@ def test_promptsrc_loss_terms_equal_the_formulas():
         expect = dict(L_cls=F.cross_entropy(l, y), L_scl_text=(T - T0).abs().mean(), L_scl_image=(z - z0).abs().mean(),
                       L_scl_logits=kl)
     for k, v in expect.items():
-        assert stats[k] == pytest.approx(v.item(), rel=1e-4, abs=1e-7), k
+        assert float(stats[k]) == pytest.approx(v.item(), rel=1e-4, abs=1e-7), k
     total = expect["L_cls"] + 25 * expect["L_scl_text"] + 10 * expect["L_scl_image"] + kl
     assert loss.item() == pytest.approx(total.item(), rel=1e-5)
     loss.backward()
