@@ -7,7 +7,8 @@
 
 A run folder `<out>/<setting>/<dataset>/<method><tag>/shots<K>_seed<S>/` holds `config.json` (every
 preprocessing and optimisation constant), `log.txt`, `metrics.jsonl` (one line per epoch, counted from 1),
-`checkpoint.pt` (learnable parameters + config + class names), `resume.pt` (optimizer, loss scaler and random
+`checkpoint.pt` (learnable parameters + config + class names of the model the result reports: the selected epoch's
+with best_val), `resume.pt` (the last epoch's parameters, optimizer, loss scaler and random
 states for --resume), `best.pt` (best_val selection), `result.json` (written last: the run is finished) and
 `train.lock` (held while a process trains there). Its .pt files hold data only (read with weights_only=True).
 The same command on a finished run prints its result; --resume continues a run only with its own config.
@@ -983,6 +984,7 @@ def fit(cfg, run_dir, model, bench, train_tf, test_tf, device, resume):
     if best is not None and cfg["selection"] == "best_val":
         path = os.path.join(run_dir, "best.pt")
         dapt.restore(model, dapt.read_run_file(path, device), path)  # parameters and extra state (DA-VPT's map)
+        atomic_save(checkpoint_of(model, cfg), ckpt_path)  # checkpoint.pt: the model the result reports
         log.info("model selection: best val accuracy %.2f at epoch %d of %d", best["val_acc"], best["epoch"], epochs)
     return best, loader.samples_per_epoch
 

@@ -257,6 +257,8 @@ def test_dapt_and_fvgpt_train_end_to_end(random_toy, tmp_path, capsys):
     bench = res["config"]["benchmark"]  # the toy declares its masks white on black (mask/ENCODING): recorded
     assert bench["mask_encoding"] == "white" and bench["mask_encoding_source"].endswith(os.path.join("mask", "ENCODING"))
     assert res["config"]["selection"] == "best_val"  # DAPT base-to-novel selects on the validation split (official)
+    ckpt, best = (torch.load(os.path.join(folder, f), weights_only=True) for f in ("checkpoint.pt", "best.pt"))
+    assert all(torch.equal(ckpt["params"][k], best["params"][k]) for k in best["params"])  # the reported model
     # fvgpt on a CoOp host trained here
     run_random_toy(random_toy, out, "--method", "coop", "--epochs", "2", "--batch", "4", "--lr", "0.01")
     _, host = losses_of(out, "coop")
