@@ -47,6 +47,7 @@ import torch.nn.functional as F
 import clip as clip_module
 import data
 import dapt
+import kernels
 from dapt import ConfigError
 
 log = logging.getLogger("dapt")
@@ -491,7 +492,8 @@ def read_json(path, what="file"):
 
 # config.json holds the run config plus what it resolved to; these keys describe the machine and the data
 # copy, not the run, and may differ when a run is resumed or its command repeated.
-RECORD_ONLY = ("root", "device", "transform_train", "transform_test", "trainable_values", "benchmark", "versions")
+RECORD_ONLY = ("root", "device", "transform_train", "transform_test", "trainable_values", "benchmark", "versions",
+               "attention_resolved")
 
 
 def config_changes(cfg, saved, device):
@@ -890,10 +892,12 @@ def record_config(cfg, run_dir, root, device, bench, model, train_tf, test_tf, p
     run keeps the config.json it started with (this process's versions go to the log)."""
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     record = dict(cfg, root=os.path.abspath(root), device=str(device), precision_resolved=precision,
+                  attention_resolved=kernels.describe_backend(cfg["attn"], torch.device(device).type),
                   transform_train=train_tf.constants(), transform_test=test_tf.constants(),
                   trainable_values=n_params, benchmark=bench.meta, versions=versions(device))
     log.info("run %s", run_dir)
     log.info("config %s", json.dumps({k: v for k, v in record.items() if k != "benchmark"}, default=str))
+    log.info("attention (--attn %s): %s; precision %s", cfg["attn"], record["attention_resolved"], precision)
     if state == "resume":
         record = read_json(os.path.join(run_dir, "config.json"), "run config")
     else:
@@ -925,7 +929,7 @@ def fit(cfg, run_dir, model, bench, train_tf, test_tf, device, resume):
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError(f"method {cfg['method']} has no trainable parameters")
     opt = make_optimizer(cfg, model)
-    scaler = torch.amp.GradScaler(enabled=scale_loss)
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=scale_loss)
     loader = make_loader(cfg, bench, bench.train, train_tf, True, model, patch)
     val_loader = None
     if cfg["selection"] == "best_val":

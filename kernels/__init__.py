@@ -11,7 +11,8 @@ reference elsewhere (for attention: SDPA, and the kernel on CUDA only where a ke
 the kernel (on CPU tensors it needs TRITON_INTERPRET=1, which is how the tests check it); "torch" forces the
 reference. The benchmark is `python -m kernels.bench`. Deliberately not here: autotuning, a registry of kernels.
 """
-from .attention import ATTN_BACKENDS, attention_reference, masked_attention, triton_attention, use_triton  # noqa: F401
+from .attention import (ATTN_BACKENDS, attention_reference, describe_backend, masked_attention,  # noqa: F401
+                        triton_attention, use_triton)
 from .losses import (inter_dispersion_loss, inter_dispersion_reference, intra_dispersion_loss,  # noqa: F401
                      intra_dispersion_reference, proxy_anchor_loss, proxy_anchor_reference, pull_push_loss,
                      pull_push_reference)

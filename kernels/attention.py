@@ -406,6 +406,17 @@ def triton_attention(q, k, v, key_mask=None, causal=False, scale=None):
 # dispatcher
 
 
+def describe_backend(backend, device_type):
+    """What masked_attention runs for `backend` on a device type, in words (train.py logs and records it)."""
+    if backend in (None, "auto"):
+        if device_type == "cuda" and not isinstance(triton, types.SimpleNamespace):
+            return ("auto: PyTorch SDPA for unmasked attention, the Triton masked-attention kernel where a key mask "
+                    "is present (token-level views)")
+        return "auto: PyTorch SDPA"
+    return {"eager": "eager (the PyTorch reference)", "torch": "eager (the PyTorch reference)", "sdpa": "PyTorch SDPA",
+            "triton": "the Triton masked-attention kernel"}.get(backend, backend)
+
+
 def masked_attention(q, k, v, key_mask=None, causal=False, scale=None, backend=None):
     """softmax(q k^T * scale + mask) v on [B, H, L, D]; key_mask bool [B, Lk], True = visible key; causal aligns
     the last query with the last key (query i sees keys j <= i + Lk - Lq).
