@@ -323,22 +323,26 @@ class CLIP(nn.Module):
         EOT token, so the output is the same as for the full length (exact saving, see design.md)."""
         return self.encode_text_embeddings(self.embed_text(tokens), tokens.argmax(dim=-1), cut=cut)
 
-    def encode_text_embeddings(self, x, eot, deep_prompts=None, prompt_slice=None, cut=True, prefix_len=0, groups=1):
+    def encode_text_embeddings(self, x, eot, deep_prompts=None, prompt_slice=None, cut=True, prefix_len=0, groups=1,
+                               eot_range=None):
         """x [N, L, W] token embeddings (prompted or not), eot [N] end-of-text positions -> [N, E].
 
         deep_prompts / prompt_slice: per-block replacements of prompt positions (MaPLe's deep text prompts).
         Exact savings (identical output; design.md): `cut` runs only up to the last end-of-text position;
         `prefix_len` P > 0 says the first P positions are identical within each of `groups` consecutive blocks
         of rows (shared context: one group; CoCoOp: one group per image), so they are computed once per group.
+        eot_range: (shortest, longest) EOT position as Python ints when the caller knows them (the prompt models
+        do), so that no value is read back from the device; else they are read from eot.
         """
+        shortest, longest = eot_range if eot_range is not None else (int(eot.min()), int(eot.max()))
         if cut:
-            x = x[:, : int(eot.max()) + 1]
+            x = x[:, : longest + 1]
         x = x + self.positional_embedding[: x.shape[1]].to(x.dtype)
         rows = torch.arange(x.shape[0], device=x.device)
         P = prefix_len
         if P > 0 and prompt_slice is not None and (prompt_slice.stop or x.shape[1]) > P:
             P = 0  # prompts reach past the shared prefix: no sharing
-        if P <= 0 or P >= int(eot.min()):
+        if P <= 0 or P >= shortest:
             x = self.transformer(x, causal=True, deep_prompts=deep_prompts, prompt_slice=prompt_slice)
             return self.ln_final(x[rows, eot]) @ self.text_projection.to(x.dtype)
         N = x.shape[0]

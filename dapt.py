@@ -33,7 +33,7 @@ from kernels.losses import intra_dispersion_reference as intra_dispersion_loss  
 from kernels.losses import proxy_anchor_reference as proxy_anchor_loss  # noqa: F401
 from kernels.losses import pull_push_reference as pull_push_loss  # noqa: F401
 from prompting import (ConfigError, PromptModel, TextPrompts, choice, clip_draws, encode_texts,  # noqa: F401
-                       freeze, frozen_with_extra, init_image_prompts, normalize, replay, total)
+                       eot_range, freeze, frozen_with_extra, init_image_prompts, normalize, replay, total)
 from tokenizer import tokenize
 
 log = logging.getLogger("dapt")
@@ -1239,7 +1239,7 @@ class MMRL(PromptModel):
             x = self.text_cache[1]
         else:
             with torch.no_grad():  # frozen, no learned token: cut at the last EOT (exact: causal) when savings
-                x = clip.embed_text(tokens[:, : int(eot.max()) + 1] if savings else tokens)
+                x = clip.embed_text(tokens[:, : eot_range(tokens)[1] + 1] if savings else tokens)
                 x = x + clip.positional_embedding[: x.shape[1]].to(x.dtype)
                 x = clip.transformer(x, causal=True, stop=self.first)  # [N, L0, W_t] entering the first rep block
             self.text_cache = (key, x) if cache and savings else self.text_cache

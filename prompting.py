@@ -10,6 +10,7 @@ Deliberately not here: any method (dapt.py), data loading (data.py), the trainin
 """
 import logging
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,21 @@ def choice(cfg, key, options):
     if cfg[key] not in options:
         raise ConfigError(f"--{key.replace('_', '-')} {cfg[key]!r}: expected one of {', '.join(map(str, options))}")
     return cfg[key]
+
+
+_EOT_RANGES = {}  # id(token tensor) -> (weak reference, (shortest, longest) EOT position)
+
+
+def eot_range(tokens):
+    """(shortest, longest) end-of-text position of a token tensor [N, L] as Python ints, read once per tensor
+    object (frozen texts: DAPT's backgrounds, a class list's prompts) so that a training step reads nothing back
+    from the device; the entry goes when the tensor does."""
+    hit = _EOT_RANGES.get(id(tokens))
+    if hit is None or hit[0]() is not tokens:
+        eot, key = tokens.argmax(-1), id(tokens)
+        hit = (weakref.ref(tokens, lambda _, key=key: _EOT_RANGES.pop(key, None)), (int(eot.min()), int(eot.max())))
+        _EOT_RANGES[key] = hit
+    return hit[1]
 
 
 class TextPrompts(nn.Module):
@@ -120,6 +136,7 @@ class TextPrompts(nn.Module):
         self.register_buffer("embedding", embedding, persistent=False)
         self.register_buffer("ctx_pos", ctx_pos.to(device), persistent=False)
         self.register_buffer("eot", eot.to(device), persistent=False)
+        self.eot_range = (int(eot.min()), int(eot.max()))  # Python ints: the text savings read nothing per step
         # positions identical in every class's sequence (SOS, context, frozen init words): computed once per
         # step by the text tower when the context is shared (exact saving, design.md)
         same = (tokens == tokens[:1]).all(0).long()
@@ -148,12 +165,14 @@ class TextPrompts(nn.Module):
         x, eot = self(ctx, per_image)
         groups = ctx.shape[0] if per_image else 1
         shared = savings and (ctx.dim() == 2 or groups > 1)  # class-specific contexts share only SOS
-        clip = self.clip[0]
+        clip, rng = self.clip[0], self.eot_range
         if extra_tokens is not None:  # the extra texts share no prefix with the class prompts
             x = torch.cat([x, clip.embed_text(extra_tokens.to(x.device)).to(x.dtype)])
             eot, shared = torch.cat([eot, extra_tokens.argmax(-1).to(eot.device)]), False
+            e = eot_range(extra_tokens)
+            rng = (min(rng[0], e[0]), max(rng[1], e[1]))
         return clip.encode_text_embeddings(x, eot, prefix_len=self.prefix_len if shared else 0, groups=groups,
-                                           cut=savings, **kw)
+                                           cut=savings, eot_range=rng, **kw)
 
 
 def init_image_prompts(shape, init, patch_size):
@@ -287,8 +306,10 @@ def frozen_with_extra(clip, T, extra_tokens):
     """Frozen class features T [C, E], then frozen CLIP's features of extra_tokens [N, L] when given."""
     if extra_tokens is None:
         return T
+    tokens = extra_tokens.to(T.device)
     with torch.no_grad():
-        extra = normalize(clip.encode_text(extra_tokens.to(T.device)))
+        x = clip.embed_text(tokens)
+        extra = normalize(clip.encode_text_embeddings(x, tokens.argmax(-1), eot_range=eot_range(tokens)))
     return torch.cat([T, extra])
 
 

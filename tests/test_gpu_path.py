@@ -1,0 +1,79 @@
+"""What a GPU run relies on, checked on the CPU: a training step never reads a value back from the device (each
+method's loss and the training loop keep their numbers as tensors), and the attention dispatcher's choices."""
+import contextlib
+
+import pytest
+import torch
+
+import dapt
+import kernels
+import train
+from conftest import NAMES, TINY_TOY_CONFIG, random_clip, toy_batch
+
+READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Fail on any tensor -> Python value read (what synchronises a CUDA device) inside the block."""
+    saved = {name: getattr(torch.Tensor, name) for name in READS}
+
+    def refuse(name):
+        def read(self, *a, **k):
+            raise AssertionError(f"Tensor.{name}() on the hot path (a device synchronisation on CUDA)")
+        return read
+
+    for name in READS:
+        setattr(torch.Tensor, name, refuse(name))
+    try:
+        yield
+    finally:
+        for name, f in saved.items():
+            setattr(torch.Tensor, name, f)
+
+
+def model_of(method):
+    clip = random_clip(TINY_TOY_CONFIG)
+    cfg = train.resolve_config(method, "toy", {"subsample": "base"})
+    if method == "fvgpt":
+        host = dapt.CoOp(clip, NAMES, train.resolve_config("coop", "toy", {"subsample": "base"}))
+        return dapt.FVGPT(host, NAMES, cfg)
+    model = dapt.METHODS[method](clip, NAMES, dict(cfg, cue="masks"))
+    if method == "dapt-dist":
+        model.prototypes = torch.randn(len(NAMES), 64)
+    return model
+
+
+@pytest.mark.parametrize("method", [m for m in dapt.METHODS if m != "zsclip"])
+def test_a_training_step_reads_nothing_back_from_the_device(method):
+    model = model_of(method)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.01)
+    batch = toy_batch()
+    for guard in (contextlib.nullcontext, no_host_reads):  # the first step may read what it caches (EOT positions)
+        with guard():
+            loss, stats = model.loss(batch, 0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    assert all(torch.is_tensor(v) for v in stats.values())  # stats stay tensors until a progress line
+
+
+def test_the_reads_guard_catches_a_read():
+    with pytest.raises(AssertionError, match="hot path"), no_host_reads():
+        torch.ones(2).sum().item()
+
+
+def test_attention_auto_choice(monkeypatch):
+    """auto: SDPA on the CPU; on CUDA, SDPA without a key mask and the Triton kernel with one (until a GPU benchmark
+    shows the kernel ahead elsewhere)."""
+    assert kernels.describe_backend("auto", "cpu") == "auto: PyTorch SDPA"
+    assert "Triton masked-attention kernel where a key mask" in kernels.describe_backend("auto", "cuda")
+    calls = []
+    monkeypatch.setattr(kernels.attention, "triton_attention", lambda *a, **k: calls.append("triton"))
+    monkeypatch.setattr(kernels.attention.F, "scaled_dot_product_attention", lambda *a, **k: calls.append("sdpa"))
+    monkeypatch.setattr(kernels.attention, "use_triton", lambda backend, *t: True)  # as on a CUDA device
+    q = torch.randn(1, 1, 4, 8)
+    kernels.masked_attention(q, q, q)
+    kernels.masked_attention(q, q, q, key_mask=torch.ones(1, 4, dtype=torch.bool))
+    assert calls == ["sdpa", "triton"]
