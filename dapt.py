@@ -758,6 +758,9 @@ class ProxyMap(nn.Module):
     def update(self, epoch):
         if self.sums is None or self.centroids is None:
             return self.reset()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # torchrun: every process's
+            torch.distributed.all_reduce(self.sums)  # images (they are on the backend's device: the model's)
+            torch.distributed.all_reduce(self.counts)
         seen = self.counts > 0
         means = self.sums / self.counts.clamp_min(1)[:, None]
         if not seen.all():  # a class absent this epoch: cluster it by its last known map's centroid

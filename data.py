@@ -1331,22 +1331,48 @@ class EpochSampler(torch.utils.data.Sampler):
 
     per_class k > 0 (class-balanced, DA-VPT's released recipe): each class's shuffled indices are cut into chunks
     of k, the chunks are shuffled, and the epoch is their concatenation, so a batch of B holds about B / k classes
-    with k images each; every sample is still used once per epoch."""
+    with k images each; every sample is still used once per epoch.
+    shard (rank, world) under torchrun: every process draws the same epoch order; in training each global batch
+    of `batch` samples is cut into `world` contiguous parts and process `rank` takes its part (so the processes'
+    batches together are the single process's batch; a last batch with fewer samples than processes is dropped,
+    so that every process takes the same number of steps); in evaluation process `rank` takes every world-th
+    sample."""
 
-    def __init__(self, n, shuffle, seed, labels=None, per_class=0):
+    def __init__(self, n, shuffle, seed, labels=None, per_class=0, shard=(0, 1), batch=1):
         self.n, self.shuffle, self.seed, self.epoch = n, shuffle, seed, 0
-        self.labels, self.per_class = labels, per_class
+        self.labels, self.per_class, self.shard, self.batch = labels, per_class, shard, batch
 
     def __len__(self):
-        return self.n
+        return len(self.indices())
 
     def __iter__(self):
+        return iter(self.indices())
+
+    def indices(self):
+        """This process's (index, epoch) pairs of the epoch, in order."""
+        order, (rank, world) = self.order(), self.shard
+        if world == 1:
+            return order
+        if not self.shuffle:
+            return order[rank::world]
+        mine = []
+        for j in range(0, len(order), self.batch):
+            chunk = order[j:j + self.batch]
+            if len(chunk) < world:
+                break
+            q, r = divmod(len(chunk), world)
+            start = rank * q + min(rank, r)
+            mine += chunk[start:start + q + (rank < r)]
+        return mine
+
+    def order(self):
+        """The whole epoch's (index, epoch) pairs: what a single process iterates."""
         e = self.epoch
         if not self.shuffle:
-            return iter([(i, e) for i in range(self.n)])
+            return [(i, e) for i in range(self.n)]
         g = torch.Generator().manual_seed(sample_seed(self.seed, e, -1))
         if not self.per_class:
-            return iter([(int(i), e) for i in torch.randperm(self.n, generator=g)])
+            return [(int(i), e) for i in torch.randperm(self.n, generator=g)]
         by_class = {}
         for i, y in enumerate(self.labels):
             by_class.setdefault(y, []).append(i)
@@ -1357,7 +1383,7 @@ class EpochSampler(torch.utils.data.Sampler):
             chunks += [idx[j:j + self.per_class] for j in range(0, k, self.per_class)]
             rest += idx[k:]  # a class's leftover images go last, so the full chunks stay aligned with batches
         order = [i for c in torch.randperm(len(chunks), generator=g) for i in chunks[int(c)]]
-        return iter([(i, e) for i in order + [rest[int(j)] for j in torch.randperm(len(rest), generator=g)]])
+        return [(i, e) for i in order + [rest[int(j)] for j in torch.randperm(len(rest), generator=g)]]
 
 
 class Loader(torch.utils.data.DataLoader):
@@ -1400,7 +1426,7 @@ def _worker_init(worker_id):
 
 def build_loader(items, transform, batch_size, train, workers=0, seed=1, masks=False, dataset_dir=None,
                  mask_encoding=None, allow_missing_masks=False, patch_size=None, dassl_drop_last=False,
-                 pin_memory=None, class_balanced=0):
+                 pin_memory=None, class_balanced=0, shard=(0, 1)):
     """A reproducible DataLoader over Benchmark items.
 
     Sample i of epoch e is transformed with a torch.Generator seeded by (seed, e, i), and epoch e's order is a
@@ -1408,7 +1434,13 @@ def build_loader(items, transform, batch_size, train, workers=0, seed=1, masks=F
     (last partial batch kept) unless dassl_drop_last (Dassl: drop_last when len(items) >= batch_size).
     masks=True pairs each image with <dataset_dir>/mask/<rel path> (mask_path); a missing mask is an error
     naming it, unless allow_missing_masks (all-ones mask, counted and logged). patch_size p adds fg_frac.
-    class_balanced k > 0: training batches hold k images per class (EpochSampler)."""
+    class_balanced k > 0: training batches hold k images per class (EpochSampler). shard (rank, world): this
+    process's part under torchrun (EpochSampler); a training batch_size is the global batch, each process loads
+    batch_size / world of it."""
+    rank, world = shard
+    if train and batch_size % world:
+        raise DataValueError(f"--batch {batch_size} is not a multiple of the {world} processes: the global batch is "
+                             "split evenly across them (pick a batch that the process count divides)")
     encoding, mpaths = None, None
     if masks:
         if dataset_dir is None:
@@ -1436,13 +1468,19 @@ def build_loader(items, transform, batch_size, train, workers=0, seed=1, masks=F
         raise DataValueError(f"image size {transform.size} is not a multiple of patch size {patch_size}")
     ds = ImageDataset(items, transform, seed, mpaths, encoding, patch_size if masks else None)
     drop_last = bool(train and dassl_drop_last and len(items) >= batch_size)
-    loader = Loader(ds, batch_size=batch_size, sampler=EpochSampler(len(items), bool(train), seed, [y for _, y, _ in items], class_balanced),
+    sampler = EpochSampler(len(items), bool(train), seed, [y for _, y, _ in items], class_balanced, shard, batch_size)
+    loader = Loader(ds, batch_size=batch_size // world if train else batch_size, sampler=sampler,
                     num_workers=workers, drop_last=drop_last, worker_init_fn=_worker_init,
                     pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
                     generator=torch.Generator().manual_seed(seed))
     loader._epoch = 0
     loader.check_foreground = bool(masks and train)
-    loader.samples_per_epoch = len(items) - (len(items) % batch_size if drop_last else 0)
+    tail = len(items) % batch_size
+    dropped = tail if drop_last or (train and tail < world) else 0
+    loader.samples_per_epoch = len(items) - dropped  # every process together
+    if world > 1 and train and tail and tail < world and not drop_last:
+        log.warning("%d processes: the last batch of %d sample(s) is dropped each epoch (fewer than the processes)",
+                    world, tail)
     loader.masks_missing = sum(m is None for m in mpaths) if mpaths is not None else 0
     if drop_last and len(items) % batch_size:
         log.warning("dassl_drop_last: %d of %d samples dropped each epoch", len(items) % batch_size, len(items))

@@ -42,6 +42,7 @@ except ImportError:  # pragma: no cover
 import numpy
 import PIL
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import clip as clip_module
@@ -439,13 +440,18 @@ def run_dir_of(out, cfg):
 
 
 def atomic_save(obj, path):
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file. Under
+    torchrun only rank 0 writes (every run file goes through here or write_json)."""
+    if not is_main():
+        return
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
 def write_json(path, obj):
+    if not is_main():
+        return
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=1, default=str)
@@ -656,6 +662,79 @@ def versions(device):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# data parallel: torchrun --nproc_per_node N train.py ... trains one run in N processes (DDP semantics: every
+# process holds the model, takes its part of each global batch, and the gradients are averaged; rank 0 writes)
+
+
+def world():
+    """(rank, number of processes): (0, 1) outside torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main():
+    return world()[0] == 0
+
+
+def start_parallel(device):
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on CUDA, gloo on the CPU); on CUDA each
+    process takes the GPU of its LOCAL_RANK. Returns this process's device."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device
+    cuda = str(device).startswith("cuda")
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return device
+
+
+def stop_parallel():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def on_main(fn):
+    """fn() on rank 0 (the one that reads and writes the run folder), its value (or its error) on every rank."""
+    if world()[1] == 1:
+        return fn()
+    box = [None]
+    if is_main():
+        try:
+            box[0] = ("ok", fn())
+        except Exception as e:  # the other ranks raise the same error instead of waiting forever
+            box[0] = ("error", e)
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+def all_sum(t):
+    """Sum of a tensor over the processes, in place (the tensor itself outside torchrun); it travels through the
+    backend's device (CUDA for NCCL, the CPU for gloo)."""
+    if world()[1] > 1:
+        moved = t.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(moved)
+        if moved is not t:
+            t.copy_(moved)
+    return t
+
+
+def average_gradients(params, n):
+    """DDP's gradient: the mean over the global batch, sum_r n_r grad_r / sum_r n_r with n_r this process's
+    samples (the processes' batches can differ by one sample). The counts stay tensors (no host read)."""
+    count = all_sum(torch.tensor(float(n), device=params[0].device))
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(n)
+            all_sum(p.grad)
+            p.grad.div_(count)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # building the pieces of a run
 
 
@@ -673,7 +752,7 @@ def precision_of(cfg, device):
 def load_backbone(cfg, root, device):
     name = cfg["clip"]
     if name == "toy":
-        name = pretrain_toy_clip(root)
+        name = on_main(lambda: pretrain_toy_clip(root))  # under torchrun: rank 0 pretrains, the others wait
     _, dtype, _, _ = precision_of(cfg, device)
     model = dapt.load_clip(name, device=device, dtype=dtype)
     model.set_attention(cfg["attn"])
@@ -750,7 +829,7 @@ def make_loader(cfg, bench, items, transform, train, model, patch_size):
         seed=cfg["seed"], masks=masks, dataset_dir=bench.meta["dataset_dir"],
         mask_encoding=bench.meta.get("mask_encoding"), allow_missing_masks=cfg["allow_missing_masks"],
         patch_size=patch_size if masks else None, dassl_drop_last=cfg["dassl_drop_last"],
-        class_balanced=cfg["class_balanced"] if train else 0)
+        class_balanced=cfg["class_balanced"] if train else 0, shard=world())
 
 
 def make_optimizer(cfg, model):
@@ -779,7 +858,9 @@ def evaluate(model, loader, device, autocast_dtype=None):
             correct = correct + (pred == batch["label"]).sum()  # a tensor: read once, at the end
             total += len(pred)
     model.train()
-    return 100.0 * int(correct) / max(total, 1), total
+    counts = all_sum(torch.stack([torch.as_tensor(correct, device=device), torch.as_tensor(total, device=device)]))
+    correct, total = int(counts[0]), int(counts[1])  # under torchrun each process evaluated its part
+    return 100.0 * correct / max(total, 1), total
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -798,13 +879,14 @@ def train(cfg, root="DATA", out="runs", device="cpu", resume=False):
     """Train and evaluate one run; returns the result dict (also written to result.json) with "run_dir" added.
     A finished run with the same config is not retrained: its result.json is returned, nothing is written."""
     run_dir = run_dir_of(out, cfg)
-    if folder_state(run_dir, cfg, device, resume) == "finished":  # reads only: a refused command writes nothing
-        return finished_result(run_dir)
-    with RunLock(run_dir), torch_threads(cfg["threads"]):
-        state = folder_state(run_dir, cfg, device, resume)  # again: another process may have finished meanwhile
+    if on_main(lambda: folder_state(run_dir, cfg, device, resume)) == "finished":  # reads only: writes nothing
+        return on_main(lambda: finished_result(run_dir))
+    with RunLock(run_dir) if is_main() else contextlib.nullcontext(), torch_threads(cfg["threads"]):
+        state = on_main(lambda: folder_state(run_dir, cfg, device, resume))  # again: another may have finished
         if state == "finished":
-            return finished_result(run_dir)
-        open_run(run_dir, state, resume)
+            return on_main(lambda: finished_result(run_dir))
+        if is_main():  # rank 0 logs to the run folder (the other processes of a torchrun log warnings only)
+            open_run(run_dir, state, resume)
         try:
             t_start = time.time()
             bench, model, train_tf, test_tf, precision = build_run(cfg, root, device)
@@ -830,7 +912,7 @@ def finish_run(cfg, run_dir, root, device, bench, model, test_tf, record, best, 
         subsample=cfg["subsample"], tag=cfg["tag"], data_fraction=cfg["data_fraction"], accuracy=accuracies,
         test_images=images, classnames=classnames, config=record, samples_per_epoch=samples,
         selected_epoch=best["epoch"] if best else (cfg["epochs"] if cfg["method"] != "zsclip" else 0), **checks,
-        checkpoint_sha256=clip_module.file_sha256(os.path.join(run_dir, "checkpoint.pt")),
+        checkpoint_sha256=on_main(lambda: clip_module.file_sha256(os.path.join(run_dir, "checkpoint.pt"))),
         seconds=round(time.time() - t_start, 1), finished=datetime.datetime.now().isoformat(timespec="seconds"))
     if cfg["dataset"] == "toy":
         result["zero_shot_reference"] = zero_shot_reference(cfg, root, bench, test_tf, device)
@@ -863,7 +945,10 @@ def build_run(cfg, root, device):
     The random states are seeded from the run seed right before the model is built, after the data, the
     backbone and their caches (toy data, toy CLIP pretraining, few-shot splits), and the model's one-off set-up
     runs with the states kept: a run's result depends on its config and seed, not on what was cached before."""
-    bench = data.load_benchmark(cfg["dataset"], root, shots=cfg["shots"], seed=cfg["seed"], subsample=cfg["subsample"])
+    load = lambda: data.load_benchmark(cfg["dataset"], root, shots=cfg["shots"], seed=cfg["seed"],  # noqa: E731
+                                       subsample=cfg["subsample"])
+    on_main(lambda: load() and None)  # rank 0 makes what is missing (toy data, split caches), then every rank reads
+    bench = load()
     if cfg.get("template") == "":  # a folder dataset's template is known once it is read (DIR/template.txt)
         cfg["template"] = bench.template
     if cfg["data_fraction"] < 1:
@@ -945,9 +1030,10 @@ def fit(cfg, run_dir, model, bench, train_tf, test_tf, device, resume):
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         done, best = state["epoch"] + 1, state.get("best")
-        set_rng_state(state["rng"])  # last: nothing above draws, and the next epoch starts as it would have
+        rng = state["rng"]  # under torchrun a list: one state per process
+        set_rng_state(rng[world()[0]] if isinstance(rng, list) else rng)  # last: nothing above draws
         lines = read_metrics(run_dir)  # an epoch written after resume.pt was saved is trained again
-        if len(lines) != done:
+        if len(lines) != done and is_main():
             with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
                 f.writelines(json.dumps(m) + "\n" for m in lines if m["epoch"] <= done)
         log.info("resumed after epoch %d of %d", done, epochs)
@@ -967,10 +1053,15 @@ def fit(cfg, run_dir, model, bench, train_tf, test_tf, device, resume):
                             "diverging although the loss is finite (lower --lr)", epoch + 1, name, stats["param_rms"],
                             PARAM_RMS_LIMIT)
             atomic_save(checkpoint_of(model, cfg), ckpt_path)
-            with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(dict(epoch=epoch + 1, **stats)) + "\n")
+            if is_main():
+                with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
+                    f.write(json.dumps(dict(epoch=epoch + 1, **stats)) + "\n")
+            rng = rng_state(device)
+            if world()[1] > 1:  # every process's own states (its dropout draws differ)
+                rng = [None] * world()[1]
+                dist.all_gather_object(rng, rng_state(device))
             atomic_save(dict(params=model.trainable_state(), optimizer=opt.state_dict(), scaler=scaler.state_dict(),
-                             epoch=epoch, best=best, extra=model.extra_state(), rng=rng_state(device)), resume_path)
+                             epoch=epoch, best=best, extra=model.extra_state(), rng=rng), resume_path)
             done = epoch + 1
             log.info("epoch %d/%d done: %s", epoch + 1, epochs, ", ".join(f"{k} {v:.4g}" for k, v in stats.items()))
     except KeyboardInterrupt:
@@ -987,6 +1078,7 @@ def fit(cfg, run_dir, model, bench, train_tf, test_tf, device, resume):
         raise NonFiniteLoss(f"non-finite loss: {msg}") from None
     if best is not None and cfg["selection"] == "best_val":
         path = os.path.join(run_dir, "best.pt")
+        on_main(lambda: None)  # rank 0 has written it
         dapt.restore(model, dapt.read_run_file(path, device), path)  # parameters and extra state (DA-VPT's map)
         atomic_save(checkpoint_of(model, cfg), ckpt_path)  # checkpoint.pt: the model the result reports
         log.info("model selection: best val accuracy %.2f at epoch %d of %d", best["val_acc"], best["epoch"], epochs)
@@ -1033,18 +1125,20 @@ def train_one_epoch(cfg, model, opt, scaler, loader, epoch, device, autocast_dty
         bad_step, bad_loss = torch.where(first, step, bad_step), torch.where(first, value, bad_loss)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        n = len(batch["label"])
+        if world()[1] > 1:
+            average_gradients([p for p in model.parameters() if p.requires_grad], n)
         if cfg["grad_clip"]:
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_value_([p for p in model.parameters() if p.requires_grad], cfg["grad_clip"])
         scaler.step(opt)
         scaler.update()
-        n = len(batch["label"])
         for k, v in dict(loss=value, **stats).items():
             sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float64) * n
         seen += n
         now = time.time()
         if step == steps - 1 or (step + 1) % cfg["log_every"] == 0 or now - last_print > 30:
-            if int(bad_step) >= 0:
+            if int(all_sum((bad_step >= 0).float())) > 0:  # any process: every process stops together
                 raise NonFiniteLoss(f"loss is {float(bad_loss)} at epoch {epoch + 1}, step {int(bad_step) + 1} "
                                     f"(lr {lr_at(cfg, epoch, int(bad_step), steps):.3g})")
             ips = seen / max(now - t0, 1e-9)
@@ -1052,7 +1146,8 @@ def train_one_epoch(cfg, model, opt, scaler, loader, epoch, device, autocast_dty
             log.info("epoch %d/%d step %d/%d loss %.4f lr %.3e %.1f img/s eta %s", epoch + 1, cfg["epochs"], step + 1,
                      steps, float(value), lr, ips, datetime.timedelta(seconds=int(eta)))
             last_print = now
-    avg = {k: float(v) / max(seen, 1) for k, v in sums.items()}
+    seen = int(all_sum(torch.tensor(float(seen))))  # every process's samples (a CPU tensor: gloo and NCCL)
+    avg = {k: float(all_sum(v)) / max(seen, 1) for k, v in sums.items()}
     return dict(loss=avg.pop("loss", 0.0), train_acc=100 * avg.pop("acc", 0.0), lr=lr, samples=int(seen), **avg)
 
 
@@ -1352,15 +1447,21 @@ def main(argv=None):
         if args.show_config:
             print(json.dumps(args.cfg, indent=1, default=str))
             return None
-        result = train(args.cfg, root=args.root, out=args.out, device=args.device, resume=args.resume)
+        device = start_parallel(args.device)  # torchrun: one run in WORLD_SIZE processes
+        result = train(args.cfg, root=args.root, out=args.out, device=device, resume=args.resume)
+        rank0 = is_main()
     except USER_ERRORS as e:
         if "--debug" in argv:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        if is_main():
+            print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
-    print(describe(result))
+    finally:
+        stop_parallel()
+    if rank0:
+        print(describe(result))
     return result
 
 
