@@ -1,6 +1,7 @@
 """Kernel benchmark: each Triton kernel against its PyTorch reference measured in the same run.
 
     python -m kernels.bench [--device cuda|cpu] [--small]
+    python -m kernels.bench --report [--out bench-report]   # the one-shot GPU report (about 6 minutes on an H200)
 
 Attention (forward + backward) at ViT-B/16 shapes: batch 3 x 32 views, 12 heads, length 197 + {2, 8, 16} prompts,
 head dim 64, bfloat16; every sequence has half its patches hidden (7 of the 14 patch rows, top or bottom, as
@@ -8,17 +9,25 @@ a foreground / background view would), CLS and prompts visible. Compared: the ea
 (kernels.attention_reference), SDPA with a boolean mask, FlexAttention with a block mask built from the key mask
 (torch.compile'd; skipped with a note where unavailable), and the Triton kernel. Losses (forward + backward):
 batch 32 / 256, 100 / 1000 classes, dim 512, float32 features; reference = the loss's `*_reference` (kernels/losses.py).
+Train steps of coop / maple / dapt / ivlp / promptsrc / mmrl against the full-length eager reference.
 
 Columns: median time of one forward + backward (CUDA events on the GPU, perf_counter on the CPU), ratio to the
 reference of the same table, peak memory above what the inputs hold (torch.cuda.max_memory_allocated; n/a on
 the CPU). On the CPU (--small, the default without CUDA) the shapes are cut down and Triton is not timed: there it
 runs in the interpreter, which is a correctness tool, not a speed measure.
-`main(argv)` is the entry point; other benchmarks (the train step) can be added beside `bench_attention` and
-`bench_losses`. Deliberately left out: autotuning sweeps, plots.
+--report first checks every kernel against its reference on the device (forward and gradients, odd lengths,
+masked and causal; the timing tables are not written if a check fails), then runs every table within a time
+budget, and writes <out>/bench-<date>-<device>.md (a dated block to paste into BENCHMARKS.md) and .json (every
+row). Deliberately left out: autotuning sweeps, plots.
 """
 import argparse
+import datetime
+import json
+import os
+import platform
 import statistics
 import time
+from collections import namedtuple
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +37,22 @@ import dapt
 import kernels
 import train
 from kernels.attention import attention_reference, visible_key_blocks
+
+
+Table = namedtuple("Table", "title header rows")
+
+
+def emit(tables, title, header, rows):
+    """Print a table now (progress on a long run) and keep it for the report."""
+    tables.append(Table(title, header, rows))
+    print(fmt_table(title, header, rows), flush=True)
+    return tables
+
+
+def markdown(table):
+    """A Table as a Markdown section."""
+    rows = [table.header, ["---"] * len(table.header)] + table.rows
+    return "\n".join([f"### {table.title}", ""] + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
 
 
 def fmt_table(title, header, rows):
@@ -132,9 +157,7 @@ def bench_attention(device, small, reps):
         skipped = 1 - cum[:, -1].float().mean().item() / (cum.shape[1] - 1)
         title = (f"attention fwd+bwd: B={B} H={H} L=197+{n_prompts} D={D} {str(dtype)[6:]}, half the patches "
                  f"masked ({skipped:.0%} of 64-key blocks skipped), {device.type}")
-        out.append(fmt_table(title, ["impl", "ms", "vs ref", "peak MiB", "note"],
-                             run_rows(cands, device, reps, "torch eager (reference)")))
-        print(out[-1], flush=True)
+        emit(out, title, ["impl", "ms", "vs ref", "peak MiB", "note"], run_rows(cands, device, reps, "torch eager (reference)"))
     return out
 
 
@@ -165,8 +188,7 @@ def bench_losses(device, small, reps):
             for r in run_rows(cands, device, reps, "torch eager (reference)"):
                 rows.append([f"{name}: {r[0]}"] + r[1:])
         title = f"losses fwd+bwd: batch {Bn}, {C} classes / proxies, dim {D}, float32, {device.type}"
-        out.append(fmt_table(title, ["loss: impl", "ms", "vs ref", "peak MiB", "note"], rows))
-        print(out[-1], flush=True)
+        emit(out, title, ["loss: impl", "ms", "vs ref", "peak MiB", "note"], rows)
     return out
 
 
@@ -206,12 +228,10 @@ def bench_text_side(device, small, reps):
 
     ref = "full 77 positions (reference)"
     candidates = {ref: step(False, False), "cut at last EOT": step(True, False), "cut + shared prefix": step(True, True)}
-    L = int(prompts.eot.max()) + 1
+    L = prompts.eot_range[1] + 1
     title = (f"CoOp text side, 100 classes, 16 context, {cfg['transformer_layers']} layers x 512, {device.type} "
              f"(forward + backward; longest sequence {L} positions, shared prefix {prompts.prefix_len})")
-    out = fmt_table(title, ["text side", "ms", "vs ref", "peak MiB", "note"], run_rows(candidates, device, reps, ref))
-    print(out, flush=True)
-    return [out]
+    return emit([], title, ["text side", "ms", "vs ref", "peak MiB", "note"], run_rows(candidates, device, reps, ref))
 
 
 def bench_train_step(device, small, reps, methods=("coop", "maple", "dapt", "ivlp", "promptsrc", "mmrl")):
@@ -273,9 +293,82 @@ def bench_train_step(device, small, reps, methods=("coop", "maple", "dapt", "ivl
             rows.append([r[0], r[1], ips, r[2], r[3], r[4]])
         title = (f"train step, {method}, batch {batch}, {'small CLIP' if small else 'ViT-B/16'} random weights, "
                  f"100 classes, {device.type}")
-        out.append(fmt_table(title, ["variant", "ms/step", "images/s", "vs ref", "peak MiB", "note"], rows))
-        print(out[-1], flush=True)
+        emit(out, title, ["variant", "ms/step", "images/s", "vs ref", "peak MiB", "note"], rows)
     return out
+
+
+def check_kernels(device, small=False):
+    """Every kernel against its reference on `device`: forward and gradients, odd lengths, masked and causal.
+    Returns a Table whose last column is PASS / FAIL (tolerances: float32 2e-4, bfloat16 3e-2, float16 5e-3,
+    relative to the reference's largest value). small: tiny shapes (the CPU interpreter)."""
+    tol = {torch.float32: 2e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape: torch.randn(*shape, generator=g).to(device)  # noqa: E731
+    rows = []
+
+    def compare(name, dtype, ref_fn, fn, inputs, grad_out):
+        inputs = [x.detach().to(dtype).requires_grad_() for x in inputs]
+        ref = ref_fn(*inputs)
+        ref_grads = torch.autograd.grad(ref, inputs, grad_out.to(ref.dtype) if grad_out is not None else None)
+        got = fn(*inputs)
+        got_grads = torch.autograd.grad(got, inputs, grad_out.to(got.dtype) if grad_out is not None else None)
+        err = [((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
+               for a, b in zip((got, *got_grads), (ref, *ref_grads))]
+        ok = max(err) <= tol[dtype]
+        rows.append([name, str(dtype)[6:], f"{err[0]:.2e}", f"{max(err[1:]):.2e}", f"{tol[dtype]:.0e}",
+                     "PASS" if ok else "FAIL"])
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        B, H, D = (2, 1, 16) if small else (3, 4, 64)
+        lengths = ((17 + 2, False), (13, True)) if small else ((197 + 2, False), (197 + 16, False), (77, True), (53, True))
+        for L, causal in lengths:
+            q, k, v, do = (rand(B, H, L, D) for _ in range(4))
+            mask = torch.rand(B, L, generator=g).to(device) < 0.5
+            mask[:, 0] = True  # CLS always visible, as in the models
+            for km in (None, mask):
+                name = f"masked_attention L={L}{' causal' if causal else ''}{' key mask' if km is not None else ''}"
+                compare(name, dtype, lambda q, k, v: attention_reference(q, k, v, km, causal=causal),
+                        lambda q, k, v: kernels.masked_attention(q, k, v, km, causal=causal, backend="triton"),
+                        [q, k, v], do)
+    for B, C in ((5, 7),) if small else ((33, 101), (256, 1000)):
+        f = lambda n: F.normalize(rand(n, 32 if small else 512), dim=-1)  # noqa: E731
+        labels = torch.randint(0, C, (B,), generator=g).to(device)
+        cases = {"pull_push_loss": [f(B), f(B), f(B)], "inter_dispersion_loss": [f(C)],
+                 "intra_dispersion_loss": [f(B), f(C)], "proxy_anchor_loss": [f(B), f(C)]}
+        for name, inputs in cases.items():
+            fn, extra = getattr(kernels, name), ((labels,) if len(inputs) == 2 else ())
+            compare(f"{name} B={B} C={C}", torch.float32, lambda *x: fn(*x, *extra, backend="torch"),
+                    lambda *x: fn(*x, *extra, backend="triton"), inputs, None)
+    return Table(f"kernels against their references on {device.type} (forward, gradients)",
+                 ["kernel", "dtype", "forward rel err", "gradient rel err", "tolerance", "check"], rows)
+
+
+def environment(device):
+    v = dict(date=datetime.date.today().isoformat(), device=torch.cuda.get_device_name(device) if device.type == "cuda"
+             else platform.processor() or "cpu", torch=torch.__version__, cuda=torch.version.cuda,
+             python=platform.python_version())
+    try:
+        import triton
+        v["triton"] = triton.__version__
+    except ImportError:
+        v["triton"] = None
+    return v
+
+
+def write_report(tables, env, out, command):
+    """<out>/bench-<date>-<device>.md (a dated block for BENCHMARKS.md) and .json; returns the two paths."""
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.join(out, f"bench-{env['date']}-{''.join(c if c.isalnum() else '-' for c in env['device'])}")
+    lines = [f"## {env['device']}, {env['date']}", "",
+             f"`{command}`: torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}, Python {env['python']}. "
+             "Ratios are to the reference of the same table, measured in the same run.", ""]
+    for t in tables:
+        lines += [markdown(t), ""]
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines))
+    with open(stem + ".json", "w") as f:
+        json.dump(dict(environment=env, command=command, tables=[t._asdict() for t in tables]), f, indent=1)
+    return stem + ".md", stem + ".json"
 
 
 def main(argv=None):
@@ -283,19 +376,44 @@ def main(argv=None):
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--small", action="store_true", help="small shapes (the default on the CPU)")
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20 on CUDA, 3 on the CPU)")
+    p.add_argument("--report", action="store_true", help="check every kernel on the device first, then run every "
+                   "table within --budget seconds and write a Markdown block + JSON to --out")
+    p.add_argument("--out", default="bench-report", help="where --report writes (default bench-report)")
+    p.add_argument("--budget", type=float, default=420, help="--report: seconds after which the tables left are "
+                   "skipped with a note (default 420: the whole report in about 8 minutes)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("kernels/bench.py: --device cuda but torch sees no CUDA device; use --device cpu")
     device = torch.device(args.device)
     small = args.small or device.type == "cpu"
     reps = args.reps or (20 if device.type == "cuda" else 3)
-    print(f"# kernels.bench on {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch "
-          f"{torch.__version__}, {'small' if small else 'full'} shapes, median of {reps}")
+    env = environment(device)
+    print(f"# kernels.bench on {env['device']}, torch {env['torch']}, {'small' if small else 'full'} shapes, "
+          f"median of {reps}")
     if device.type == "cpu":
         print("# Triton is not timed on the CPU: there it runs in the interpreter (a correctness tool, not a "
               "speed measure). Ratios are to the eager reference of the same table.")
-    return (bench_attention(device, small, reps) + bench_losses(device, small, reps)
-            + bench_text_side(device, small, reps) + bench_train_step(device, small, reps))
+    tables, t0 = [], time.time()
+    if args.report:
+        if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+            check = check_kernels(device, small)
+            emit(tables, check.title, check.header, check.rows)
+            if any(r[-1] != "PASS" for r in check.rows):
+                print("# a kernel failed its check: the timing tables are not run", flush=True)
+                return tables, write_report(tables, env, args.out, "python -m kernels.bench --report")
+        else:
+            emit(tables, "kernels against their references", ["kernel", "check"],
+                 [["all", "skipped: on the CPU the kernels run only under TRITON_INTERPRET=1 (tests/test_kernels.py)"]])
+    for bench in (bench_attention, bench_losses, bench_text_side, bench_train_step):
+        if args.report and time.time() - t0 > args.budget:
+            emit(tables, bench.__name__, ["table", "note"], [[bench.__name__, f"skipped: past the {args.budget:g} s budget"]])
+            continue
+        tables += bench(device, small, reps)
+    if not args.report:
+        return tables
+    paths = write_report(tables, env, args.out, "python -m kernels.bench --report" + (" --small" if args.small else ""))
+    print(f"# wrote {paths[0]} and {paths[1]} ({time.time() - t0:.0f} s)")
+    return tables, paths
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ largest reference value; low-precision kernels are compared with the float32 ref
 inputs. Interpreter limitation: bfloat16 arithmetic is broken there (values are stored as uint16), so the
 kernels convert bfloat16 tiles to float32 after loading on the CPU (see kernels/attention.py).
 """
+import json
 import types
 
 import pytest
@@ -372,3 +373,23 @@ def test_proxy_anchor_equals_formula(labels, scale, paper_norm):
     ref = proxy_anchor_by_loops(x, p, y, 32.0, 0.1, scale, paper_norm)
     assert torch.isfinite(ours)
     check_value_and_grads(ours, ref, [x, p])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the one-shot GPU report (python -m kernels.bench --report): its device checks and its files, on the CPU
+
+
+def test_report_checks_every_kernel_and_writes_its_files(tmp_path):
+    from kernels import bench
+
+    check = bench.check_kernels(torch.device("cpu"), small=True)  # the interpreter (TRITON_INTERPRET=1)
+    names = {r[0].split()[0] for r in check.rows}
+    assert names == {"masked_attention", "pull_push_loss", "inter_dispersion_loss", "intra_dispersion_loss",
+                     "proxy_anchor_loss"}
+    assert {r[1] for r in check.rows} == {"bfloat16", "float16", "float32"}
+    assert all(r[-1] == "PASS" for r in check.rows), [r for r in check.rows if r[-1] != "PASS"]
+    env = dict(date="2026-11-30", device="Test GPU", torch="2", cuda="12", triton="3", python="3")
+    md, js = bench.write_report([check, bench.Table("t", ["a", "b"], [["x", "1.00x"]])], env, str(tmp_path), "cmd")
+    text = open(md).read()
+    assert text.startswith("## Test GPU, 2026-11-30") and "| masked_attention L=19 key mask | bfloat16 |" in text
+    assert json.load(open(js))["tables"][1] == {"title": "t", "header": ["a", "b"], "rows": [["x", "1.00x"]]}
