@@ -171,3 +171,43 @@ def run_random_toy(random_toy, out, *args):
 def metrics_of(folder):
     with open(os.path.join(folder, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(Benchmark of 4 classes x 3 random images, a random small CLIP, {train?: transform}) for the dapt-dist and
+    DA-VPT units (prototypes, k-means, the block loop)."""
+    import numpy as np
+    from PIL import Image
+
+    import data
+
+    root = tmp_path_factory.mktemp("tiny")
+    rng = np.random.default_rng(0)
+    items = []
+    for y in range(4):
+        for i in range(3):
+            path = root / "images" / f"c{y}_{i}.png"
+            path.parent.mkdir(exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(path)
+            items.append((str(path), y, f"class{y}"))
+    names = [f"class{y}" for y in range(4)]
+    meta = dict(dataset_dir=str(root), shots=3, seed=1, subsample="all")
+    bench = data.Benchmark(items, [], [], names, "a photo of a {}.", meta)
+    tfs = {train: data.build_transform(train, size=32) for train in (True, False)}
+    return bench, random_clip(seed=0), tfs
+
+
+def run_toy_b2n(root, out, method, *extra, epochs=5):
+    """12 base classes x 2 shots = 24 images in one batch without augmentation: one full-batch step per epoch,
+    so the epoch losses measure training, not the draw of crops (the test CLIP is only briefly pretrained)."""
+    argv = ["--method", method, "--dataset", "toy", "--root", root, "--out", str(out), "--subsample", "base",
+            "--shots", "2", "--epochs", str(epochs), "--batch", "24", "--rrc-scale", "1,1", "--rrc-ratio", "1,1",
+            "--hflip", "0", *extra]
+    import train
+
+    return train.main(argv)
+
+
+def b2n_run_dir(out, method):
+    return os.path.join(str(out), "b2n", "toy", method, "shots2_seed1")

@@ -5,33 +5,13 @@ import json
 import math
 import os
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import dapt
-import data
 import train
-from conftest import random_clip
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    rng = np.random.default_rng(0)
-    items = []
-    for y in range(4):
-        for i in range(3):
-            path = root / "images" / f"c{y}_{i}.png"
-            path.parent.mkdir(exist_ok=True)
-            Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(path)
-            items.append((str(path), y, f"class{y}"))
-    names = [f"class{y}" for y in range(4)]
-    meta = dict(dataset_dir=str(root), shots=3, seed=1, subsample="all")
-    bench = data.Benchmark(items, [], [], names, "a photo of a {}.", meta)
-    tfs = {train: data.build_transform(train, size=32) for train in (True, False)}
-    return bench, random_clip(seed=0), tfs
+from conftest import b2n_run_dir, metrics_of, random_clip, run_toy_b2n
 
 
 def test_prototypes_equal_hand_computation_and_are_cached(tiny, monkeypatch):
@@ -97,28 +77,10 @@ def test_dapt_dist_model_shapes_and_loss(tiny):
 # end to end on the toy benchmark
 
 
-def run(root, out, method, *extra, epochs=5):
-    """12 base classes x 2 shots = 24 images in one batch without augmentation: one full-batch step per epoch,
-    so the epoch losses measure training, not the draw of crops (the test CLIP is only briefly pretrained)."""
-    argv = ["--method", method, "--dataset", "toy", "--root", root, "--out", str(out), "--subsample", "base",
-            "--shots", "2", "--epochs", str(epochs), "--batch", "24", "--rrc-scale", "1,1", "--rrc-ratio", "1,1",
-            "--hflip", "0", *extra]
-    return train.main(argv)
-
-
-def run_dir(out, method):
-    return os.path.join(str(out), "b2n", "toy", method, "shots2_seed1")
-
-
-def losses_of(d):
-    with open(os.path.join(d, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def test_dapt_dist_trains_on_toy(toy_root, tmp_path):
-    result = run(toy_root, tmp_path, "dapt-dist", "--lr", "0.002", epochs=6)
-    d = run_dir(tmp_path, "dapt-dist")
-    m = losses_of(d)
+    result = run_toy_b2n(toy_root, tmp_path, "dapt-dist", "--lr", "0.002", epochs=6)
+    d = b2n_run_dir(tmp_path, "dapt-dist")
+    m = metrics_of(d)
     assert m[-1]["loss"] < m[0]["loss"], [e["loss"] for e in m]
     assert {"L_cls", "L_intra", "L_inter"} <= set(m[0])
     with open(os.path.join(d, "result.json")) as f:

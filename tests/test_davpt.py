@@ -2,37 +2,16 @@
 VPT-deep and the samples it exposes, DA-VPT+ bias tuning, the linear head, the official recipe switch, and a run
 on the toy benchmark that re-clusters each epoch and resumes with its map. The Proxy-Anchor formula is tested in
 test_kernels.py."""
-import json
 import math
 import os
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import dapt
-import data
 import train
-from conftest import interrupt_at_epoch, random_clip
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    rng = np.random.default_rng(0)
-    items = []
-    for y in range(4):
-        for i in range(3):
-            path = root / "images" / f"c{y}_{i}.png"
-            path.parent.mkdir(exist_ok=True)
-            Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)).save(path)
-            items.append((str(path), y, f"class{y}"))
-    names = [f"class{y}" for y in range(4)]
-    meta = dict(dataset_dir=str(root), shots=3, seed=1, subsample="all")
-    bench = data.Benchmark(items, [], [], names, "a photo of a {}.", meta)
-    tfs = {train: data.build_transform(train, size=32) for train in (True, False)}
-    return bench, random_clip(seed=0), tfs
+from conftest import b2n_run_dir, interrupt_at_epoch, metrics_of, run_toy_b2n
 
 
 def test_cosine_kmeans_covers_every_class_and_is_seeded():
@@ -225,24 +204,6 @@ def test_davpt_official_recipe_pieces(tiny):
 # end to end on the toy benchmark
 
 
-def run(root, out, method, *extra, epochs=5):
-    """12 base classes x 2 shots = 24 images in one batch without augmentation: one full-batch step per epoch,
-    so the epoch losses measure training, not the draw of crops (the test CLIP is only briefly pretrained)."""
-    argv = ["--method", method, "--dataset", "toy", "--root", root, "--out", str(out), "--subsample", "base",
-            "--shots", "2", "--epochs", str(epochs), "--batch", "24", "--rrc-scale", "1,1", "--rrc-ratio", "1,1",
-            "--hflip", "0", *extra]
-    return train.main(argv)
-
-
-def run_dir(out, method):
-    return os.path.join(str(out), "b2n", "toy", method, "shots2_seed1")
-
-
-def losses_of(d):
-    with open(os.path.join(d, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def test_davpt_trains_reclusters_and_resumes(toy_root, tmp_path, monkeypatch):
     extra = ["--lr", "0.05", "--n-proxies", "4"]
     calls = []
@@ -253,10 +214,10 @@ def test_davpt_trains_reclusters_and_resumes(toy_root, tmp_path, monkeypatch):
         return real_cluster(self, means, init)
 
     monkeypatch.setattr(dapt.ProxyMap, "cluster", spy)
-    run(toy_root, tmp_path / "full", "davpt", *extra)
+    run_toy_b2n(toy_root, tmp_path / "full", "davpt", *extra)
     assert calls == [False] + [True] * 5  # initial map, then one re-clustering per epoch
-    d_full = run_dir(tmp_path / "full", "davpt")
-    m = losses_of(d_full)
+    d_full = b2n_run_dir(tmp_path / "full", "davpt")
+    m = metrics_of(d_full)
     # the task loss falls; the total need not: each re-clustering moves the Proxy-Anchor targets
     assert m[-1]["L_task"] < m[0]["L_task"], [e["L_task"] for e in m]
     assert all(math.isfinite(e["L_pa_patch"]) and math.isfinite(e["L_pa_cls"]) for e in m)
@@ -264,15 +225,15 @@ def test_davpt_trains_reclusters_and_resumes(toy_root, tmp_path, monkeypatch):
     # interrupted after two epochs, then resumed: the map is restored, the result equals the full run's
     restore = interrupt_at_epoch(monkeypatch, 2)
     with pytest.raises(SystemExit):
-        run(toy_root, tmp_path / "cut", "davpt", *extra)
+        run_toy_b2n(toy_root, tmp_path / "cut", "davpt", *extra)
     restore()
-    d_cut = run_dir(tmp_path / "cut", "davpt")
+    d_cut = b2n_run_dir(tmp_path / "cut", "davpt")
     saved = torch.load(os.path.join(d_cut, "resume.pt"), weights_only=False)["extra"]
     loaded = []
     real_load = dapt.DAVPT.load_extra_state
     monkeypatch.setattr(dapt.DAVPT, "load_extra_state", lambda self, s: (real_load(self, s), loaded.append(
         self.proxy_map.class_to_proxy.clone())))
-    run(toy_root, tmp_path / "cut", "davpt", *extra, "--resume")
+    run_toy_b2n(toy_root, tmp_path / "cut", "davpt", *extra, "--resume")
     assert torch.equal(loaded[0], saved["class_to_proxy"])
     full = torch.load(os.path.join(d_full, "checkpoint.pt"), weights_only=False)
     cut = torch.load(os.path.join(d_cut, "checkpoint.pt"), weights_only=False)
