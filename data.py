@@ -222,7 +222,8 @@ def _listdir(path):
 
 
 def read_split_json(path):
-    """A CoOp split file -> {"train", "val", "test"} lists of (rel_path, label, classname)."""
+    """A CoOp split file -> {"train", "val", "test"} lists of (rel_path, label, classname), plus any further list
+    whose key starts with "test_" (an extra test split, e.g. the toy's "test_corr")."""
     if not os.path.isfile(path):
         raise SplitFileError(
             f"split file not found: {path}\nIt comes with the dataset (CoOp's DATASETS.md, {COOP_DATASETS_MD}); "
@@ -238,6 +239,10 @@ def read_split_json(path):
         if s not in d:
             raise SplitFileError(f"split file {path} has no '{s}' list; expected "
                                  '{"train"|"val"|"test": [[rel_path, label, classname], ...]}')
+        out[s] = [(str(p), int(y), str(c)) for p, y, c in d[s]]
+    for s in sorted(k for k in d if k.startswith("test_")):
+        if not isinstance(d[s], list):
+            raise SplitFileError(f"split file {path}: '{s}' is not a list of [rel_path, label, classname]")
         out[s] = [(str(p), int(y), str(c)) for p, y, c in d[s]]
     return out
 
@@ -517,6 +522,7 @@ class Benchmark:
     classnames: list   # indexed by label; '_' -> ' ' (ready for the template)
     template: str
     meta: dict = field(default_factory=dict)
+    extra_tests: dict = field(default_factory=dict)  # further test splits of the split file: {"test_corr": items}
 
 
 def load_benchmark(name, root, shots=16, seed=1, subsample="all", cache=True):
@@ -533,13 +539,12 @@ def load_benchmark(name, root, shots=16, seed=1, subsample="all", cache=True):
     given_root = os.path.normpath(str(root))
     root = os.path.abspath(os.path.expanduser(str(root)))
     dataset_dir = os.path.normpath(os.path.join(root, info.folder))  # folder: root itself
-    if info.kind == "toy" and not os.path.isdir(dataset_dir):
-        if not os.path.isdir(root) and given_root != DEFAULT_ROOT:  # a mistyped root must not regenerate it all
+    if info.kind == "toy":
+        if not os.path.isdir(dataset_dir) and not os.path.isdir(root) and given_root != DEFAULT_ROOT:
             raise DatasetNotFoundError(f"data root {root} does not exist: to write the toy benchmark there, run "
                                        f"python data.py toy --root {given_root} (the default root {DEFAULT_ROOT} "
-                                       "is created on first use)")
-        log.info("toy benchmark not found under %s: generating it (python data.py toy --root %s)", root, root)
-        make_toy(root)
+                                       "is created on first use)")  # a mistyped root must not regenerate it all
+        ensure_toy(root)  # generated when missing, rebuilt when made by another TOY_VERSION
     if not os.path.isdir(dataset_dir):
         raise DatasetNotFoundError(f"dataset folder not found: {dataset_dir}\n" + _layout_help(info, root))
     image_dir = os.path.join(dataset_dir, info.image_dir)
@@ -573,6 +578,8 @@ def load_benchmark(name, root, shots=16, seed=1, subsample="all", cache=True):
         raise DataValueError(f"shots must be >= 1, or 0 / -1 for the full split; got {shots}")
 
     train, val, test, relabel = subsample_classes(train, val, test, subsample)
+    extra = {k: v if relabel is None else [(p, relabel[y], c) for p, y, c in v if y in relabel]
+             for k, v in full.items() if k.startswith("test_")}
     classnames = _classnames_of(test if info.test_only else train, where + f" ({subsample} classes)")
     test_names = _classnames_of(test, where + " test") if test else []
     if test_names and test_names != classnames:
@@ -580,19 +587,21 @@ def load_benchmark(name, root, shots=16, seed=1, subsample="all", cache=True):
     template = folder_template(dataset_dir)[0] if info.kind == "folder" else info.template
     absolute = lambda items: [(os.path.join(image_dir, p), y, c) for p, y, c in items]  # noqa: E731
     train, val, test = absolute(train), absolute(val), absolute(test)
-    missing = [p for p, _, _ in train + val + test if not os.path.isfile(p)]
+    extra = {k: absolute(v) for k, v in extra.items()}
+    missing = [p for p, _, _ in train + val + test + sum(extra.values(), []) if not os.path.isfile(p)]
     if missing:
         raise MissingImageError(f"{len(missing)} image(s) listed in {split_file} are missing, e.g. {missing[0]}\n"
                                 "The dataset copy is incomplete or in the wrong folder: " + _layout_help(info, root))
     meta = dict(name=name, root=root, dataset_dir=dataset_dir, image_dir=image_dir, shots=shots, seed=seed,
                 subsample=subsample, split_file=split_file, split_sha256=sha,
-                counts=dict(train=len(train), val=len(val), test=len(test)), n_classes=len(classnames),
+                counts=dict(train=len(train), val=len(val), test=len(test), **{k: len(v) for k, v in extra.items()}),
+                n_classes=len(classnames),
                 few_classes=[list(s) for s in short], fewshot_cache=cpath, cache_hit=hit,
                 image_size=info.image_size, template=template,
                 label_map=None if relabel is None else {int(k): v for k, v in relabel.items()})
     log.info("%s %s shots=%d seed=%d: %d classes, train %d / val %d / test %d", name, subsample, shots, seed,
              len(classnames), len(train), len(val), len(test))
-    return Benchmark(train, val, test, [c.replace("_", " ") for c in classnames], template, meta)
+    return Benchmark(train, val, test, [c.replace("_", " ") for c in classnames], template, meta, extra)
 
 # ----------------------------------------------------------------------------------------------------------
 # plain class-folder datasets: `--dataset folder --root DIR`, DIR being the dataset itself (issue 15)
@@ -1680,7 +1689,6 @@ def ensure_toy(root):
     if os.path.isdir(out) and toy_version(out) == TOY_VERSION:
         return out
     if os.path.isdir(out):
-        import shutil
         log.warning("toy benchmark in %s is version %s, this code makes version %d: regenerating it",
                     out, toy_version(out), TOY_VERSION)
         shutil.rmtree(out)
@@ -1733,7 +1741,6 @@ def make_toy(root, seed=0, per_class=None):
     try:
         os.rename(tmp, out)
     except OSError:  # another process finished first
-        import shutil
         shutil.rmtree(tmp, ignore_errors=True)
         if not os.path.isdir(out):
             raise

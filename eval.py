@@ -68,10 +68,16 @@ def _evaluate_run(run_dir, datasets, subsample, root, device):
         loader = train.make_loader(dict(cfg, workers=cfg["workers"]), bench, bench.test, test_tf, False, model,
                                    model.clip.visual.patch_size)
         acc, n = train.evaluate(model, loader, device, autocast_dtype)
+        splits = {}  # further test splits (the toy's test_corr): {split: (accuracy, images)}
+        for split, items in sorted(bench.extra_tests.items()):
+            splits[split] = train.evaluate(model, train.make_loader(cfg, bench, items, test_tf, False, model,
+                                                                    model.clip.visual.patch_size), device, autocast_dtype)
         record = dict(run=run_dir, method=cfg["method"], trained_on=cfg["dataset"], dataset=name, subsample=subsample,
-                      seed=cfg["seed"], shots=cfg["shots"], accuracy=acc, images=n)
+                      seed=cfg["seed"], shots=cfg["shots"], accuracy=acc, images=n,
+                      splits={k: dict(accuracy=a, images=m) for k, (a, m) in splits.items()})
         train.write_json(os.path.join(run_dir, f"eval_{name}_{subsample}.json"), record)
-        print(f"{run_dir}: {name} ({subsample}) {acc:.2f}% on {n} images")
+        print(f"{run_dir}: {name} ({subsample}) {acc:.2f}% on {n} images"
+              + "".join(f"; {k} {a:.2f}% on {m} images" for k, (a, m) in splits.items()))
         out[name] = acc
     return out
 
@@ -394,6 +400,31 @@ def fewshot_table(groups):
     return tables
 
 
+def split_table(groups):
+    """Accuracies on a benchmark's further test splits (the toy's test_corr keeps the training's class-scene
+    link): one row per (setting, method, dataset, shots, classes, split) with the test and further split's mean ±
+    std over seeds and the gap (further minus test, per seed, then mean ± std). -> (markdown lines, csv rows)."""
+    md, rows = [], []
+    for (setting, method, dataset, shots), runs in sorted(groups.items()):
+        keys = sorted({k for r in runs for k in r["accuracy"] if k.partition("_")[0] in ("base", "new", "all")
+                       and k.partition("_")[2]})
+        for k in keys:
+            subset, _, split = k.partition("_")
+            both = [r for r in runs if k in r["accuracy"] and subset in r["accuracy"]]
+            test, other = (mean_std([r["accuracy"][x] for r in both]) for x in (subset, k))
+            gap = mean_std([r["accuracy"][k] - r["accuracy"][subset] for r in both])
+            md.append(f"| {method} | {dataset} | {setting} | {shots} | {subset} | {test[0]:.2f} ± {test[1]:.2f} | "
+                      f"test_{split} | {other[0]:.2f} ± {other[1]:.2f} | {gap[0]:+.2f} ± {gap[1]:.2f} | {len(both)} |")
+            rows.append([f"{setting}:test_{split}", method, dataset, shots, subset, f"{test[0]:.4f}",
+                         f"{test[1]:.4f}", f"{other[0]:.4f}", f"{other[1]:.4f}", f"{gap[0]:.4f}", f"{gap[1]:.4f}",
+                         " ".join(str(r["seed"]) for r in both)])
+    if md:
+        md = ["", "## Further test splits (gap: its accuracy minus the test split's, per seed; mean ± std over seeds)",
+              "", "| method | dataset | setting | shots | classes | test | split | accuracy | gap | seeds |",
+              "|---|---|---|---|---|---|---|---|---|---|", *md, ""]
+    return md, rows
+
+
 def render(tables_b2n, tables_fs, flagged=()):
     """Markdown text and CSV rows of both tables; cells of `flagged` (setting, method, dataset, shots) get a ⚠."""
     warn = lambda setting, method, dataset, shots=None: " ⚠" if any(  # noqa: E731
@@ -513,6 +544,8 @@ def table(root, out=None):
     b2n, fs = b2n_table(groups), fewshot_table(groups)
     flags = collapse_flags(groups)
     md, rows = render(b2n, fs, {key for key, runs in groups.items() if any(r["run_dir"] in flags for r in runs)})
+    split_md, split_rows = split_table(groups)
+    md += "\n".join(split_md)
     if flags:
         md += "\n".join(["", "## Possible collapses (a seed far below the others, or model selection at the first "
                          "epoch)", ""] + [f"- `{d}`: " + "; ".join(why) for d, why in sorted(flags.items())] + [""])
@@ -529,7 +562,12 @@ def table(root, out=None):
         csv.writer(f).writerows(rows)
     with open(os.path.join(out, "runs.csv"), "w", newline="") as f:
         csv.writer(f).writerows(run_rows(groups, flags))
-    print(f"wrote {os.path.join(out, 'table.md')}, table.csv and runs.csv (one row per run)")
+    if split_rows:
+        with open(os.path.join(out, "table_splits.csv"), "w", newline="") as f:
+            csv.writer(f).writerows([["table", "method", "dataset", "shots", "subset", "test", "test_std", "split",
+                                      "split_std", "gap", "gap_std", "seeds"], *split_rows])
+    print(f"wrote {os.path.join(out, 'table.md')}, table.csv, runs.csv (one row per run)"
+          + (" and table_splits.csv" if split_rows else ""))
     return b2n, fs
 
 

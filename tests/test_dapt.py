@@ -253,7 +253,7 @@ def test_dapt_and_fvgpt_train_end_to_end(random_toy, tmp_path, capsys):
     res = run_random_toy(random_toy, out, "--method", "dapt", "--epochs", "4", "--lr", "0.05")
     losses, folder = losses_of(out, "dapt")
     assert losses[-1] < losses[0], losses
-    assert os.path.exists(os.path.join(folder, "result.json")) and set(res["accuracy"]) == {"base", "new", "hm"}
+    assert os.path.exists(os.path.join(folder, "result.json")) and set(res["accuracy"]) == {"base", "new", "hm", "base_corr", "new_corr"}
     bench = res["config"]["benchmark"]  # the toy declares its masks white on black (mask/ENCODING): recorded
     assert bench["mask_encoding"] == "white" and bench["mask_encoding_source"].endswith(os.path.join("mask", "ENCODING"))
     assert res["config"]["selection"] == "best_val"  # DAPT base-to-novel selects on the validation split (official)

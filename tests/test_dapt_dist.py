@@ -84,7 +84,7 @@ def test_dapt_dist_trains_on_toy(toy_root, tmp_path):
     assert m[-1]["loss"] < m[0]["loss"], [e["loss"] for e in m]
     assert {"L_cls", "L_intra", "L_inter"} <= set(m[0])
     with open(os.path.join(d, "result.json")) as f:
-        assert set(json.load(f)["accuracy"]) == {"base", "new", "hm"}
+        assert set(json.load(f)["accuracy"]) == {"base", "new", "hm", "base_corr", "new_corr"}
     assert result["config"]["trainable_values"] == 2 * 16 * 64
     cache = os.listdir(os.path.join(toy_root, "toy", "split_fewshot"))
     # official default: the prototypes come from one training augmentation of each few-shot image

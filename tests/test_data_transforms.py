@@ -2,7 +2,6 @@
 (tests/make_transform_goldens.py, run in a scratch venv; the inputs are regenerated here by formula)."""
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 

@@ -16,7 +16,8 @@ def test_eval_run_reproduces_new_class_accuracy(toy_root, tmp_path):
     d = run_dir(tmp_path, "coop")
     out = evaluation.main(["run", d, "--subsample", "new"])
     assert out[d]["toy"] == pytest.approx(result["accuracy"]["new"])
-    assert os.path.exists(os.path.join(d, "eval_toy_new.json"))
+    with open(os.path.join(d, "eval_toy_new.json")) as f:  # the toy's correlated test split is scored too
+        assert json.load(f)["splits"]["test_corr"]["accuracy"] == pytest.approx(result["accuracy"]["new_corr"])
 
 
 def test_cross_dataset_evaluation(toy_root, tmp_path):
@@ -48,12 +49,12 @@ def test_cross_dataset_evaluation(toy_root, tmp_path):
     assert record["images"] == 20 and record["trained_on"] == "toy"
 
 
-def fake_result(root, method, dataset, seed, base, new):
+def fake_result(root, method, dataset, seed, base, new, **extra):
     d = os.path.join(root, "b2n", dataset, method, f"shots16_seed{seed}")
     os.makedirs(d)
     train.write_json(os.path.join(d, "result.json"), dict(
         method=method, dataset=dataset, setting="b2n", shots=16, seed=seed, tag="",
-        accuracy=dict(base=base, new=new, hm=0)))
+        accuracy=dict(base=base, new=new, hm=0, **extra)))
 
 
 def test_eval_table_matches_hand_computation(tmp_path):
@@ -71,3 +72,17 @@ def test_eval_table_matches_hand_computation(tmp_path):
     md = open(tmp_path / "table.md").read()
     assert "| coop | dtd | 81.00 ± 1.41 | 52.00 ± 2.83 | 63.34 | 2 |" in md
     assert "table.csv" in os.listdir(tmp_path) and fs == {}
+
+
+def test_eval_table_further_test_splits(tmp_path):
+    """base_corr / new_corr (the toy's test_corr split): mean ± std, and the gap per seed (corr - test)."""
+    fake_result(tmp_path, "maple", "toy", 1, 80.0, 50.0, base_corr=86.0, new_corr=51.0)
+    fake_result(tmp_path, "maple", "toy", 2, 82.0, 54.0, base_corr=84.0, new_corr=54.0)
+    fake_result(tmp_path, "coop", "dtd", 1, 70.0, 40.0)  # no further split: no row
+    evaluation.table(str(tmp_path))
+    md = open(tmp_path / "table.md").read()
+    assert "| maple | toy | b2n | 16 | base | 81.00 ± 1.41 | test_corr | 85.00 ± 1.41 | +4.00 ± 2.83 | 2 |" in md
+    assert "| maple | toy | b2n | 16 | new | 52.00 ± 2.83 | test_corr | 52.50 ± 2.12 | +0.50 ± 0.71 | 2 |" in md
+    assert "| coop | dtd | b2n" not in md
+    rows = open(tmp_path / "table_splits.csv").read().splitlines()
+    assert len(rows) == 3 and rows[1].startswith("b2n:test_corr,maple,toy,16,base,81.0000,1.4142,85.0000")

@@ -27,7 +27,7 @@ def make_folder_dataset(root, per_class=10, masks=True, parts=None, seed=0):
         for part, n in layout.items():
             for i in range(n):
                 rel = os.path.join(part, folder, f"img_{i:02d}.png")
-                img, m = data.toy_render(rng, label, data.TOY_TEXTURES[i % len(data.TOY_TEXTURES)])
+                img, m = data.toy_render(rng, label, data.TOY_SCENES[i % len(data.TOY_SCENES)])
                 os.makedirs(os.path.dirname(os.path.join(root, rel)), exist_ok=True)
                 Image.fromarray(img).save(os.path.join(root, rel))
                 if masks:

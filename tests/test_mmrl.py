@@ -197,7 +197,7 @@ def test_mmrl_trains_and_fvgpt_runs_on_it(toy_root, tmp_path):
     d = run_dir(tmp_path, "mmrl")
     losses = epoch_losses(d)
     assert losses[-1] < losses[0], losses
-    assert list(result["config"]["rep_layers"]) == [-1] and set(result["accuracy"]) == {"base", "new", "hm"}
+    assert list(result["config"]["rep_layers"]) == [-1] and set(result["accuracy"]) == {"base", "new", "hm", "base_corr", "new_corr"}
     res = run(toy_root, tmp_path, "fvgpt", "--host-run", d, "--fvg-host-recipe", "mmrl", epochs=1)
     assert res["config"]["optimizer"] == "adamw"
     assert os.path.exists(os.path.join(run_dir(tmp_path, "fvgpt"), "result.json"))

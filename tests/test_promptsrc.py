@@ -231,7 +231,7 @@ def test_promptsrc_trains_and_resumes_with_the_gpa_aggregate(toy_root, tmp_path,
     d = run_dir(tmp_path / "full", "promptsrc")
     losses = epoch_losses(d)
     assert losses[-1] < losses[0], losses
-    assert set(result["accuracy"]) == {"base", "new", "hm"}
+    assert set(result["accuracy"]) == {"base", "new", "hm", "base_corr", "new_corr"}
     full = torch.load(os.path.join(d, "checkpoint.pt"), weights_only=False)
     assert full["extra"]["gpa_epochs"] == 3
     for n, p in full["params"].items():  # the saved (and evaluated) model is the aggregate

@@ -136,6 +136,34 @@ def test_first_run_on_a_fresh_root_equals_a_warm_run(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "make_toy", lambda root: real(root, per_class=SMALL))
     args = ["--method", "coop", "--dataset", "toy", "--root", str(tmp_path / "data"), "--subsample", "base",
             "--shots", "2", "--epochs", "1", "--batch", "4", "--lr", "0.05", "--ctx-init", ""]  # random context
+    (tmp_path / "data").mkdir()  # an existing root (a missing one other than DATA is refused)
     fresh = train.main(args + ["--out", str(tmp_path / "a")])
     warm = train.main(args + ["--out", str(tmp_path / "b")])
     assert fresh["accuracy"] == warm["accuracy"] and fresh["checkpoint_sha256"] == warm["checkpoint_sha256"]
+
+
+def test_load_benchmark_rebuilds_an_old_toy_and_reads_test_corr(tmp_path, monkeypatch, caplog):
+    """load_benchmark("toy") goes through ensure_toy (an old TOY_VERSION is rebuilt, not read), and the split
+    file's "test_corr" list becomes Benchmark.extra_tests, relabelled with base / new like the test split."""
+    real = data.make_toy
+    monkeypatch.setattr(data, "make_toy", lambda root: real(root, per_class=SMALL))
+    d = data.ensure_toy(tmp_path)
+    meta = json.load(open(os.path.join(d, "toy_meta.json")))
+    json.dump(dict(meta, version=data.TOY_VERSION - 1), open(os.path.join(d, "toy_meta.json"), "w"))
+    b = data.load_benchmark("toy", tmp_path, shots=0, subsample="new")
+    assert "regenerating" in caplog.text and data.toy_version(d) == data.TOY_VERSION
+    corr = b.extra_tests["test_corr"]
+    assert len(corr) == 12 * SMALL["test_corr"] and b.meta["counts"]["test_corr"] == len(corr)
+    assert sorted({y for _, y, _ in corr}) == list(range(12))  # new classes relabelled from 0, as the test split
+    assert {c.replace("_", " ") for _, _, c in corr} == set(b.classnames) == set(data.TOY_CLASSNAMES[12:])
+    assert all(os.path.isabs(p) and os.path.isfile(p) for p, _, _ in corr)
+    assert set(data.load_benchmark("toy", tmp_path, shots=0).extra_tests) == {"test_corr"}
+
+
+def test_a_further_test_split_must_be_a_list(tmp_path):
+    path = tmp_path / "split.json"
+    json.dump({"train": [], "val": [], "test": [["a.png", 0, "a"]], "test_x": {"a.png": 0}}, open(path, "w"))
+    with pytest.raises(data.SplitFileError, match="'test_x' is not a list"):
+        data.read_split_json(str(path))
+    json.dump({"train": [], "val": [], "test": [], "test_x": [["b.png", 1, "b"]], "notes": "kept out"}, open(path, "w"))
+    assert data.read_split_json(str(path))["test_x"] == [("b.png", 1, "b")] and "notes" not in data.read_split_json(str(path))

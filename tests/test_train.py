@@ -53,7 +53,7 @@ def test_baseline_trains_and_writes_result(toy_root, tmp_path, method):
     with open(os.path.join(d, "result.json")) as f:
         saved = json.load(f)
     assert saved["accuracy"] == pytest.approx(result["accuracy"])
-    assert set(saved["accuracy"]) == {"base", "new", "hm"}
+    assert set(saved["accuracy"]) == {"base", "new", "hm", "base_corr", "new_corr"}
     scale = [1.0, 1.0] if "--rrc-scale" in BASELINES[method] else [0.5, 1.0]  # the toy override unless set here
     assert saved["config"]["transform_train"]["scale"] == scale  # recorded in the run
     assert saved["samples_per_epoch"] == 12 * 4  # 12 base classes x 4 shots, nothing dropped

@@ -5,6 +5,7 @@ work, and the end of a run says what its numbers are."""
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -169,7 +170,7 @@ def test_the_same_command_on_a_finished_run_prints_its_result_and_rewrites_nothi
         printed = capsys.readouterr().out
         assert result["already_finished"] and result["accuracy"] == saved["accuracy"]
         assert "already finished: nothing was retrained" in printed and f"run folder: {d}" in printed
-        assert f"base {saved['accuracy']['base']:6.2f}" in printed
+        assert re.search(rf"  base +{saved['accuracy']['base']:6.2f}  72 test images", printed)
     assert snapshot(out) == before
 
 
@@ -273,7 +274,8 @@ def test_end_of_run_says_what_each_number_is(toy_root, tmp_path, capsys, monkeyp
     with open(os.path.join(d, "log.txt")) as f:
         log = f.read()
     assert f"best val accuracy {best['val_acc']:.2f} at epoch {best['epoch']} of 2" in log and "epoch 1/2 done" in log
-    assert result["test_images"] == {"base": 72, "new": 72}
+    assert result["test_images"] == {"base": 72, "new": 72, "base_corr": 72, "new_corr": 72}
+    assert "72 test_corr images of the 12 base classes" in printed  # the toy's correlated test split
     assert f"epoch {best['epoch']} of 2): top-1 accuracy in % on the test split" in printed
     assert "base " in printed and "72 test images of the 12 base classes" in printed
     assert "72 test images of the 12 new classes (same checkpoint)" in printed and "harmonic mean" in printed
