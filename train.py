@@ -31,6 +31,7 @@ import random
 import re
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 
@@ -1196,21 +1197,26 @@ def train_one_epoch(cfg, model, opt, scaler, loader, epoch, device, autocast_dty
 
 def evaluate_settings(cfg, model, bench, root, test_tf, device):
     """Test accuracy on the run's classes; for a base run also on the new classes with the same checkpoint.
+    A further test split of the benchmark ("test_corr" of the toy) is scored too, as "<subset>_corr".
     {subset: top-1 %, "hm": ..., "classnames": {subset: names}, "images": {subset: test images}}."""
     autocast_dtype, patch = precision_of(cfg, device)[2], model.clip.visual.patch_size
     acc, classnames, images = {}, {}, {}
-    name = cfg["subsample"]
-    loader = make_loader(cfg, bench, bench.test, test_tf, False, model, patch)
-    acc[name], images[name] = evaluate(model, loader, device, autocast_dtype)
-    classnames[name] = list(bench.classnames)
+
+    def score(name, b):  # the test split of b and its further test splits
+        for split, items in [("test", b.test), *sorted(b.extra_tests.items())]:
+            key = name if split == "test" else f"{name}_{split.removeprefix('test_')}"
+            acc[key], images[key] = evaluate(model, make_loader(cfg, b, items, test_tf, False, model, patch),
+                                             device, autocast_dtype)
+            classnames[key] = list(b.classnames)
+
+    score(cfg["subsample"], bench)
     if cfg["subsample"] == "base":
         new = data.load_benchmark(cfg["dataset"], root, shots=cfg["shots"], seed=cfg["seed"], subsample="new")
         model.set_classnames(new.classnames)
-        acc["new"], images["new"] = evaluate(model, make_loader(cfg, new, new.test, test_tf, False, model, patch),
-                                             device, autocast_dtype)
-        classnames["new"] = list(new.classnames)
+        score("new", new)
         model.set_classnames(bench.classnames)
         acc["hm"] = hm(acc["base"], acc["new"])
+    acc = {k: acc[k] for k in sorted(acc, key=lambda k: "_" in k)}  # base, new, hm, then base_corr, new_corr
     acc["classnames"], acc["images"] = classnames, images
     return acc
 
@@ -1283,15 +1289,16 @@ def describe(result):
                else "no training")
     lines.append(f"{result['method']}{result.get('tag') or ''} on {result['dataset']} ({result['setting']}, {amount}, "
                  f"seed {result['seed']}, {trained}): top-1 accuracy in % on the test split")
+    w = max(map(len, acc), default=4)
     for k, v in acc.items():
         if k == "hm":
             what = "harmonic mean of base and new"
         else:
-            n = len(names.get(k, []))
-            what = (f"{images[k]} test images of the {n} {'' if k == 'all' else k + ' '}classes"
-                    if k in images else f"{n} {k} classes")
-            what += " (same checkpoint)" if k == "new" else ""
-        lines.append(f"  {k:<4} {v:6.2f}  {what}")
+            n, (subset, _, split) = len(names.get(k, [])), k.partition("_")  # "base_corr": base classes, test_corr
+            what = (f"{images[k]} test{'_' + split if split else ''} images of the {n} "
+                    f"{'' if subset == 'all' else subset + ' '}classes" if k in images else f"{n} {k} classes")
+            what += " (same checkpoint)" if subset == "new" else ""
+        lines.append(f"  {k:<{w}} {v:6.2f}  {what}")
     ref = result.get("zero_shot_reference")
     if ref:
         lines.append("  zero-shot toy CLIP on the same test images (--method zsclip): "
@@ -1377,10 +1384,12 @@ def _summary(result):
     return " ".join(f"{k} {v:.2f}" for k, v in result["accuracy"].items() if isinstance(v, (int, float)))
 
 
-def sweep(plan, out="runs", root="DATA", device=None, resume=False, dry_run=False, echo=print):
-    """Train every run of a plan file that has no result yet, one after the other, with one progress line per run
-    (and an ETA from the runs trained so far), also appended to <out>/sweep.log. Every line is parsed and
-    resolved before anything runs. -> {"done": n, "trained": n, "failed": [(run dir, error)], "skipped": n}."""
+def sweep(plan, out="runs", root="DATA", device=None, resume=False, dry_run=False, echo=print, jobs=1):
+    """Train every run of a plan file that has no result yet, with one progress line per run (and an ETA from the
+    runs trained so far), also appended to <out>/sweep.log. Every line is parsed and resolved before anything
+    runs. jobs 1: one run after the other in this process; jobs N: N `python train.py` processes at a time (the
+    first run trains alone, as it makes the shared caches; a run whose arguments name another run's folder, as
+    --host-run does, waits for it). -> {"done": n, "trained": n, "failed": [(run dir, error)], "skipped": n}."""
     with open(plan) as f:
         text = f.read()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -1398,9 +1407,9 @@ def sweep(plan, out="runs", root="DATA", device=None, resume=False, dry_run=Fals
         if d in seen:
             raise ConfigError(f"{plan}: lines {seen[d]} and {n} give the same run {d}; tell them apart with --tag")
         seen[d] = n
-        planned.append((args, d, run_status(d)))
-    to_train = [st == "todo" or (st == "unfinished" and resume) for _, _, st in planned]
-    counts = {s: sum(st == s for _, _, st in planned) for s in ("done", "unfinished", "todo")}
+        planned.append((args, d, run_status(d), argv))
+    to_train = [st == "todo" or (st == "unfinished" and resume) for _, _, st, _ in planned]
+    counts = {s: sum(st == s for _, _, st, _ in planned) for s in ("done", "unfinished", "todo")}
     log_path = os.path.join(out, "sweep.log")
 
     def say(msg):
@@ -1410,41 +1419,113 @@ def sweep(plan, out="runs", root="DATA", device=None, resume=False, dry_run=Fals
             with open(log_path, "a") as f:
                 f.write(f"{datetime.datetime.now().isoformat(timespec='seconds')} {msg}\n")
     say(f"sweep {plan}: {len(planned)} runs: {counts['done']} done, {counts['unfinished']} unfinished, "
-        f"{counts['todo']} to train" + (" (dry run)" if dry_run else ""))
-    stats, times = dict(done=0, trained=0, failed=[], skipped=0), []
-    for i, (args, d, st) in enumerate(planned):
-        head = f"[{i + 1}/{len(planned)}] {d}:"
+        f"{counts['todo']} to train" + (" (dry run)" if dry_run else "")
+        + (f", {jobs} at a time" if jobs > 1 and not dry_run else ""))
+    stats, times, t_sweep = dict(done=0, trained=0, failed=[], skipped=0), [], time.time()
+    heads = [f"[{i + 1}/{len(planned)}] {d}:" for i, (_, d, _, _) in enumerate(planned)]
+    for i, (args, d, st, _) in enumerate(planned):
         if st == "done":
             stats["done"] += 1
-            say(f"{head} done")
-            continue
-        if not to_train[i]:
+            say(f"{heads[i]} done")
+        elif not to_train[i]:
             stats["skipped"] += 1
-            say(f"{head} unfinished, skipped (pass --resume to continue it)")
-            continue
-        if dry_run:
-            say(f"{head} would {'resume' if st == 'unfinished' else 'train'}")
-            continue
-        t0 = time.time()
-        try:
-            result = train(args.cfg, root=args.root, out=args.out, device=args.device, resume=st == "unfinished")
-        except KeyboardInterrupt:
-            say(f"{head} interrupted; run the sweep again with --resume to continue")
-            raise
-        except Exception as e:  # one failed run (an error, a NaN, out of memory) does not stop the table
-            log.exception("sweep: %s failed", d)
-            stats["failed"].append((d, f"{type(e).__name__}: {e}"))
-            what = f"FAILED ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            say(f"{heads[i]} unfinished, skipped (pass --resume to continue it)")
+        elif dry_run:
+            say(f"{heads[i]} would {'resume' if st == 'unfinished' else 'train'}")
+    if dry_run:
+        return stats
+
+    def finished(i, result=None, error=None, seconds=0.0):
+        st = planned[i][2]
+        if error:
+            stats["failed"].append((planned[i][1], error))
+            what = f"FAILED ({error.splitlines()[0] if error else ''})"
         else:
             stats["trained"] += 1
-            times.append(time.time() - t0)
-            what = f"{'resumed' if st == 'unfinished' else 'trained'} in {times[-1]:.0f}s, {_summary(result)}"
-        left = sum(to_train[i + 1:])
-        eta = datetime.timedelta(seconds=int(statistics.fmean(times) * left)) if times else "?"
-        say(f"{head} {what} | {left} to go, ETA {eta}")
+            times.append(seconds)
+            what = f"{'resumed' if st == 'unfinished' else 'trained'} in {seconds:.0f}s, {_summary(result)}"
+        left = len(todo) + len(running)
+        # ETA: the mean run time so far, shared by the workers
+        eta = (datetime.timedelta(seconds=int(statistics.fmean(times) * left / max(1, min(jobs, left or 1))))
+               if times else "?")
+        say(f"{heads[i]} {what} | {left} to go, ETA {eta}")
+
+    todo, running = [i for i in range(len(planned)) if to_train[i]], {}
+    if jobs <= 1:
+        while todo:
+            i = todo.pop(0)
+            args, d, st, _ = planned[i]
+            t0 = time.time()
+            try:
+                result = train(args.cfg, root=args.root, out=args.out, device=args.device, resume=st == "unfinished")
+            except KeyboardInterrupt:
+                say(f"{heads[i]} interrupted; run the sweep again with --resume to continue")
+                raise
+            except Exception as e:  # one failed run (an error, a NaN, out of memory) does not stop the table
+                log.exception("sweep: %s failed", d)
+                finished(i, error=f"{type(e).__name__}: {e}")
+            else:
+                finished(i, result, seconds=time.time() - t0)
+    else:
+        _sweep_parallel(planned, todo, running, jobs, finished, say, heads)
     say(f"sweep {plan}: {stats['done']} were done, {stats['trained']} trained, {len(stats['failed'])} failed, "
-        f"{stats['skipped']} unfinished skipped")
+        f"{stats['skipped']} unfinished skipped ({time.time() - t_sweep:.0f}s)")
     return stats
+
+
+def _sweep_parallel(planned, todo, running, jobs, finished, say, heads):
+    """The jobs > 1 loop of sweep: child processes `python train.py ARGS` (their log goes to the run folder's
+    log.txt; stdout and stderr to <run folder>.sweep.txt, removed when the run succeeds)."""
+    dirs = [d for _, d, _, _ in planned]
+    names = lambda t, d: os.path.normpath(t) == os.path.normpath(d)  # noqa: E731  (an argument that is a run folder)
+    needs = {i: [j for j, d in enumerate(dirs) if j != i and any(names(t, d) for t in planned[i][3])] for i in todo}
+    ok = {i for i, (_, _, st, _) in enumerate(planned) if st == "done"}
+    failed, first = set(), True
+    try:
+        while todo or running:
+            for i in [i for i in todo if any(j in failed for j in needs[i])]:
+                todo.remove(i)
+                failed.add(i)
+                finished(i, error=f"RunError: a run it needs failed ({', '.join(dirs[j] for j in needs[i] if j in failed)})")
+            ready = [i for i in todo if all(j in ok for j in needs[i])]
+            while ready and len(running) < (1 if first else jobs):
+                i = ready.pop(0)
+                todo.remove(i)
+                argv = planned[i][3] + (["--resume"] if planned[i][2] == "unfinished" else [])
+                os.makedirs(os.path.dirname(dirs[i]), exist_ok=True)
+                out = open(dirs[i] + ".sweep.txt", "w")
+                running[i] = (subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], stdout=out,
+                                               stderr=subprocess.STDOUT), out, time.time())
+            if not running and todo:  # waiting on runs that can never start (not in this plan, not done)
+                for i in list(todo):
+                    todo.remove(i)
+                    finished(i, error="RunError: the run folder(s) it names are not finished: "
+                                      + ", ".join(dirs[j] for j in needs[i] if j not in ok))
+                break
+            time.sleep(0.2)
+            for i, (proc, out, t0) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[i]
+                out.close()
+                first = False
+                path = dirs[i] + ".sweep.txt"
+                if proc.returncode == 0 and os.path.exists(os.path.join(dirs[i], "result.json")):
+                    ok.add(i)
+                    os.remove(path)
+                    finished(i, read_json(os.path.join(dirs[i], "result.json"), "run result"), seconds=time.time() - t0)
+                else:
+                    failed.add(i)
+                    with open(path) as f:
+                        lines = [ln.strip() for ln in f if ln.strip()]
+                    finished(i, error=f"exit code {proc.returncode}: {lines[-1] if lines else 'no output'} (all of it: {path})")
+    except KeyboardInterrupt:
+        for proc, _, _ in running.values():
+            proc.terminate()  # its resume.pt holds the last finished epoch
+        for i, (proc, _, _) in running.items():
+            proc.wait()
+            say(f"{heads[i]} interrupted; run the sweep again with --resume to continue")
+        raise
 
 
 def sweep_main(argv):
@@ -1457,12 +1538,16 @@ def sweep_main(argv):
     p.add_argument("--device", default=None)
     p.add_argument("--resume", action="store_true", help="continue unfinished runs (else they are skipped)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state, train nothing")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at a time, each in its own process (default 1; "
+                   "toy runs use one thread each, so up to the number of cores)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     a = p.parse_args(argv)
+    if a.jobs < 1:
+        p.error(f"--jobs must be >= 1, got {a.jobs}")
     failed = []
     try:
         for plan in a.plans:
-            failed += sweep(plan, a.out, a.root, a.device, a.resume, a.dry_run)["failed"]
+            failed += sweep(plan, a.out, a.root, a.device, a.resume, a.dry_run, jobs=a.jobs)["failed"]
     except USER_ERRORS as e:
         if a.debug:
             raise

@@ -123,3 +123,34 @@ def test_sweep_skips_finished_resumes_unfinished_and_survives_a_failure(random_t
     plan.write_text("--method coop --dataset toy --lr fast\n")
     code, err = cli_error(capsys, train.main, ["sweep", str(plan), "--out", out])
     assert code == 1 and "plan.txt:1: --lr: cannot read 'fast'" in err
+
+
+def test_sweep_jobs_runs_processes_in_dependency_order(random_toy, tmp_path):
+    """--jobs 2: runs in child processes (the first alone, then two at a time); FVG-PT waits for the host run its
+    --host-run names, and fails with a clear reason when that host failed; results equal an in-process sweep's."""
+    root, clip_path = random_toy
+    plan = tmp_path / "plan.txt"
+    r = f"--dataset toy --subsample base --shots 2 --clip {clip_path} --epochs 1 --log-every 1000 --batch 8"
+    plan.write_text(f"R = {r}\n"
+                    "--method coop $R --seed 1 --ctx-init '' --tag -fvg\n"
+                    "--method fvgpt $R --seed 1 --host-run {out}/b2n/toy/coop-fvg/shots2_seed1\n"
+                    "--method zsclip $R --seed {1,2}\n"
+                    "--method coop $R --seed 2 --clip {root}/missing.pt --tag -bad\n"
+                    "--method fvgpt $R --seed 2 --host-run {out}/b2n/toy/coop-bad/shots2_seed2 --tag -on-bad\n")
+    out, lines = str(tmp_path / "par"), []
+    stats = train.sweep(str(plan), out=out, root=root, device="cpu", echo=lines.append, jobs=2)
+    assert stats["trained"] == 4 and len(stats["failed"]) == 2, stats
+    host, fvg = (os.path.join(out, "b2n", "toy", m, "shots2_seed1") for m in ("coop-fvg", "fvgpt"))
+    assert os.path.getmtime(os.path.join(fvg, "config.json")) >= os.path.getmtime(os.path.join(host, "result.json"))
+    assert "2 at a time" in lines[0] and any("FAILED (exit code 1" in ln and "coop-bad" in ln for ln in lines)
+    assert any("fvgpt-on-bad" in ln and "a run it needs failed" in ln for ln in lines)
+    assert not os.path.exists(host + ".sweep.txt") and os.path.exists(os.path.join(out, "b2n", "toy", "coop-bad",
+                                                                                    "shots2_seed2.sweep.txt"))
+    # the same runs in this process give the same numbers
+    plan.write_text(f"R = {r}\n--method coop $R --seed 1 --ctx-init '' --tag -fvg\n"
+                    "--method fvgpt $R --seed 1 --host-run {out}/b2n/toy/coop-fvg/shots2_seed1\n")
+    seq = str(tmp_path / "seq")
+    train.sweep(str(plan), out=seq, root=root, device="cpu", echo=lambda m: None)
+    for m in ("coop-fvg", "fvgpt"):
+        a, b = (train.read_json(os.path.join(o, "b2n", "toy", m, "shots2_seed1", "result.json")) for o in (out, seq))
+        assert a["accuracy"] == b["accuracy"], m
