@@ -326,3 +326,17 @@ def test_mask_quirk_reads_like_the_official_loader():
     red[red == 255] = 0
     red[red > 1] = 1
     assert np.array_equal(m[0].numpy(), red)
+
+
+def test_small_images_are_decoded_once_and_read_again_when_replaced(tmp_path):
+    p = tmp_path / "a.png"
+    Image.new("RGB", (32, 32), (255, 0, 0)).save(p)
+    a = data.open_image(str(p))
+    assert data.open_image(str(p)) is a  # the toy's 32 px images: decoded once per process
+    Image.new("RGB", (32, 32), (0, 255, 0)).save(p)
+    os.utime(p, ns=(1, 1))  # a replaced file (another mtime) is read again
+    b = data.open_image(str(p))
+    assert b is not a and b.getpixel((0, 0)) == (0, 255, 0) and a.getpixel((0, 0)) == (255, 0, 0)
+    big = tmp_path / "b.png"
+    Image.new("RGB", (data.SMALL_IMAGE_PX + 1, 8)).save(big)
+    assert data.open_image(str(big)) is not data.open_image(str(big))  # larger images are never kept
