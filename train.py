@@ -150,7 +150,7 @@ DATASET_OVERRIDES = {
     ("*", "toy"): dict(clip="toy", workers=0, rrc_scale=(0.5, 1.0), threads=1),
     # dapt-dist (methods.md §10, V, official configs; the same for every shot count). The official prompts are
     # fp16 parameters; ours are fp32 masters trained with the same published SGD lr (unmeasured on real CLIP).
-    # Caution from the toy lr sweep (results/dist_davpt.md): in fp32 on the toy CLIP, lr >= 0.2 collapses the
+    # Caution from the toy lr sweep (README method notes; toy v1): in fp32 on the toy CLIP, lr >= 0.2 collapses the
     # class text features (L_inter 0.2 -> 0.7-0.95) and costs accuracy; 0.002 trains. Toy row: Caltech101's
     # betas (a small set of object categories) with CoOp's lr 0.002, chosen by that sweep.
     ("dapt-dist", "imagenet"): dict(lr=2.0, beta_v=0.01, beta_t=0.01, epochs=50),
