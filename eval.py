@@ -70,8 +70,8 @@ def _evaluate_run(run_dir, datasets, subsample, root, device):
         acc, n = train.evaluate(model, loader, device, autocast_dtype)
         splits = {}  # further test splits (the toy's test_corr): {split: (accuracy, images)}
         for split, items in sorted(bench.extra_tests.items()):
-            splits[split] = train.evaluate(model, train.make_loader(cfg, bench, items, test_tf, False, model,
-                                                                    model.clip.visual.patch_size), device, autocast_dtype)
+            split_loader = train.make_loader(cfg, bench, items, test_tf, False, model, model.clip.visual.patch_size)
+            splits[split] = train.evaluate(model, split_loader, device, autocast_dtype)
         record = dict(run=run_dir, method=cfg["method"], trained_on=cfg["dataset"], dataset=name, subsample=subsample,
                       seed=cfg["seed"], shots=cfg["shots"], accuracy=acc, images=n,
                       splits={k: dict(accuracy=a, images=m) for k, (a, m) in splits.items()})
@@ -414,7 +414,8 @@ def split_table(groups):
             test, other = (mean_std([r["accuracy"][x] for r in both]) for x in (subset, k))
             gap = mean_std([r["accuracy"][k] - r["accuracy"][subset] for r in both])
             md.append(f"| {method} | {dataset} | {setting} | {shots} | {subset} | {test[0]:.2f} ± {test[1]:.2f} | "
-                      f"test_{split} | {other[0]:.2f} ± {other[1]:.2f} | {gap[0]:+.2f} ± {gap[1]:.2f} | {len(both)} |")
+                      f"test_{split} | {other[0]:.2f} ± {other[1]:.2f} | {gap[0]:+.2f} ± {gap[1]:.2f} | "
+                      f"{len(both)} |")
             rows.append([f"{setting}:test_{split}", method, dataset, shots, subset, f"{test[0]:.4f}",
                          f"{test[1]:.4f}", f"{other[0]:.4f}", f"{other[1]:.4f}", f"{gap[0]:.4f}", f"{gap[1]:.4f}",
                          " ".join(str(r["seed"]) for r in both)])

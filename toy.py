@@ -47,7 +47,8 @@ TOY_JITTER = 4.0  # object centre offset (px); larger offsets left a 4-layer ViT
 TOY_PER_CLASS = {"train": 60, "val": 20, "test": 100, "test_corr": 100}
 TOY_SPURIOUS = 0.9  # P(the class's preferred scene) in train, val and test_corr
 TOY_TINT = 15.0  # hue rotation (degrees) of the tinted domain; every benchmark image is tinted
-# pretraining: P(tinted image), P(a scene alone), P(a blank grey background instead of a scene), P(caption names the scene)
+# pretraining: P(tinted image), P(a scene alone), P(a blank grey background instead of a scene),
+# P(caption names the scene)
 TOY_PRETRAIN_MIX = dict(tinted=0.4, scene_only=0.1, blank=0.1, name_scene=0.5)
 _YY, _XX = np.mgrid[0:TOY_SIZE, 0:TOY_SIZE].astype(np.float32) + 0.5  # pixel centres
 
@@ -183,7 +184,8 @@ def toy_pretrain_images(n, seed):
     tinted = rng.random(n) < mix["tinted"]
     images = np.empty((n, TOY_SIZE, TOY_SIZE, 3), np.uint8)
     for k in range(n):
-        images[k], _ = toy_render(rng, int(labels[k]), TOY_SCENES[scenes[k]] if scenes[k] >= 0 else None, bool(tinted[k]))
+        scene = TOY_SCENES[scenes[k]] if scenes[k] >= 0 else None
+        images[k], _ = toy_render(rng, int(labels[k]), scene, bool(tinted[k]))
     return images, labels.astype(np.int64), scenes.astype(np.int64), tinted
 
 

@@ -401,7 +401,8 @@ def pretrain_toy_clip(root, steps=None, quiet=False):
 
 def _pretrain_toy_clip(recipe, say, t0):
     """The training loop of pretrain_toy_clip -> (state dict with the full token embedding, zero-shot accuracies)."""
-    images, labels, scenes, tinted = (torch.as_tensor(a) for a in data.toy_pretrain_images(recipe["images"], recipe["seed"]))
+    images, labels, scenes, tinted = (torch.as_tensor(a)
+                                      for a in data.toy_pretrain_images(recipe["images"], recipe["seed"]))
     tokens, cap_attrs = toy_caption_table()
     C, S, K = len(data.TOY_CLASSNAMES), len(data.TOY_SCENES), len(data.TOY_CAPTION_TEMPLATES)
     # The captions use a few dozen of the 49408 BPE ids: train a model whose embedding table holds only those
@@ -415,7 +416,8 @@ def _pretrain_toy_clip(recipe, say, t0):
     g = torch.Generator().manual_seed(recipe["seed"])
     name_scene = data.TOY_PRETRAIN_MIX["name_scene"]
     for step in range(recipe["steps"]):
-        lr = recipe["lr"] * min(1.0, (step + 1) / recipe["warmup"]) * 0.5 * (1 + math.cos(math.pi * step / recipe["steps"]))
+        warm = min(1.0, (step + 1) / recipe["warmup"])
+        lr = recipe["lr"] * warm * 0.5 * (1 + math.cos(math.pi * step / recipe["steps"]))
         for group in opt.param_groups:
             group["lr"] = lr
         idx = torch.randint(len(images), (recipe["batch"],), generator=g)
@@ -465,12 +467,14 @@ def toy_zero_shot_accuracy(model, n=2400, seed=12345):
     plain = (img @ texts("a photo of a {}.", data.TOY_CLASSNAMES).t()).argmax(-1)
     tint = (img @ texts("a tinted photo of a {}.", data.TOY_CLASSNAMES).t()).argmax(-1)
     S = len(data.TOY_SCENES)
-    T = texts("a photo of a {}.", [f"{c} on {s}" for c in data.TOY_CLASSNAMES for s in data.TOY_SCENES]).view(-1, S, img.shape[1])
+    T = texts("a photo of a {}.", [f"{c} on {s}" for c in data.TOY_CLASSNAMES for s in data.TOY_SCENES])
+    T = T.view(-1, S, img.shape[1])
     obj = (labels >= 0) & (scenes >= 0)
     scene = torch.einsum("be,bse->bs", img[obj], T[labels[obj]]).argmax(-1)
     acc = lambda hit: round(100.0 * hit.float().mean().item(), 2)  # noqa: E731
     obj_any = labels >= 0
-    return dict(plain=acc((plain == labels)[obj_any & ~tinted]), tinted_plain_prompt=acc((plain == labels)[obj_any & tinted]),
+    return dict(plain=acc((plain == labels)[obj_any & ~tinted]),
+                tinted_plain_prompt=acc((plain == labels)[obj_any & tinted]),
                 tinted=acc((tint == labels)[obj_any & tinted]), scene=acc((scene == scenes[obj])[~tinted[obj]]))
 
 
@@ -1486,7 +1490,8 @@ def _sweep_parallel(planned, todo, running, jobs, finished, say, heads):
             for i in [i for i in todo if any(j in failed for j in needs[i])]:
                 todo.remove(i)
                 failed.add(i)
-                finished(i, error=f"RunError: a run it needs failed ({', '.join(dirs[j] for j in needs[i] if j in failed)})")
+                gone = ", ".join(dirs[j] for j in needs[i] if j in failed)
+                finished(i, error=f"RunError: a run it needs failed ({gone})")
             ready = [i for i in todo if all(j in ok for j in needs[i])]
             while ready and len(running) < (1 if first else jobs):
                 i = ready.pop(0)
@@ -1518,7 +1523,8 @@ def _sweep_parallel(planned, todo, running, jobs, finished, say, heads):
                     failed.add(i)
                     with open(path) as f:
                         lines = [ln.strip() for ln in f if ln.strip()]
-                    finished(i, error=f"exit code {proc.returncode}: {lines[-1] if lines else 'no output'} (all of it: {path})")
+                    last = lines[-1] if lines else "no output"
+                    finished(i, error=f"exit code {proc.returncode}: {last} (all of it: {path})")
     except KeyboardInterrupt:
         for proc, _, _ in running.values():
             proc.terminate()  # its resume.pt holds the last finished epoch
