@@ -58,20 +58,14 @@ def evaluate_run(run_dir, datasets=None, subsample="all", root=None, device="cpu
 def _evaluate_run(run_dir, datasets, subsample, root, device):
     model, cfg, run_root = load_run(run_dir, device)
     root = root or run_root  # the datasets' root (--root), else the run's
-    _, _, autocast_dtype, _ = train.precision_of(cfg, device)
     out = {}
     for name in datasets or [cfg["dataset"]]:
         bench = data.load_benchmark(name, root, shots=cfg["shots"], seed=cfg["seed"], subsample=subsample)
         model.set_dataset(name)  # MMRL: the dataset's template and prediction rule
         model.set_classnames(bench.classnames)
         _, test_tf = train.transforms_of(cfg, bench, model.clip.visual.input_resolution)
-        loader = train.make_loader(dict(cfg, workers=cfg["workers"]), bench, bench.test, test_tf, False, model,
-                                   model.clip.visual.patch_size)
-        acc, n = train.evaluate(model, loader, device, autocast_dtype)
-        splits = {}  # further test splits (the toy's test_corr): {split: (accuracy, images)}
-        for split, items in sorted(bench.extra_tests.items()):
-            split_loader = train.make_loader(cfg, bench, items, test_tf, False, model, model.clip.visual.patch_size)
-            splits[split] = train.evaluate(model, split_loader, device, autocast_dtype)
+        splits = train.evaluate_splits(cfg, model, bench, test_tf, device)  # and further ones (the toy's test_corr)
+        acc, n = splits.pop("test")
         record = dict(run=run_dir, method=cfg["method"], trained_on=cfg["dataset"], dataset=name, subsample=subsample,
                       seed=cfg["seed"], shots=cfg["shots"], accuracy=acc, images=n,
                       splits={k: dict(accuracy=a, images=m) for k, (a, m) in splits.items()})

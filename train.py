@@ -1199,19 +1199,24 @@ def train_one_epoch(cfg, model, opt, scaler, loader, epoch, device, autocast_dty
     return dict(loss=avg.pop("loss", 0.0), train_acc=100 * avg.pop("acc", 0.0), lr=lr, samples=int(seen), **avg)
 
 
+def evaluate_splits(cfg, model, bench, test_tf, device):
+    """Top-1 accuracy (%) and image count on bench's test split and on each further one (the toy's test_corr):
+    {"test": (acc, n), "test_corr": (acc, n), ...}. The model's class names must be bench's."""
+    autocast_dtype, patch = precision_of(cfg, device)[2], model.clip.visual.patch_size
+    return {split: evaluate(model, make_loader(cfg, bench, items, test_tf, False, model, patch), device, autocast_dtype)
+            for split, items in [("test", bench.test), *sorted(bench.extra_tests.items())]}
+
+
 def evaluate_settings(cfg, model, bench, root, test_tf, device):
     """Test accuracy on the run's classes; for a base run also on the new classes with the same checkpoint.
     A further test split of the benchmark ("test_corr" of the toy) is scored too, as "<subset>_corr".
     {subset: top-1 %, "hm": ..., "classnames": {subset: names}, "images": {subset: test images}}."""
-    autocast_dtype, patch = precision_of(cfg, device)[2], model.clip.visual.patch_size
     acc, classnames, images = {}, {}, {}
 
     def score(name, b):  # the test split of b and its further test splits
-        for split, items in [("test", b.test), *sorted(b.extra_tests.items())]:
+        for split, (a, n) in evaluate_splits(cfg, model, b, test_tf, device).items():
             key = name if split == "test" else f"{name}_{split.removeprefix('test_')}"
-            acc[key], images[key] = evaluate(model, make_loader(cfg, b, items, test_tf, False, model, patch),
-                                             device, autocast_dtype)
-            classnames[key] = list(b.classnames)
+            acc[key], images[key], classnames[key] = a, n, list(b.classnames)
 
     score(cfg["subsample"], bench)
     if cfg["subsample"] == "base":
