@@ -16,11 +16,8 @@ Deliberately not here: training and sweeps (train.py), the models (dapt.py).
 """
 import argparse
 import csv
-import glob
-import json
 import math
 import os
-import statistics
 import sys
 
 import numpy as np
@@ -29,20 +26,32 @@ from PIL import Image, ImageDraw, ImageFont
 
 import dapt
 import data
+import recipes
+import tables
 import train
+from loader import mask_path, open_image, open_mask, resolve_mask_encoding
+from prompting import ConfigError, encode_texts, normalize
+from runs import RunError, load_run, read_json, run_clip, torch_threads, write_json
 
 
 # ----------------------------------------------------------------------------------------------------------
 # evaluating one run on other classes / datasets
 
 
-def load_run(run_dir, device="cpu"):
-    """(model, cfg, data root the run was trained with) of a run folder: dapt.load_run (every file read with
+def trained_run(run_dir, device="cpu"):
+    """(model, cfg, data root the run was trained with) of a run folder: runs.load_run (every file read with
     weights_only=True; a toy run's CLIP from its own data root)."""
     if not os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
-        raise train.RunError(f"{run_dir}: no checkpoint.pt (is this a run folder of train.py, and did it finish an epoch?)")
-    model = dapt.load_run(run_dir, device)
+        raise RunError(f"{run_dir}: no checkpoint.pt (is this a run folder of train.py, and did it finish an epoch?)")
+    model = load_run(run_dir, device)
     return model, model.cfg, model.run_root
+
+
+def target_template(cfg, bench):
+    """The template a run's model uses on `bench`'s dataset: the run's own when it was given by hand (it differs
+    from what recipes.py resolves for the run's method and dataset), else the target dataset's."""
+    changed = tables.changed_keys(dict(config=cfg))
+    return cfg["template"] if changed and "template" in changed else bench.template
 
 
 def evaluate_run(run_dir, datasets=None, subsample="all", root=None, device="cpu"):
@@ -50,26 +59,26 @@ def evaluate_run(run_dir, datasets=None, subsample="all", root=None, device="cpu
     `subsample`; written to run_dir/eval_<dataset>_<subsample>.json and returned as {dataset: acc}. Runs with
     the run's thread count (config key threads)."""
     config = os.path.join(run_dir, "config.json")
-    threads = train.read_json(config, "run config").get("threads", 0) if os.path.exists(config) else 0
-    with train.torch_threads(threads):
+    threads = read_json(config, "run config").get("threads", 0) if os.path.exists(config) else 0
+    with torch_threads(threads):
         return _evaluate_run(run_dir, datasets, subsample, root, device)
 
 
 def _evaluate_run(run_dir, datasets, subsample, root, device):
-    model, cfg, run_root = load_run(run_dir, device)
+    model, cfg, run_root = trained_run(run_dir, device)
     root = root or run_root  # the datasets' root (--root), else the run's
     out = {}
     for name in datasets or [cfg["dataset"]]:
         bench = data.load_benchmark(name, root, shots=cfg["shots"], seed=cfg["seed"], subsample=subsample)
-        model.set_dataset(name)  # MMRL: the dataset's template and prediction rule
+        model.set_dataset(name, target_template(cfg, bench))  # zsclip, MMRL: the template and prediction rule
         model.set_classnames(bench.classnames)
-        _, test_tf = train.transforms_of(cfg, bench, model.clip.visual.input_resolution)
+        _, test_tf = train.transforms_of(cfg, model.clip.visual.input_resolution)
         splits = train.evaluate_splits(cfg, model, bench, test_tf, device)  # and further ones (the toy's test_corr)
         acc, n = splits.pop("test")
         record = dict(run=run_dir, method=cfg["method"], trained_on=cfg["dataset"], dataset=name, subsample=subsample,
                       seed=cfg["seed"], shots=cfg["shots"], accuracy=acc, images=n,
                       splits={k: dict(accuracy=a, images=m) for k, (a, m) in splits.items()})
-        train.write_json(os.path.join(run_dir, f"eval_{name}_{subsample}.json"), record)
+        write_json(os.path.join(run_dir, f"eval_{name}_{subsample}.json"), record)
         print(f"{run_dir}: {name} ({subsample}) {acc:.2f}% on {n} images"
               + "".join(f"; {k} {a:.2f}% on {m} images" for k, (a, m) in splits.items()))
         out[name] = acc
@@ -98,7 +107,7 @@ def image_files(paths):
 def class_list(classes=None, classes_file=None):
     """--classes "a,b,c" or --classes-file F (one class per line; '#' comments) -> list, or None for the run's."""
     if classes and classes_file:
-        raise dapt.ConfigError("give --classes or --classes-file, not both")
+        raise ConfigError("give --classes or --classes-file, not both")
     if classes_file:
         with open(classes_file, encoding="utf-8") as f:
             names = [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
@@ -107,7 +116,7 @@ def class_list(classes=None, classes_file=None):
     else:
         return None
     if len(names) < 2:
-        raise dapt.ConfigError(f"at least two classes are needed to classify, got {names}")
+        raise ConfigError(f"at least two classes are needed to classify, got {names}")
     return names
 
 
@@ -116,16 +125,16 @@ def predictor(run_dir=None, clip=None, root=None, classes=None, template="a phot
     its classes), or without a run zero-shot CLIP `clip` (a name or a path; "toy" = <root>/toy_clip/) on
     `classes` with `template`."""
     if run_dir:
-        model = dapt.load_run(run_dir, device, root)
+        model = load_run(run_dir, device, root)
         cfg = model.cfg
         if classes:
             model.set_classnames(classes)
     else:
         if not classes:
-            raise dapt.ConfigError("zero-shot prediction without a run needs --classes or --classes-file")
-        cfg = dict(train.COMMON, clip=clip or train.COMMON["clip"], method="zsclip", template=template)
-        model = dapt.ZeroShotCLIP(dapt.run_clip(cfg, root or "DATA", device), classes, cfg).eval()
-    _, test_tf = train.transforms_of(cfg, None, model.clip.visual.input_resolution)
+            raise ConfigError("zero-shot prediction without a run needs --classes or --classes-file")
+        cfg = dict(recipes.COMMON, clip=clip or recipes.COMMON["clip"], method="zsclip", template=template)
+        model = dapt.ZeroShotCLIP(run_clip(cfg, root or "DATA", device), classes, cfg).eval()
+    _, test_tf = train.transforms_of(cfg, model.clip.visual.input_resolution)
     return model, cfg, test_tf
 
 
@@ -144,7 +153,7 @@ def predict(paths, run_dir=None, clip=None, root=None, classes=None, template="a
         T = model.text_features()
         for i in range(0, len(files), batch):
             chunk = files[i:i + batch]
-            x = torch.stack([tf(data.open_image(p)) for p in chunk]).to(device)
+            x = torch.stack([tf(open_image(p)) for p in chunk]).to(device)
             prob = model(x, text_features=T).float().softmax(-1)
             p, idx = prob.topk(k, dim=-1)
             for f, pp, ii in zip(chunk, p.tolist(), idx.tolist()):
@@ -254,21 +263,21 @@ def attention_pictures(run_dir, paths, out, block=-1, root=None, device="cpu", s
     predicted class, thresholded as in training). The maps go to <stem>.npz as well.
     -> [dict(image, png, npz, zero_shot [g, g], tuned [g, g], cue [S, S] or None, cue_kind)]."""
     files = image_files(paths)
-    model = dapt.load_run(run_dir, device, root)
+    model = load_run(run_dir, device, root)
     cfg, visual = model.cfg, model.clip.visual
-    _, tf = train.transforms_of(cfg, None, visual.input_resolution)
-    zs_clip = dapt.run_clip(cfg, model.run_root, device) if _unfrozen_clip(model) else model.clip
+    _, tf = train.transforms_of(cfg, visual.input_resolution)
+    zs_clip = run_clip(cfg, model.run_root, device) if _unfrozen_clip(model) else model.clip
     autocast = train.precision_of(cfg, device)[2]  # as evaluation: bf16 / fp16 weights run under autocast
 
     def amp():
         return torch.autocast(device_type=torch.device(device).type, dtype=autocast, enabled=autocast is not None)
     with amp():
-        zs_T = dapt.encode_texts(zs_clip, [f"a photo of a {c}." for c in model.classnames])
+        zs_T = encode_texts(zs_clip, [f"a photo of a {c}." for c in model.classnames])
         T = model.text_features()
     tuned_tower = model.host if isinstance(model, dapt.FVGPT) else model
     n_blocks = len(visual.transformer.resblocks)
     if not -n_blocks <= block < n_blocks:
-        raise dapt.ConfigError(f"--block {block}: the image tower has {n_blocks} blocks (0..{n_blocks - 1}, or -1 "
+        raise ConfigError(f"--block {block}: the image tower has {n_blocks} blocks (0..{n_blocks - 1}, or -1 "
                                "= the last)")
     b = block % n_blocks
     dataset_dir = os.path.normpath(os.path.join(model.run_root or "", data.DATASETS[cfg["dataset"]].folder)) \
@@ -278,20 +287,20 @@ def attention_pictures(run_dir, paths, out, block=-1, root=None, device="cpu", s
     os.makedirs(out, exist_ok=True)
     records, used = [], set()
     for path in files:
-        img = data.open_image(path)
+        img = open_image(path)
         mask = None
         if cue_kind == "mask" and dataset_dir and os.path.abspath(path).startswith(dataset_dir + os.sep):
-            mpath = data.mask_path(dataset_dir, os.path.abspath(path))
+            mpath = mask_path(dataset_dir, os.path.abspath(path))
             if os.path.isfile(mpath):
-                enc, _ = data.resolve_mask_encoding(dataset_dir, [mpath], "official" if cfg.get("mask_quirk")
+                enc, _ = resolve_mask_encoding(dataset_dir, [mpath], "official" if cfg.get("mask_quirk")
                                                     else cfg.get("mask_encoding", ""))
-                x, mask = tf.pair(img, data.open_mask(mpath), encoding=enc)
+                x, mask = tf.pair(img, open_mask(mpath), encoding=enc)
         if mask is None:
             x = tf(img)
         x = x[None].to(device)
         with amp():
             zs_logits, zs_row = cls_attention(zs_clip.visual.transformer.resblocks[b].attn, lambda: (
-                zs_clip.logit_scale.exp() * dapt.normalize(zs_clip.visual(x)) @ zs_T.t()))
+                zs_clip.logit_scale.exp() * normalize(zs_clip.visual(x)) @ zs_T.t()))
             logits, row = cls_attention(model.clip.visual.transformer.resblocks[b].attn,
                                         lambda: model(x, text_features=T))
         pred = int(logits.argmax(-1))
@@ -341,231 +350,6 @@ def attention_pictures(run_dir, paths, out, block=-1, root=None, device="cpu", s
         echo(f"{path} -> {png}")
     return records
 
-# ----------------------------------------------------------------------------------------------------------
-# aggregating seeds
-
-
-def mean_std(values):
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def collect(root):
-    """Every result.json below root, grouped by (setting, method+tag, dataset, shots) -> list of results."""
-    groups = {}
-    for path in sorted(glob.glob(os.path.join(root, "**", "result.json"), recursive=True)):
-        with open(path) as f:
-            r = json.load(f)
-        r["path"] = r.setdefault("run_dir", os.path.dirname(path))
-        key = (r["setting"], r["method"] + (r.get("tag") or ""), r["dataset"], r["shots"])
-        groups.setdefault(key, []).append(r)
-    return groups
-
-
-def b2n_table(groups):
-    """{method: {"rows": {dataset: dict(base, base_std, new, new_std, hm, seeds)}, "average": {...}}}."""
-    tables = {}
-    for (setting, method, dataset, shots), runs in sorted(groups.items()):
-        if setting != "b2n":
-            continue
-        base = mean_std([r["accuracy"]["base"] for r in runs])
-        new = mean_std([r["accuracy"]["new"] for r in runs])
-        tables.setdefault(method, {"rows": {}})["rows"][dataset] = dict(
-            base=base[0], base_std=base[1], new=new[0], new_std=new[1], hm=train.hm(base[0], new[0]),
-            seeds=sorted(r["seed"] for r in runs))
-    for t in tables.values():
-        b = statistics.fmean(row["base"] for row in t["rows"].values())
-        n = statistics.fmean(row["new"] for row in t["rows"].values())
-        t["average"] = dict(base=b, new=n, hm=train.hm(b, n), datasets=len(t["rows"]))
-    return tables
-
-
-def fewshot_table(groups):
-    """{method: {dataset: {shots: (mean, std, seeds)}}} plus an "average" pseudo-dataset per shot count."""
-    tables = {}
-    for (setting, method, dataset, shots), runs in sorted(groups.items()):
-        if setting != "fewshot":
-            continue
-        m, s = mean_std([r["accuracy"]["all"] for r in runs])
-        tables.setdefault(method, {}).setdefault(dataset, {})[shots] = (m, s, sorted(r["seed"] for r in runs))
-    for t in tables.values():
-        shots = sorted({k for rows in t.values() for k in rows})
-        t["average"] = {k: (statistics.fmean(rows[k][0] for rows in t.values() if k in rows), 0.0, [])
-                        for k in shots}
-    return tables
-
-
-def split_table(groups):
-    """Accuracies on a benchmark's further test splits (the toy's test_corr keeps the training's class-scene
-    link): one row per (setting, method, dataset, shots, classes, split) with the test and further split's mean ±
-    std over seeds and the gap (further minus test, per seed, then mean ± std). -> (markdown lines, csv rows)."""
-    md, rows = [], []
-    for (setting, method, dataset, shots), runs in sorted(groups.items()):
-        keys = sorted({k for r in runs for k in r["accuracy"] if k.partition("_")[0] in ("base", "new", "all")
-                       and k.partition("_")[2]})
-        for k in keys:
-            subset, _, split = k.partition("_")
-            both = [r for r in runs if k in r["accuracy"] and subset in r["accuracy"]]
-            test, other = (mean_std([r["accuracy"][x] for r in both]) for x in (subset, k))
-            gap = mean_std([r["accuracy"][k] - r["accuracy"][subset] for r in both])
-            md.append(f"| {method} | {dataset} | {setting} | {shots} | {subset} | {test[0]:.2f} ± {test[1]:.2f} | "
-                      f"test_{split} | {other[0]:.2f} ± {other[1]:.2f} | {gap[0]:+.2f} ± {gap[1]:.2f} | "
-                      f"{len(both)} |")
-            rows.append([f"{setting}:test_{split}", method, dataset, shots, subset, f"{test[0]:.4f}",
-                         f"{test[1]:.4f}", f"{other[0]:.4f}", f"{other[1]:.4f}", f"{gap[0]:.4f}", f"{gap[1]:.4f}",
-                         " ".join(str(r["seed"]) for r in both)])
-    if md:
-        md = ["", "## Further test splits (gap: its accuracy minus the test split's, per seed; mean ± std over seeds)",
-              "", "| method | dataset | setting | shots | classes | test | split | accuracy | gap | seeds |",
-              "|---|---|---|---|---|---|---|---|---|---|", *md, ""]
-    return md, rows
-
-
-def render(tables_b2n, tables_fs, flagged=()):
-    """Markdown text and CSV rows of both tables; cells of `flagged` (setting, method, dataset, shots) get a ⚠."""
-    warn = lambda setting, method, dataset, shots=None: " ⚠" if any(  # noqa: E731
-        f[:3] == (setting, method, dataset) and shots in (None, f[3]) for f in flagged) else ""
-    md, rows = [], [["table", "method", "dataset", "shots", "base", "base_std", "new", "new_std", "hm", "acc", "acc_std", "seeds"]]
-    if tables_b2n:
-        md += ["## Base-to-novel (mean over seeds; HM of the means)", "",
-               "| method | dataset | base | new | HM | seeds |", "|---|---|---|---|---|---|"]
-        for method, t in tables_b2n.items():
-            for dataset, r in t["rows"].items():
-                md.append(f"| {method} | {dataset} | {r['base']:.2f} ± {r['base_std']:.2f} | "
-                          f"{r['new']:.2f} ± {r['new_std']:.2f} | {r['hm']:.2f} | {len(r['seeds'])}"
-                          f"{warn('b2n', method, dataset)} |")
-                rows.append(["b2n", method, dataset, 16, f"{r['base']:.4f}", f"{r['base_std']:.4f}", f"{r['new']:.4f}",
-                             f"{r['new_std']:.4f}", f"{r['hm']:.4f}", "", "", " ".join(map(str, r["seeds"]))])
-            a = t["average"]
-            md.append(f"| {method} | **average ({a['datasets']})** | {a['base']:.2f} | {a['new']:.2f} | {a['hm']:.2f} | |")
-            rows.append(["b2n", method, "average", 16, f"{a['base']:.4f}", "", f"{a['new']:.4f}", "", f"{a['hm']:.4f}", "", "", ""])
-        md.append("")
-    if tables_fs:
-        shots = sorted({k for t in tables_fs.values() for rows in t.values() for k in rows})
-        md += ["## Few-shot accuracy (all classes; mean ± std over seeds, number of seeds in brackets)", "",
-               "| method | dataset | " + " | ".join(f"{k} shots" for k in shots) + " |",
-               "|---|---|" + "---|" * len(shots)]
-        for method, t in tables_fs.items():
-            for dataset, r in t.items():
-                cells = [(f"{r[k][0]:.2f} ± {r[k][1]:.2f} ({len(r[k][2])}){warn('fewshot', method, dataset, k)}"
-                          if dataset != "average" else f"**{r[k][0]:.2f}**")
-                         if k in r else "" for k in shots]
-                md.append(f"| {method} | {dataset} | " + " | ".join(cells) + " |")
-                for k in shots:
-                    if k in r:
-                        rows.append(["fewshot", method, dataset, k, "", "", "", "", "", f"{r[k][0]:.4f}", f"{r[k][1]:.4f}",
-                                     " ".join(map(str, r[k][2]))])
-        md.append("")
-    return "\n".join(md), rows
-
-
-# one row per run, and seeds that look collapsed (PromptKD#22: "model-best" at epoch 1 for two seeds, up to 33
-# points off). A run is flagged when one of its accuracies (base, new; all) is more than COLLAPSE_POINTS below
-# the mean of the cell's other seeds, or, with at least two other seeds, more than COLLAPSE_STD of their standard
-# deviations and at least COLLAPSE_MIN_GAP points below it (so seeds that agree to 0.1 do not flag a 0.5-point
-# dip); or when model selection picked the first of several epochs.
-COLLAPSE_POINTS, COLLAPSE_STD, COLLAPSE_MIN_GAP = 10.0, 3.0, 1.0
-IDENTITY_KEYS = ("method", "dataset", "setting", "shots", "seed", "subsample", "tag", "data_fraction")
-
-
-def collapse_flags(groups):
-    """{run folder: [reason, ...]} of the runs that look collapsed (see COLLAPSE_POINTS)."""
-    flags = {}
-    for runs in groups.values():
-        metrics = sorted({k for r in runs for k, v in r["accuracy"].items()
-                          if k != "hm" and isinstance(v, (int, float))})
-        for i, r in enumerate(runs):
-            why = []
-            for m in metrics:
-                others = [o["accuracy"][m] for j, o in enumerate(runs) if j != i and m in o["accuracy"]]
-                if m not in r["accuracy"] or not others:
-                    continue
-                v, mu = r["accuracy"][m], statistics.fmean(others)
-                sd = statistics.stdev(others) if len(others) > 1 else 0.0
-                if mu - v > COLLAPSE_POINTS:
-                    why.append(f"{m} {v:.2f} is {mu - v:.1f} points below the other seeds' mean {mu:.2f}")
-                elif len(others) > 1 and sd > 0 and mu - v > COLLAPSE_STD * sd and mu - v >= COLLAPSE_MIN_GAP:
-                    why.append(f"{m} {v:.2f} is {(mu - v) / sd:.1f} std below the other seeds' {mu:.2f} ± {sd:.2f}")
-            epochs = (r.get("config") or {}).get("epochs") or 0
-            if r.get("selected_epoch") == 0 and epochs > 1:
-                why.append(f"model selection picked the first of {epochs} epochs")
-            if why:
-                flags[r["run_dir"]] = why
-    return flags
-
-
-def changed_keys(result):
-    """{key: value} of the run's config keys that differ from what train.py resolves for its method, dataset and
-    setting without --key flags (COMMON, the model's defaults, RECIPES, DATASET_OVERRIDES); None when unknown."""
-    cfg = result.get("config") or {}
-    try:
-        base = train.resolve_config(cfg["method"], cfg["dataset"], {k: cfg[k] for k in (
-            "subsample", "setting", "shots", "host", "data_fraction") if k in cfg})
-    except (dapt.ConfigError, KeyError):
-        return None
-    norm = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731  (tuples in code, lists in JSON)
-    out = {k: cfg[k] for k, v in base.items() if k not in IDENTITY_KEYS and k in cfg and norm(cfg[k]) != norm(v)
-           and not (k == "template" and v == "")}  # "" = the folder dataset's own template
-    default_host = dapt.METHODS[cfg["method"]].defaults.get("host")
-    if cfg.get("host", default_host) != default_host:
-        out["host"] = cfg["host"]
-    return out
-
-
-def run_rows(groups, flags):
-    """runs.csv: one row per run: identity, accuracies, seconds, selected epoch, the collapse flag, the changed
-    keys as one text column and a column config.<key> per key changed in any run (every run's value in it)."""
-    runs = [r for key in sorted(groups) for r in sorted(groups[key], key=lambda r: r["seed"])]
-    changed = {r["run_dir"]: changed_keys(r) for r in runs}
-    keys = sorted({k for c in changed.values() if c for k in c})
-    accs = [k for k in ("base", "new", "hm", "all") if any(k in r["accuracy"] for r in runs)]
-    accs += sorted({k for r in runs for k in r["accuracy"]} - set(accs))
-    rows = [["run", "method", "tag", "dataset", "setting", "shots", "seed", "subsample", *accs, "seconds",
-             "selected_epoch", "epochs", "possible_collapse", "changed", *[f"config.{k}" for k in keys]]]
-    for r in runs:
-        cfg, c = r.get("config") or {}, changed[r["run_dir"]]
-        rows.append([r["run_dir"], r["method"], r.get("tag", ""), r["dataset"], r["setting"], r["shots"], r["seed"],
-                     r.get("subsample", ""), *[f"{r['accuracy'][k]:.4f}" if k in r["accuracy"] else "" for k in accs],
-                     r.get("seconds", ""), r.get("selected_epoch", ""), cfg.get("epochs", ""),
-                     "; ".join(flags.get(r["run_dir"], [])),
-                     "?" if c is None else " ".join(f"{k}={json.dumps(v, default=str)}" for k, v in c.items()),
-                     *[json.dumps(cfg[k], default=str) if k in cfg else "" for k in keys]])
-    return rows
-
-
-def table(root, out=None):
-    groups = collect(root)
-    if not groups:
-        raise train.RunError(f"no result.json below {root}: train runs first (python train.py ...)")
-    b2n, fs = b2n_table(groups), fewshot_table(groups)
-    flags = collapse_flags(groups)
-    md, rows = render(b2n, fs, {key for key, runs in groups.items() if any(r["run_dir"] in flags for r in runs)})
-    split_md, split_rows = split_table(groups)
-    md += "\n".join(split_md)
-    if flags:
-        md += "\n".join(["", "## Possible collapses (a seed far below the others, or model selection at the first "
-                         "epoch)", ""] + [f"- `{d}`: " + "; ".join(why) for d, why in sorted(flags.items())] + [""])
-    flagged = [f"{r['path']} ({', '.join(r['flags'])})" for runs in groups.values() for r in runs if r.get("flags")]
-    if flagged:  # kept in the means, but never silently
-        md += (f"\nFlagged runs (included above; see the warnings in their result.json): {len(flagged)}\n"
-               + "\n".join(f"- {f}" for f in flagged) + "\n")
-    print(md)
-    out = out or root
-    os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "table.md"), "w") as f:
-        f.write(md + "\n")
-    with open(os.path.join(out, "table.csv"), "w", newline="") as f:
-        csv.writer(f).writerows(rows)
-    with open(os.path.join(out, "runs.csv"), "w", newline="") as f:
-        csv.writer(f).writerows(run_rows(groups, flags))
-    if split_rows:
-        with open(os.path.join(out, "table_splits.csv"), "w", newline="") as f:
-            csv.writer(f).writerows([["table", "method", "dataset", "shots", "subset", "test", "test_std", "split",
-                                      "split_std", "gap", "gap_std", "seeds"], *split_rows])
-    print(f"wrote {os.path.join(out, 'table.md')}, table.csv, runs.csv (one row per run)"
-          + (" and table_splits.csv" if split_rows else ""))
-    return b2n, fs
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     sub = p.add_subparsers(dest="command", required=True)
@@ -583,7 +367,7 @@ def main(argv=None):
     q.add_argument("paths", nargs="+", metavar="RUN_DIR IMAGE_OR_FOLDER", help="a run folder, then images or folders "
                    "(with --method zsclip: images only)")
     q.add_argument("--method", choices=["zsclip"], help="zero-shot CLIP without a run (needs --classes)")
-    q.add_argument("--clip", default=train.COMMON["clip"], help="with --method zsclip: a CLIP name or checkpoint "
+    q.add_argument("--clip", default=recipes.COMMON["clip"], help="with --method zsclip: a CLIP name or checkpoint "
                    "path; toy = ROOT/toy_clip/toy_clip.pt")
     q.add_argument("--template", default="a photo of a {}.", help="with --method zsclip (default: %(default)s)")
     q.add_argument("--classes", help="comma-separated class names replacing the run's")
@@ -605,14 +389,14 @@ def main(argv=None):
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if args.command == "table":
-            return table(args.root, args.out)
+            return tables.table(args.root, args.out)
         if args.command == "predict":
             run_dir, paths = (None, args.paths) if args.method else (args.paths[0], args.paths[1:])
             if not paths:
-                raise dapt.ConfigError("predict RUN_DIR IMAGE_OR_FOLDER...: no images given (zero-shot without a "
+                raise ConfigError("predict RUN_DIR IMAGE_OR_FOLDER...: no images given (zero-shot without a "
                                        "run: --method zsclip --clip NAME IMAGE... --classes a,b,c)")
             if run_dir and not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
-                raise dapt.ConfigError(f"{run_dir} is not a run folder (no checkpoint.pt); for zero-shot CLIP without "
+                raise ConfigError(f"{run_dir} is not a run folder (no checkpoint.pt); for zero-shot CLIP without "
                                        "a run pass --method zsclip --clip NAME --classes a,b,c")
             return predict(paths, run_dir, args.clip, args.root, class_list(args.classes, args.classes_file),
                            args.template, args.topk, args.out, args.device)

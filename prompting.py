@@ -2,12 +2,13 @@
 
 `PromptModel` is the contract train.py relies on and the protocol through which DAPT and FVG-PT compose with a
 host (text features that can encode extra frozen texts, image features with an optional key mask, the host's
-visual prompts, its loss terms, its dataset); its subclasses, one per method, are in dapt.py, which re-exports
-everything here. Also here: the prompted class-name sequences of the CoOp family (`TextPrompts`), prompt
-initialisation, and the replay of the official code's initial random draws (`official_init` of IVLP, PromptSRC,
-MMRL). Split off dapt.py to keep both files readable (README, layout).
-Deliberately not here: any method (dapt.py), data loading (data.py), the training loop (train.py).
+visual prompts, its loss terms, its dataset); its subclasses, one per method, are in classic.py and dapt.py, which
+re-exports everything here. Also here: CLIP's hand-crafted templates, the prompted class-name sequences of the CoOp
+family (`TextPrompts`), prompt initialisation, and the replay of the official code's initial random draws
+(`official_init` of IVLP, PromptSRC, MMRL).
+Deliberately not here: any method (classic.py, dapt.py), data loading (data.py), the training loop (train.py).
 """
+import hashlib
 import logging
 import math
 import weakref
@@ -23,6 +24,35 @@ log = logging.getLogger("dapt")
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the key and says what to do."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# hand-crafted templates (protocol §8): CLIP's 80 ImageNet templates and CoOp's 7 selected ones
+
+IMAGENET_TEMPLATES = [t.strip() for t in """
+a bad photo of a {}. | a photo of many {}. | a sculpture of a {}. | a photo of the hard to see {}. |
+a low resolution photo of the {}. | a rendering of a {}. | graffiti of a {}. | a bad photo of the {}. |
+a cropped photo of the {}. | a tattoo of a {}. | the embroidered {}. | a photo of a hard to see {}. |
+a bright photo of a {}. | a photo of a clean {}. | a photo of a dirty {}. | a dark photo of the {}. |
+a drawing of a {}. | a photo of my {}. | the plastic {}. | a photo of the cool {}. | a close-up photo of a {}. |
+a black and white photo of the {}. | a painting of the {}. | a painting of a {}. |
+a pixelated photo of the {}. | a sculpture of the {}. | a bright photo of the {}. | a cropped photo of a {}. |
+a plastic {}. | a photo of the dirty {}. | a jpeg corrupted photo of a {}. | a blurry photo of the {}. |
+a photo of the {}. | a good photo of the {}. | a rendering of the {}. | a {} in a video game. |
+a photo of one {}. | a doodle of a {}. | a close-up photo of the {}. | a photo of a {}. | the origami {}. |
+the {} in a video game. | a sketch of a {}. | a doodle of the {}. | a origami {}. |
+a low resolution photo of a {}. | the toy {}. | a rendition of the {}. | a photo of the clean {}. |
+a photo of a large {}. | a rendition of a {}. | a photo of a nice {}. | a photo of a weird {}. |
+a blurry photo of a {}. | a cartoon {}. | art of a {}. | a sketch of the {}. | a embroidered {}. |
+a pixelated photo of a {}. | itap of the {}. | a jpeg corrupted photo of the {}. | a good photo of a {}. |
+a plushie {}. | a photo of the nice {}. | a photo of the small {}. | a photo of the weird {}. |
+the cartoon {}. | art of the {}. | a drawing of the {}. | a photo of the large {}. |
+a black and white photo of a {}. | the plushie {}. | a dark photo of a {}. | itap of a {}. |
+graffiti of the {}. | a toy {}. | itap of my {}. | a photo of a cool {}. | a photo of a small {}. |
+a tattoo of the {}.
+""".replace("\n", " ").split("|")]
+SELECT_TEMPLATES = ["itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
+                    "a {} in a video game.", "art of the {}.", "a photo of the small {}."]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -44,6 +74,16 @@ def encode_texts(clip, texts, chunk=1000):
     device = clip.token_embedding.weight.device
     feats = [clip.encode_text(tokenize(texts[i:i + chunk]).to(device)) for i in range(0, len(texts), chunk)]
     return normalize(torch.cat(feats))
+
+
+def state_digest(module):
+    """sha256 of a module's state dict (names, dtypes, shapes and bytes): names the weights that produced a cache."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def choice(cfg, key, options):
@@ -222,10 +262,10 @@ class PromptModel(nn.Module):
         """A new class list (base -> new evaluation, cross-dataset): rebuild what depends on the class names."""
         self.classnames = list(classnames)
 
-    def set_dataset(self, name):
-        """The classes that come next are dataset `name`'s (eval.py calls this before set_classnames): for methods
-        whose template or prediction rule depends on the dataset (zero-shot CLIP, MMRL, FVG-PT); composed models
-        pass it to their host."""
+    def set_dataset(self, name, template):
+        """The classes that come next are dataset `name`'s, whose hand-crafted template is `template` (the caller
+        chooses it; eval.py calls this before set_classnames): for methods whose template or prediction rule depends
+        on the dataset (zero-shot CLIP, MMRL, FVG-PT); composed models pass it to their host."""
 
     def text_features(self, extra_tokens=None):
         """[C, E] normalised class features (gradients to the text prompts); with extra_tokens [N, L] (frozen
@@ -256,9 +296,14 @@ class PromptModel(nn.Module):
         logits = self.logit_scale * z @ T.t()
         return total(self.loss_terms(batch, z, T, logits), logits, batch["label"])
 
-    def prepare(self, bench, train_tf, test_tf, device):
-        """Once before training: data-dependent set-up (dapt-dist prototypes, DA-VPT clusters). Not called for
-        evaluation, and before a resume restores `load_extra_state`."""
+    def prepare(self, features):
+        """Once before training: set-up from the training images (dapt-dist's prototypes, DA-VPT's clusters), which
+        the caller reaches through `features(fn, view="train", per_class=0, sampling="first", cache=None)` ->
+        (features [N, D] float32 on the CPU, labels [N]): fn maps an image batch [b, 3, S, S] on the model's device
+        to [b, D]; view "train" gives each image one training augmentation (the draws of the first epoch), "test"
+        the deterministic view; per_class k > 0 keeps k images of each class (sampling "first": the first ones,
+        "official": DA-VPT's draw with the run seed); `cache`, a name that identifies fn's weights, lets the caller
+        keep the result on disk. Not called for evaluation, and before a resume restores `load_extra_state`."""
 
     def param_groups(self):
         """Optimizer parameter groups (e.g. per-group weight decay); default: every trainable tensor."""

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import clip as clip_module
 import dapt
 import kernels
-import train
+import recipes
 from kernels.attention import attention_reference, visible_key_blocks
 
 
@@ -269,11 +269,11 @@ def bench_train_step(device, small, reps, methods=("coop", "maple", "dapt", "ivl
                 variants[f"{method}: {b} + savings, token-level views (not equivalent)"] = dict(attn=b, text_savings=True, decouple="token")
         cands = {}
         for name, extra in variants.items():
-            cfg = train.resolve_config(method, "caltech101", dict(subsample="base"))
+            cfg = recipes.resolve_config(method, "caltech101", dict(subsample="base"))
             cfg.update(extra)
             if method == "mmrl" and small:  # the last 2 of the 4 blocks (6-12 of 12 at full size)
                 cfg["rep_layers"] = (-2, -1)
-            model = train.build_model(cfg, clip, CALTECH101).to(device)
+            model = dapt.build_model(method, clip, CALTECH101, cfg).to(device)
             clip.set_attention(cfg["attn"])
             params = [q for q in model.parameters() if q.requires_grad]
             opt = torch.optim.SGD(params, lr=1e-4, momentum=0.9)

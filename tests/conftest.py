@@ -17,11 +17,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import clip as clip_module  # noqa: E402
+import clip_load  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("DAPT_TEST_THREADS", "1")))
 
 # A small toy benchmark and a briefly pretrained toy CLIP, shared by every end-to-end test of the session.
-# The real toy CLIP recipe (train.TOY_PRETRAIN) takes minutes; tests only need a CLIP that runs through the
+# The real toy CLIP recipe (toy.TOY_PRETRAIN) takes minutes; tests only need a CLIP that runs through the
 # same code paths, so the recipe is shortened here for the whole session (it is part of the cache key).
 TEST_TOY_PRETRAIN = dict(steps=20, images=600, batch=64, warmup=5)
 TEST_TOY_PER_CLASS = dict(train=16, val=4, test=6)
@@ -30,13 +31,12 @@ TEST_TOY_PER_CLASS = dict(train=16, val=4, test=6)
 @pytest.fixture(scope="session")
 def toy_root(tmp_path_factory):
     """<root> holding toy/ (16 train, 4 val, 6 test images per class) and toy_clip/toy_clip.pt."""
-    import data
-    import train
+    import toy
 
-    train.TOY_PRETRAIN.update(TEST_TOY_PRETRAIN)
+    toy.TOY_PRETRAIN.update(TEST_TOY_PRETRAIN)
     root = str(tmp_path_factory.mktemp("toydata"))
-    data.make_toy(root, seed=0, per_class=TEST_TOY_PER_CLASS)
-    train.pretrain_toy_clip(root, quiet=True)
+    toy.make_toy(root, seed=0, per_class=TEST_TOY_PER_CLASS)
+    toy.pretrain_toy_clip(root, quiet=True)
     return root
 
 
@@ -101,7 +101,7 @@ def random_clip(config=SMALL_CONFIG, seed=0):
 
 def save_safetensors(tensors, path, metadata=None):
     """Write name -> tensor as a .safetensors file (clip.read_safetensors and the safetensors package read it)."""
-    codes = {v: k for k, v in clip_module.SAFETENSORS_DTYPES.items()}
+    codes = {v: k for k, v in clip_load.SAFETENSORS_DTYPES.items()}
     header, chunks, offset = {}, [], 0
     for name, t in tensors.items():
         raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
@@ -150,10 +150,10 @@ def grads(model):
 @pytest.fixture(scope="module")
 def random_toy(tmp_path_factory):
     """(root holding a tiny toy benchmark: 4 train / 1 val / 2 test images per class, a random toy CLIP's path)."""
-    import data
+    import toy
 
     root = tmp_path_factory.mktemp("toydata")
-    data.make_toy(str(root), per_class={"train": 4, "val": 1, "test": 2})
+    toy.make_toy(str(root), per_class={"train": 4, "val": 1, "test": 2})
     path = str(root / "random_toy_clip.pt")
     torch.save(make_clip().state_dict(), path)
     return str(root), path
@@ -181,6 +181,7 @@ def tiny(tmp_path_factory):
     from PIL import Image
 
     import data
+    import loader
 
     root = tmp_path_factory.mktemp("tiny")
     rng = np.random.default_rng(0)
@@ -194,7 +195,7 @@ def tiny(tmp_path_factory):
     names = [f"class{y}" for y in range(4)]
     meta = dict(dataset_dir=str(root), shots=3, seed=1, subsample="all")
     bench = data.Benchmark(items, [], [], names, "a photo of a {}.", meta)
-    tfs = {train: data.build_transform(train, size=32) for train in (True, False)}
+    tfs = {train: loader.build_transform(train, size=32) for train in (True, False)}
     return bench, random_clip(seed=0), tfs
 
 

@@ -1,4 +1,4 @@
-"""clip.load_clip and the checkpoint readers, offline: small random CLIPs written in every supported format.
+"""clip_load.load_clip and the checkpoint readers, offline: small random CLIPs written in every supported format.
 
 Covers: plain / nested / prefixed torch.save state dicts, safetensors with OpenAI and Hugging Face names, a
 TorchScript archive read without running its code (with proofs that its code never runs), jit=True gating,
@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import clip
+import clip_load
 from conftest import clip_features, random_clip, save_safetensors
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")
@@ -42,7 +43,7 @@ def assert_same_features(a, b):
 def test_torch_save_state_dicts(tmp_path, model, name, wrap):
     path = tmp_path / name
     torch.save(wrap(model.state_dict()), path)
-    loaded = clip.load_clip(path)
+    loaded = clip_load.load_clip(path)
     assert loaded.config == model.config and loaded.dtype == torch.float32 and not loaded.training
     assert_same_features(loaded, model)
 
@@ -50,13 +51,13 @@ def test_torch_save_state_dicts(tmp_path, model, name, wrap):
 def test_plain_torch_save_zip_does_not_go_through_the_torchscript_reader(tmp_path, model, monkeypatch):
     path = tmp_path / "plain.pt"
     torch.save(model.state_dict(), path)
-    assert zipfile.is_zipfile(path) and not clip.is_torchscript(path)
+    assert zipfile.is_zipfile(path) and not clip_load.is_torchscript(path)
 
     def refuse(path):
         raise AssertionError("read_torchscript called for a torch.save file")
 
-    monkeypatch.setattr(clip, "read_torchscript", refuse)
-    assert_same_features(clip.load_clip(path), model)
+    monkeypatch.setattr(clip_load, "read_torchscript", refuse)
+    assert_same_features(clip_load.load_clip(path), model)
 
 
 @pytest.mark.parametrize("dtype, expected", [("fp16", torch.float16), ("bf16", torch.bfloat16),
@@ -64,19 +65,19 @@ def test_plain_torch_save_zip_does_not_go_through_the_torchscript_reader(tmp_pat
 def test_dtype(tmp_path, model, dtype, expected):
     path = tmp_path / "m.pt"
     torch.save(model.state_dict(), path)
-    loaded = clip.load_clip(path, dtype=dtype)
+    loaded = clip_load.load_clip(path, dtype=dtype)
     assert {p.dtype for p in loaded.parameters()} == {expected}
     if expected == torch.bfloat16:  # runs on the CPU; LayerNorm in float32, so close to the float32 features
         for x, y in zip(clip_features(loaded), clip_features(model)):
             assert torch.allclose(x, y, atol=0.05, rtol=0.05)
     with pytest.raises(ValueError, match="dtype 'int8'"):
-        clip.load_clip(path, dtype="int8")
+        clip_load.load_clip(path, dtype="int8")
 
 
 def test_default_dtype_is_float16_on_cuda_float32_elsewhere():
-    assert clip.resolve_dtype(None, "cuda") == clip.resolve_dtype("fp16", "cpu") == torch.float16
-    assert clip.resolve_dtype(None, torch.device("cpu")) == clip.resolve_dtype("fp32", "cuda") == torch.float32
-    assert clip.resolve_dtype("bf16", "cpu") == clip.resolve_dtype(torch.bfloat16, "cpu") == torch.bfloat16
+    assert clip_load.resolve_dtype(None, "cuda") == clip_load.resolve_dtype("fp16", "cpu") == torch.float16
+    assert clip_load.resolve_dtype(None, torch.device("cpu")) == clip_load.resolve_dtype("fp32", "cuda") == torch.float32
+    assert clip_load.resolve_dtype("bf16", "cpu") == clip_load.resolve_dtype(torch.bfloat16, "cpu") == torch.bfloat16
 
 
 # ---- safetensors
@@ -91,7 +92,7 @@ def test_safetensors_reader_and_writer_round_trip(tmp_path):
     save_safetensors(tensors, path, metadata={"format": "pt"})
     raw = path.read_bytes()
     assert (8 + int.from_bytes(raw[:8], "little")) % 8 == 0  # data aligned
-    back = clip.read_safetensors(path)
+    back = clip_load.read_safetensors(path)
     assert list(back) == list(tensors)
     for k, t in tensors.items():
         assert back[k].dtype == t.dtype and back[k].shape == t.shape and torch.equal(back[k], t), k
@@ -142,7 +143,7 @@ def test_safetensors_openai_and_hugging_face_names(tmp_path, model, hf_names):
         assert not any(k.startswith(("visual.", "transformer.")) for k in sd)
     path = tmp_path / ("model.safetensors" if hf_names else "open_clip_model.safetensors")
     save_safetensors(sd, path)
-    assert_same_features(clip.load_clip(path), model)
+    assert_same_features(clip_load.load_clip(path), model)
 
 
 def test_hugging_face_key_without_equivalent_is_an_error(tmp_path, model):
@@ -151,8 +152,8 @@ def test_hugging_face_key_without_equivalent_is_an_error(tmp_path, model):
     del sd["text_model.encoder.layers.1.self_attn.v_proj.bias"]
     path = tmp_path / "hf.safetensors"
     save_safetensors(sd, path)
-    with pytest.raises(clip.CheckpointError, match=r"hf.safetensors.*no OpenAI equivalent") as e:
-        clip.load_clip(path)
+    with pytest.raises(clip_load.CheckpointError, match=r"hf.safetensors.*no OpenAI equivalent") as e:
+        clip_load.load_clip(path)
     assert "rotary.weight" in str(e.value) and "transformer.resblocks.1.attn.in_proj_bias" in str(e.value)
 
 
@@ -186,36 +187,36 @@ def test_torchscript_archive_layout(torchscript):
     prefix = names[0].split("/")[0]
     assert f"{prefix}/data.pkl" in names and f"{prefix}/constants.pkl" in names
     assert any(n.startswith(f"{prefix}/code/") for n in names) and f"{prefix}/data/0" in names
-    assert clip.is_torchscript(path)
+    assert clip_load.is_torchscript(path)
 
 
 def test_torchscript_restricted_reader_matches_eager_and_jit_load(torchscript, caplog):
     path, reference = torchscript
-    raw = clip.read_torchscript(path)
+    raw = clip_load.read_torchscript(path)
     assert {"input_resolution", "context_length", "vocab_size", "transformer.resblocks.0.attn_mask"} <= set(raw)
     assert raw["visual.proj"].dtype == torch.float16
     with caplog.at_level("INFO", logger="dapt"):
-        loaded = clip.load_clip(path)
+        loaded = clip_load.load_clip(path)
     assert "TorchScript archive (restricted reader" in caplog.text and "ViT-tiny.pt" in caplog.text
     assert_same_features(loaded, reference)
-    jit_loaded = clip.load_clip(path, jit=True, trust=True)
+    jit_loaded = clip_load.load_clip(path, jit=True, trust=True)
     assert all(torch.equal(a, b) for a, b in zip(jit_loaded.state_dict().values(), loaded.state_dict().values()))
 
 
 def test_torchscript_tree_tensors_that_are_not_weights_are_ignored_with_a_warning(torchscript, monkeypatch, caplog):
     path, reference = torchscript
-    read = clip.read_torchscript
-    monkeypatch.setattr(clip, "read_torchscript", lambda p: {**read(p), "visual.transformer.cache": torch.zeros(2)})
+    read = clip_load.read_torchscript
+    monkeypatch.setattr(clip_load, "read_torchscript", lambda p: {**read(p), "visual.transformer.cache": torch.zeros(2)})
     with caplog.at_level("WARNING", logger="dapt"):
-        assert_same_features(clip.load_clip(path), reference)
+        assert_same_features(clip_load.load_clip(path), reference)
     assert "not CLIP weights: ['visual.transformer.cache']" in caplog.text
     # a missing weight is still an error
-    monkeypatch.setattr(clip, "read_torchscript", lambda p: {k: v for k, v in read(p).items() if k != "visual.proj"})
-    with pytest.raises(clip.CheckpointError, match="ViT-tiny.pt: .*'visual.proj' is missing"):
-        clip.load_clip(path)
-    monkeypatch.setattr(clip, "read_torchscript", lambda p: {k: v for k, v in read(p).items() if "ln_2.bias" not in k})
-    with pytest.raises(clip.CheckpointError, match=r"(?s)ViT-tiny.pt: .*Missing key.*resblocks.0.ln_2.bias"):
-        clip.load_clip(path)
+    monkeypatch.setattr(clip_load, "read_torchscript", lambda p: {k: v for k, v in read(p).items() if k != "visual.proj"})
+    with pytest.raises(clip_load.CheckpointError, match="ViT-tiny.pt: .*'visual.proj' is missing"):
+        clip_load.load_clip(path)
+    monkeypatch.setattr(clip_load, "read_torchscript", lambda p: {k: v for k, v in read(p).items() if "ln_2.bias" not in k})
+    with pytest.raises(clip_load.CheckpointError, match=r"(?s)ViT-tiny.pt: .*Missing key.*resblocks.0.ln_2.bias"):
+        clip_load.load_clip(path)
 
 
 class Marked(torch.nn.Module):
@@ -247,7 +248,7 @@ def test_torchscript_code_never_runs_setstate(tmp_path, capfd):
     capfd.readouterr()
     assert torch.equal(torch.jit.load(str(path)).marker, torch.full((3,), 7.0))  # the code runs here...
     assert "__setstate__ ran" in capfd.readouterr().out
-    tensors = clip.read_torchscript(path)  # ...and not here
+    tensors = clip_load.read_torchscript(path)  # ...and not here
     assert "__setstate__ ran" not in capfd.readouterr().out
     assert torch.equal(tensors["marker"], torch.zeros(3)) and torch.equal(tensors["weight"], torch.ones(3))
 
@@ -283,8 +284,8 @@ def test_torchscript_reader_refuses_other_globals(tmp_path, torchscript, kind):
     path = tmp_path / "evil.pt"
     with_data_pkl(torchscript[0], path, data)
     glob = "posix.system" if kind == "system" else "builtins.exec"
-    with pytest.raises(clip.CheckpointError, match=f"evil.pt.*'{re.escape(glob)}'.*refuses"):
-        clip.load_clip(path)
+    with pytest.raises(clip_load.CheckpointError, match=f"evil.pt.*'{re.escape(glob)}'.*refuses"):
+        clip_load.load_clip(path)
     assert not marker.exists()
 
 
@@ -295,18 +296,18 @@ def test_torchscript_missing_storage(tmp_path, torchscript):
         for item in zin.infolist():
             if not item.filename.endswith("/data/3"):
                 zout.writestr(item, zin.read(item.filename))
-    with pytest.raises(clip.CheckpointError, match=r"cut.pt: storage .*data/3 .*missing"):
-        clip.load_clip(path)
+    with pytest.raises(clip_load.CheckpointError, match=r"cut.pt: storage .*data/3 .*missing"):
+        clip_load.load_clip(path)
 
 
 def test_jit_needs_official_hash_or_trust(tmp_path, torchscript, monkeypatch):
     path = torchscript[0]
-    with pytest.raises(clip.CheckpointError, match="not one of theirs.*drop jit=True.*trust=True"):
-        clip.load_clip(path, jit=True)
-    assert_same_features(clip.load_clip(path, jit=True, trust=True), torchscript[1])
+    with pytest.raises(clip_load.CheckpointError, match="not one of theirs.*drop jit=True.*trust=True"):
+        clip_load.load_clip(path, jit=True)
+    assert_same_features(clip_load.load_clip(path, jit=True, trust=True), torchscript[1])
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    monkeypatch.setitem(clip.OFFICIAL, "ViT-B/16", (sha, "ViT-B-16.pt"))  # now its hash is "official"
-    assert_same_features(clip.load_clip(path, jit=True), torchscript[1])
+    monkeypatch.setitem(clip_load.OFFICIAL, "ViT-B/16", (sha, "ViT-B-16.pt"))  # now its hash is "official"
+    assert_same_features(clip_load.load_clip(path, jit=True), torchscript[1])
 
 
 # ---- official names: download, cache, sha256
@@ -316,34 +317,34 @@ def serve(tmp_path, sha, file, content, monkeypatch):
     """Put `content` where CLIP_URL (pointed at a local folder through file://) will find it."""
     (tmp_path / "server" / sha).mkdir(parents=True)
     (tmp_path / "server" / sha / file).write_bytes(content)
-    monkeypatch.setattr(clip, "CLIP_URL", (tmp_path / "server").as_uri() + "/{sha256}/{file}")
-    monkeypatch.setattr(clip, "_VERIFIED", set())
+    monkeypatch.setattr(clip_load, "CLIP_URL", (tmp_path / "server").as_uri() + "/{sha256}/{file}")
+    monkeypatch.setattr(clip_load, "_VERIFIED", set())
 
 
 def test_download_verify_and_cache(tmp_path, model, monkeypatch, capfd):
     torch.save(model.state_dict(), tmp_path / "weights.pt")
     content = (tmp_path / "weights.pt").read_bytes()
     sha = hashlib.sha256(content).hexdigest()
-    monkeypatch.setitem(clip.OFFICIAL, "ViT-B/16", (sha, "ViT-B-16.pt"))
+    monkeypatch.setitem(clip_load.OFFICIAL, "ViT-B/16", (sha, "ViT-B-16.pt"))
     serve(tmp_path, sha, "ViT-B-16.pt", content, monkeypatch)
     cache = tmp_path / "cache"
-    assert_same_features(clip.load_clip("ViT-B/16", download_root=cache), model)
+    assert_same_features(clip_load.load_clip("ViT-B/16", download_root=cache), model)
     assert "downloading ViT-B-16.pt" in capfd.readouterr().err and (cache / "ViT-B-16.pt").read_bytes() == content
     assert os.listdir(cache) == ["ViT-B-16.pt"]
     (tmp_path / "server" / sha / "ViT-B-16.pt").unlink()  # the cached file is used from now on
-    assert_same_features(clip.load_clip("ViT-B/16", download_root=cache), model)
+    assert_same_features(clip_load.load_clip("ViT-B/16", download_root=cache), model)
     with open(cache / "ViT-B-16.pt", "ab") as f:  # a damaged cache is re-verified and reported
         f.write(b"x")
-    with pytest.raises(clip.CheckpointError, match=r"ViT-B-16.pt: the cached file has sha256 .*Delete it"):
-        clip.load_clip("ViT-B/16", download_root=cache)
+    with pytest.raises(clip_load.CheckpointError, match=r"ViT-B-16.pt: the cached file has sha256 .*Delete it"):
+        clip_load.load_clip("ViT-B/16", download_root=cache)
 
 
 def test_download_sha256_mismatch_writes_nothing(tmp_path, monkeypatch):
-    sha = clip.OFFICIAL["ViT-B/32"][0]
+    sha = clip_load.OFFICIAL["ViT-B/32"][0]
     serve(tmp_path, sha, "ViT-B-32.pt", b"not the real file", monkeypatch)
     cache = tmp_path / "cache"
-    with pytest.raises(clip.CheckpointError, match=f"sha256 .* expected {sha}; it was discarded"):
-        clip.load_clip("ViT-B/32", download_root=cache)
+    with pytest.raises(clip_load.CheckpointError, match=f"sha256 .* expected {sha}; it was discarded"):
+        clip_load.load_clip("ViT-B/32", download_root=cache)
     assert not (cache / "ViT-B-32.pt").exists() and os.listdir(cache) == []
 
 
@@ -351,11 +352,11 @@ def test_offline_error_names_url_file_and_folder(tmp_path, monkeypatch):
     def offline(url, *args, **kwargs):
         raise urllib.error.URLError(OSError(101, "Network is unreachable"))
 
-    monkeypatch.setattr(clip.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(torch.hub, "urlopen", offline)  # what torch.hub.download_url_to_file calls
     cache = tmp_path / "cache"
-    sha = clip.OFFICIAL["ViT-L/14"][0]
-    with pytest.raises(clip.CheckpointError) as e:
-        clip.load_clip("ViT-L/14", download_root=cache)
+    sha = clip_load.OFFICIAL["ViT-L/14"][0]
+    with pytest.raises(clip_load.CheckpointError) as e:
+        clip_load.load_clip("ViT-L/14", download_root=cache)
     msg = str(e.value)
     assert f"https://openaipublic.azureedge.net/clip/models/{sha}/ViT-L-14.pt" in msg
     assert "Network is unreachable" in msg and str(cache / "ViT-L-14.pt") in msg and f"folder {cache}" in msg
@@ -430,8 +431,8 @@ def test_errors_name_the_file_and_what_was_expected(tmp_path, model, case, patte
         elif case == "bad dtype":
             raw = edit_header(b'"F32", "shape": [2]', b'"C64", "shape": [2]')
         path.write_bytes(bytes(raw))
-    with pytest.raises(clip.CheckpointError, match=pattern):
-        clip.load_clip(path)
+    with pytest.raises(clip_load.CheckpointError, match=pattern):
+        clip_load.load_clip(path)
 
 
 # ---- shapes that disagree, non-finite weights (issue 11)
@@ -450,8 +451,8 @@ def test_wrong_shape_names_the_tensor_and_both_shapes(tmp_path, model, key, shap
     sd = dict(model.state_dict(), **{key: torch.zeros(shape)})
     path = tmp_path / "wrong.pt"
     torch.save(sd, path)
-    with pytest.raises(clip.CheckpointError, match="wrong.pt: .*" + pattern) as e:
-        clip.load_clip(path)
+    with pytest.raises(clip_load.CheckpointError, match="wrong.pt: .*" + pattern) as e:
+        clip_load.load_clip(path)
     assert len(str(e.value).splitlines()) == 1
 
 
@@ -461,7 +462,7 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, model, value
     sd["visual.transformer.resblocks.1.mlp.c_fc.weight"][3, :2] = value
     path = tmp_path / "nan.safetensors"
     save_safetensors(sd, path)
-    with pytest.raises(clip.CheckpointError, match=r"nan.safetensors: non-finite weights \(NaN or inf\) in "
+    with pytest.raises(clip_load.CheckpointError, match=r"nan.safetensors: non-finite weights \(NaN or inf\) in "
                                                    r"tensor\(s\) visual.transformer.resblocks.1.mlp.c_fc.weight "
                                                    r"\(2 of 16384 values\)"):
-        clip.load_clip(path)
+        clip_load.load_clip(path)

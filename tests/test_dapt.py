@@ -11,13 +11,14 @@ import torch.nn.functional as F
 
 import dapt
 import train
+import recipes
 from conftest import NAMES, cli_error, grads, make_clip, metrics_of, run_random_toy, toy_batch
 
 
 def dapt_model(seed=0, **over):
-    cfg = train.resolve_config("dapt", "toy", dict(dict(subsample="base"), **over))
+    cfg = recipes.resolve_config("dapt", "toy", dict(dict(subsample="base"), **over))
     torch.manual_seed(seed)
-    return dapt.DAPT(make_clip(seed), NAMES, cfg)
+    return dapt.build_model("dapt", make_clip(seed), NAMES, cfg)
 
 
 def terms_of(model, batch, epoch):

@@ -10,13 +10,22 @@ import torch
 from PIL import Image
 
 import dapt
+import loader
+import recipes
 import train
 from conftest import b2n_run_dir, metrics_of, random_clip, run_toy_b2n
 
 
+def prototypes(clip, bench, tfs, seed=1, view="test"):
+    """dapt-dist's prepare through the features function train.py hands it; -> the prototypes [C, E]."""
+    model = dapt.DistributionAwarePT(clip, bench.classnames, {"proto_train_view": view == "train", "seed": seed})
+    model.prepare(loader.features_function(bench, {"train": tfs[True], "test": tfs[False]}, seed, "cpu"))
+    return model.prototypes
+
+
 def test_prototypes_equal_hand_computation_and_are_cached(tiny, monkeypatch):
     bench, clip, tfs = tiny
-    protos = dapt.class_prototypes(clip, bench, tfs[False], seed=1, device="cpu", view="test")
+    protos = prototypes(clip, bench, tfs)
     with torch.no_grad():
         feats = [clip.encode_image(tfs[False](Image.open(p))[None])[0] for p, _, _ in bench.train]
     feats = [f / f.norm() for f in feats]
@@ -25,7 +34,7 @@ def test_prototypes_equal_hand_computation_and_are_cached(tiny, monkeypatch):
         torch.testing.assert_close(protos[c], hand, rtol=1e-5, atol=1e-6)
     assert protos.norm(dim=-1).max() < 1  # random images of a class differ: the mean is shorter than 1
     digest = dapt.state_digest(clip.visual)[:16]
-    path = os.path.join(bench.meta["dataset_dir"], "split_fewshot", f"prototypes_shot_3-seed_1-all_{digest}_test.pt")
+    path = os.path.join(bench.meta["dataset_dir"], "split_fewshot", f"features_clip-image-{digest}_test_shot_3-seed_1-all.pt")
     cached = torch.load(path, weights_only=True)
     assert cached["record"]["transform"] == tfs[False].constants() and cached["record"]["seed"] == 1
 
@@ -33,25 +42,25 @@ def test_prototypes_equal_hand_computation_and_are_cached(tiny, monkeypatch):
         raise AssertionError("recomputed although the cache matches")
 
     with monkeypatch.context() as m:  # a matching cache is read, not recomputed
-        m.setattr(dapt, "image_features_of", no_features)
-        torch.testing.assert_close(dapt.class_prototypes(clip, bench, tfs[False], 1, "cpu", "test"), protos)
-    # another seed (recorded in the file) regenerates; other weights get another file
-    again = dapt.class_prototypes(clip, bench, tfs[False], seed=2, device="cpu", view="test")
+        m.setattr(loader, "image_features", no_features)
+        torch.testing.assert_close(prototypes(clip, bench, tfs), protos)
+    # another seed (recorded in the file) makes it again; other weights get another file
+    again = prototypes(clip, bench, tfs, seed=2)
     torch.testing.assert_close(again, protos)  # the test view does not depend on the seed
     assert torch.load(path, weights_only=True)["record"]["seed"] == 2
     other = random_clip(seed=1)
     assert dapt.state_digest(other.visual) != dapt.state_digest(clip.visual)
     # the official option: one random training view per image, deterministic for the seed
-    v1 = dapt.class_prototypes(clip, bench, tfs[True], seed=1, device="cpu", view="train")
-    os.remove(path.replace("_test.pt", "_train.pt"))
-    v2 = dapt.class_prototypes(clip, bench, tfs[True], seed=1, device="cpu", view="train")
+    v1 = prototypes(clip, bench, tfs, view="train")
+    os.remove(path.replace("_test_", "_train_"))
+    v2 = prototypes(clip, bench, tfs, view="train")
     torch.testing.assert_close(v1, v2)
     assert not torch.allclose(v1, protos)
 
 
 def test_dapt_dist_model_shapes_and_loss(tiny):
     bench, clip, tfs = tiny
-    cfg = train.resolve_config("dapt-dist", "toy", {})
+    cfg = recipes.resolve_config("dapt-dist", "toy", {})
     model = dapt.DistributionAwarePT(clip, bench.classnames, cfg)
     assert model.ctx.shape == (16, 64) and model.image_prompts.shape == (16, 64)
     assert model.image_prompts.abs().max() <= math.sqrt(6 / (3 * 8 ** 2 + 64))  # xavier bound, patch 8
@@ -66,7 +75,7 @@ def test_dapt_dist_model_shapes_and_loss(tiny):
     batch = dict(image=images, label=torch.tensor([0, 1, 2, 3]))
     with pytest.raises(RuntimeError, match="prepare"):
         model.loss(batch, 0)
-    model.prepare(bench, tfs[True], tfs[False], "cpu")
+    model.prepare(loader.features_function(bench, {"train": tfs[True], "test": tfs[False]}, 1, "cpu"))
     loss, stats = model.loss(batch, 0)
     expect = stats["L_cls"] + cfg["beta_v"] * stats["L_intra"] + cfg["beta_t"] * stats["L_inter"]
     assert loss.item() == pytest.approx(float(expect), rel=1e-5)
@@ -88,4 +97,4 @@ def test_dapt_dist_trains_on_toy(toy_root, tmp_path):
     assert result["config"]["trainable_values"] == 2 * 16 * 64
     cache = os.listdir(os.path.join(toy_root, "toy", "split_fewshot"))
     # official default: the prototypes come from one training augmentation of each few-shot image
-    assert any(n.startswith("prototypes_shot_2-seed_1-base_") and n.endswith("_train.pt") for n in cache)
+    assert any(n.startswith("features_clip-image-") and n.endswith("_train_shot_2-seed_1-base.pt") for n in cache)

@@ -13,6 +13,11 @@ import pytest
 from PIL import Image
 
 import data
+import files
+import datatools
+import loader
+import prompting
+import toy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REAL_SPLIT = os.path.join(HERE, "..", "..", "shared", "data", "split_zhou_Caltech101.json")
@@ -122,10 +127,10 @@ def test_dataset_names_and_templates():
     assert data.DATASETS["eurosat"].template == "a centered satellite photo of {}."
     assert data.DATASETS["food101"].template == "a photo of {}, a type of food."
     assert data.DATASETS["toy"].template == "a photo of a {}."
-    assert len(data.IMAGENET_TEMPLATES) == 80 and len(set(data.IMAGENET_TEMPLATES)) == 80
-    assert data.IMAGENET_TEMPLATES[0] == "a bad photo of a {}." and data.IMAGENET_TEMPLATES[-1] == "a tattoo of the {}."
-    assert all(t.count("{}") == 1 for t in data.IMAGENET_TEMPLATES + data.SELECT_TEMPLATES)
-    assert len(data.SELECT_TEMPLATES) == 7
+    assert len(prompting.IMAGENET_TEMPLATES) == 80 and len(set(prompting.IMAGENET_TEMPLATES)) == 80
+    assert prompting.IMAGENET_TEMPLATES[0] == "a bad photo of a {}." and prompting.IMAGENET_TEMPLATES[-1] == "a tattoo of the {}."
+    assert all(t.count("{}") == 1 for t in prompting.IMAGENET_TEMPLATES + prompting.SELECT_TEMPLATES)
+    assert len(prompting.SELECT_TEMPLATES) == 7
 
 
 @pytest.mark.parametrize("name", [n for n in data.DATASETS if n not in ("toy", "folder")])
@@ -182,7 +187,7 @@ def test_fewshot_matches_dassl_goldens(real_split):
     """The sampler load_benchmark uses (read_split_json -> fewshot_split) against Dassl's procedure."""
     with open(GOLDEN) as f:
         golden = json.load(f)
-    assert data._sha256(real_split) == golden["split_sha256"]
+    assert files.sha256_file(real_split) == golden["split_sha256"]
     full = data.read_split_json(real_split)
     for k in (1, 2, 4, 8, 16):
         for seed in (1, 2, 3):
@@ -300,10 +305,10 @@ def test_import_dassl_pickle(tmp_path):
     finally:
         for m in ("dassl.data.datasets.base_dataset", "dassl.data.datasets", "dassl.data", "dassl"):
             sys.modules.pop(m, None)
-    got = data.import_dassl_pickle(str(pkl), "dtd", root=str(tmp_path))
+    got = datatools.import_dassl_pickle(str(pkl), "dtd", root=str(tmp_path))
     assert got["train"] == [("blotchy/1_0006.jpg", 1, "blotchy"), ("banded/0_0001.jpg", 0, "banded"),
                             ("braided/2_0011.jpg", 2, "braided")]
-    got = data.import_dassl_pickle(str(tmp_path / "old.pkl"), "dtd", prefix=old)  # protocol 1, explicit prefix
+    got = datatools.import_dassl_pickle(str(tmp_path / "old.pkl"), "dtd", prefix=old)  # protocol 1, explicit prefix
     assert got["val"] == [("braided/2_0020.jpg", 2, "braided")]
     b = data.load_benchmark("dtd", tmp_path, shots=1, seed=7)  # the imported subset is used as the cache
     assert b.meta["cache_hit"]
@@ -311,7 +316,7 @@ def test_import_dassl_pickle(tmp_path):
     evil = tmp_path / "evil.pkl"
     evil.write_bytes(pickle.dumps({"train": [os.system]}))
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
-        data.import_dassl_pickle(str(evil), "dtd")
+        datatools.import_dassl_pickle(str(evil), "dtd")
 
 
 # ------------------------------------------------------------------------------------------- errors
@@ -322,7 +327,7 @@ def test_error_missing_dataset_folder(tmp_path):
         data.load_benchmark("oxford_pets", tmp_path)
     msg = str(e.value)
     assert str(tmp_path / "oxford_pets") in msg and "images/" in msg and "DATASETS.md" in msg
-    assert "split_zhou_OxfordPets.json" in msg and "python data.py check oxford_pets" in msg
+    assert "split_zhou_OxfordPets.json" in msg and "python datatools.py check oxford_pets" in msg
     with pytest.raises(ValueError, match="unknown dataset"):
         data.load_benchmark("cifar10", tmp_path)
 
@@ -364,7 +369,7 @@ def test_error_empty_class(tmp_path):
 
 def test_error_corrupt_image_and_check_command(tmp_path, capsys):
     make_fake(str(tmp_path), "oxford_flowers")
-    assert data.main(["check", "oxford_flowers", "--root", str(tmp_path)]) == 0
+    assert datatools.main(["check", "oxford_flowers", "--root", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "classes: 3" in out and "train 15, val 6, test 9" in out and "30 fine, 0 unreadable" in out
     assert "masks: none" in out
@@ -375,26 +380,26 @@ def test_error_corrupt_image_and_check_command(tmp_path, capsys):
         for x in s:
             x[2] = "Annual Crop" if x[1] == 0 else x[2]  # not CoOp's name for AnnualCrop
     split.write_text(json.dumps(d))
-    assert data.main(["check", "eurosat", "--root", str(tmp_path)]) == 0
+    assert datatools.main(["check", "eurosat", "--root", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     first_bad = str(tmp_path / "eurosat" / "2750" / "AnnualCrop")
     assert "class names: 20 of 30 follow CoOp's naming rule; e.g. " + first_bad in out
     bad = tmp_path / "oxford_flowers" / "jpg" / "image_00001.jpg"
     bad.write_bytes(b"\xff\xd8 not really a jpeg")
     with pytest.raises(data.CorruptImageError, match=str(bad)):
-        data.open_image(str(bad))
-    assert data.main(["check", "oxford_flowers", "--root", str(tmp_path)]) == 1
+        loader.open_image(str(bad))
+    assert datatools.main(["check", "oxford_flowers", "--root", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert "BAD cannot read image " + str(bad) in out and "1 unreadable" in out
-    assert data.main(["check", "oxford_flowers", "--root", str(tmp_path), "--sample", "5"]) in (0, 1)
+    assert datatools.main(["check", "oxford_flowers", "--root", str(tmp_path), "--sample", "5"]) in (0, 1)
     assert "opened 5 images" in capsys.readouterr().out
-    assert data.main(["check", "dtd", "--root", str(tmp_path)]) == 1  # missing dataset: a message, not a trace
+    assert datatools.main(["check", "dtd", "--root", str(tmp_path)]) == 1  # missing dataset: a message, not a trace
     assert "dataset folder not found" in capsys.readouterr().err
 
 
 def test_help(capsys):
     with pytest.raises(SystemExit) as e:
-        data.main(["--help"])
+        datatools.main(["--help"])
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "check" in out and "toy" in out and "caltech101" in out and "DATASETS.md" in out
@@ -403,7 +408,7 @@ def test_help(capsys):
 def test_class_balanced_sampler():
     """official_optim's sampler: consecutive pairs share a class, every sample once per epoch, seeded."""
     labels = [i % 5 for i in range(23)]  # 5 classes, uneven counts
-    s = data.EpochSampler(len(labels), True, seed=3, labels=labels, per_class=2)
+    s = loader.EpochSampler(len(labels), True, seed=3, labels=labels, per_class=2)
     s.epoch = 1
     order = [i for i, _ in s]
     assert sorted(order) == list(range(23))
@@ -451,23 +456,23 @@ def test_can_write_follows_permissions_and_missing_folders(tmp_path):
 
 def toy_with_masks(tmp_path):
     root = tmp_path / "toyroot"
-    data.make_toy(str(root), per_class={"train": 2, "val": 1, "test": 1})
+    toy.make_toy(str(root), per_class={"train": 2, "val": 1, "test": 1})
     return str(root), str(root / "toy")
 
 
 def test_masks_whose_size_differs_are_counted_and_listed(tmp_path, caplog, capsys):
     root, d = toy_with_masks(tmp_path)
     b = data.load_benchmark("toy", root, shots=0)
-    masks = [data.mask_path(d, p) for p, _, _ in b.train[:3]]
+    masks = [loader.mask_path(d, p) for p, _, _ in b.train[:3]]
     for m in masks:
         Image.open(m).resize((16, 16)).save(m)
-    tf = data.build_transform(True, size=32)
+    tf = loader.build_transform(True, size=32)
     with caplog.at_level(logging.WARNING, logger="dapt"):
-        loader = data.build_loader(b.train, tf, 8, train=True, masks=True, dataset_dir=d)
+        batches = loader.build_loader(b.train, tf, 8, train=True, masks=True, dataset_dir=d)
     assert f"3 of {len(b.train)} masks differ in size from their image (e.g. {masks[0]}: 16x16, image 32x32)" \
         in caplog.text
-    assert next(iter(loader))["fg_mask"].shape[-2:] == (32, 32)  # resized to the image, as before
-    assert data.main(["check", "toy", "--root", root]) == 0  # a size that differs is reported, not an error
+    assert next(iter(batches))["fg_mask"].shape[-2:] == (32, 32)  # resized to the image, as before
+    assert datatools.main(["check", "toy", "--root", root]) == 0  # a size that differs is reported, not an error
     out = capsys.readouterr().out
     assert f"MASK SIZE {masks[0]}: 16x16, image 32x32" in out and "3 mask(s) differ in size from their image" in out
 
@@ -475,10 +480,10 @@ def test_masks_whose_size_differs_are_counted_and_listed(tmp_path, caplog, capsy
 def test_check_exits_non_zero_on_missing_training_masks_and_names_them(tmp_path, capsys):
     root, d = toy_with_masks(tmp_path)
     b = data.load_benchmark("toy", root, shots=0)
-    gone = data.mask_path(d, b.train[5][0])
+    gone = loader.mask_path(d, b.train[5][0])
     os.remove(gone)
-    os.remove(data.mask_path(d, b.test[0][0]))  # test images need no mask
-    assert data.main(["check", "toy", "--root", root]) == 1
+    os.remove(loader.mask_path(d, b.test[0][0]))  # test images need no mask
+    assert datatools.main(["check", "toy", "--root", root]) == 1
     out = capsys.readouterr().out
     assert f"MISSING MASK {gone}" in out and "1 training image(s) have no mask" in out
     assert "1 val / test image(s) have no mask (fine" in out
@@ -486,10 +491,10 @@ def test_check_exits_non_zero_on_missing_training_masks_and_names_them(tmp_path,
 
 def test_toy_root_that_does_not_exist(tmp_path, monkeypatch, capsys):
     with pytest.raises(data.DatasetNotFoundError, match=r"data root .*typo does not exist: to write the toy "
-                                                        r"benchmark there, run python data.py toy --root .*typo"):
+                                                        r"benchmark there, run python datatools.py toy --root .*typo"):
         data.load_benchmark("toy", tmp_path / "typo")
     assert not os.path.exists(tmp_path / "typo")
     monkeypatch.chdir(tmp_path)  # the default root DATA is created on first use
-    real = data.make_toy
-    monkeypatch.setattr(data, "make_toy", lambda root: real(root, per_class={"train": 1, "val": 1, "test": 1}))
+    real = toy.make_toy
+    monkeypatch.setattr(toy, "make_toy", lambda root: real(root, per_class={"train": 1, "val": 1, "test": 1}))
     assert len(data.load_benchmark("toy", "DATA", shots=0).classnames) == 24 and os.path.isdir(tmp_path / "DATA")

@@ -10,6 +10,9 @@ import torch
 from PIL import Image
 
 import dapt
+import data
+import loader
+import recipes
 import train
 from conftest import b2n_run_dir, interrupt_at_epoch, metrics_of, run_toy_b2n
 
@@ -31,7 +34,7 @@ def test_cosine_kmeans_covers_every_class_and_is_seeded():
 
 
 def davpt_model(clip, names, **over):
-    cfg = train.resolve_config("davpt", "toy", over)
+    cfg = recipes.resolve_config("davpt", "toy", over)
     return dapt.DAVPT(clip, names, cfg)
 
 
@@ -42,13 +45,13 @@ def test_davpt_map_prepare_stable_and_identity(tiny):
         model = davpt_model(clip, bench.classnames, n_proxies=2)
         with pytest.raises(RuntimeError, match="prepare"):  # C > M: no map before the data is seen
             model.loss(dict(image=None, label=torch.tensor([0])), 0)
-        model.prepare(bench, tfs[True], tfs[False], "cpu")
+        model.prepare(loader.features_function(bench, {"train": tfs[True], "test": tfs[False]}, 1, "cpu"))
         maps.append(model.proxy_map.class_to_proxy.clone())
     assert torch.equal(maps[0], maps[1])  # same seed, same map
     assert maps[0].shape == (4,) and maps[0].max() < 2 and maps[0].min() >= 0
     assert len(set(maps[0].tolist())) == 2  # k-means on 4 class means with 2 random init points: both used
     model = davpt_model(clip, bench.classnames)  # C = 4 < M = 10: M := C, identity
-    model.prepare(bench, tfs[True], tfs[False], "cpu")
+    model.prepare(loader.features_function(bench, {"train": tfs[True], "test": tfs[False]}, 1, "cpu"))
     assert model.proxy_map.M == 4 and model.proxy_map.class_to_proxy.tolist() == [0, 1, 2, 3]
     assert [p.shape[0] for p in model.deep_prompts] == [8, 4]  # 2 blocks; the last is guided: M proxies
 
@@ -133,7 +136,7 @@ def test_davpt_bias_tuning_head_and_state(tiny):
         davpt_model(clip, bench.classnames, head="linear", subsample="base")
     # the map and centroids round-trip through extra_state
     a = davpt_model(clip, bench.classnames, n_proxies=2)
-    a.prepare(bench, tfs[True], tfs[False], "cpu")
+    a.prepare(loader.features_function(bench, {"train": tfs[True], "test": tfs[False]}, 1, "cpu"))
     b = davpt_model(clip, bench.classnames, n_proxies=2)
     b.load_extra_state(a.extra_state())
     assert torch.equal(b.proxy_map.class_to_proxy, a.proxy_map.class_to_proxy)
@@ -141,20 +144,20 @@ def test_davpt_bias_tuning_head_and_state(tiny):
 
 
 def test_official_optim_preset():
-    cfg = train.resolve_config("davpt", "caltech101", dict(official_optim=True, lr=1e-3))
+    cfg = recipes.resolve_config("davpt", "caltech101", dict(official_optim=True, lr=1e-3))
     assert (cfg["optimizer"], cfg["weight_decay"], cfg["epochs"], cfg["batch"], cfg["grad_clip"]) == ("adamw", 0.05, 100, 32, 10.0)
     assert cfg["lr"] == 1e-3  # an explicit key wins over the preset (CUB's 5e-4)
     assert (cfg["class_balanced"], cfg["wd_head"], cfg["decay_class_embedding"]) == (2, 5.0, True)
     assert (cfg["kmeans_sampling"], cfg["recluster_from"], cfg["schedule"]) == ("official", 1, "timm_cosine")
-    assert train.resolve_config("davpt", "caltech101", {})["optimizer"] == "sgd"
-    assert train.resolve_config("dapt-dist", "eurosat", {})["lr"] == 20.0
+    assert recipes.resolve_config("davpt", "caltech101", {})["optimizer"] == "sgd"
+    assert recipes.resolve_config("dapt-dist", "eurosat", {})["lr"] == 20.0
 
 
 def test_timm_cosine_equals_the_official_schedule():
     """timm CosineLRScheduler(t_initial=100 * 187, warmup_t=10 * 187, warmup_lr_init=1e-8, lr_min=1e-9,
     warmup_prefix=False) at lr 5e-4, stepped per update (DA-VPT's CUB config, 187 steps per epoch): values measured
     on the official scheduler."""
-    cfg = train.resolve_config("davpt", "caltech101", dict(official_optim=True))
+    cfg = recipes.resolve_config("davpt", "caltech101", dict(official_optim=True))
     lr = lambda t: train.lr_at(cfg, t // 187, t % 187, 187)
     for t, expect in ((0, 1.0e-8), (1, 2.77e-7), (2, 5.45e-7), (1869, 4.99733e-4), (1870, 4.87764e-4),
                       (1871, 4.87751e-4), (9350, 2.50001e-4)):
@@ -167,7 +170,7 @@ def test_davpt_official_recipe_pieces(tiny):
     bench, clip, tfs = tiny
     for p in clip.parameters():
         p.requires_grad_(False)
-    cfg = train.resolve_config("davpt", "caltech101", dict(official_optim=True, head="linear", bias_tuning=True,
+    cfg = recipes.resolve_config("davpt", "caltech101", dict(official_optim=True, head="linear", bias_tuning=True,
                                                              bias_extra=True))
     model = dapt.DAVPT(clip, bench.classnames, cfg)
     groups = model.param_groups()
@@ -181,16 +184,16 @@ def test_davpt_official_recipe_pieces(tiny):
         p.requires_grad_(False)
     # the mapping sampler: 10 per class by random.sample; a class with 3 images gives each 3 times + one more
     items = [(f"x{i}", i % 2, "c") for i in range(3)] + [(f"y{i}", 1, "c") for i in range(20)]
-    picked = dapt.sample_per_class(items, 10, seed=1)
+    picked = data.sample_per_class(items, 10, seed=1)
     by0 = [p for p, y, _ in picked if y == 0]
     by1 = [p for p, y, _ in picked if y == 1]
     assert len(by0) == 10 and sorted(set(by0)) == ["x0", "x2"] and sorted(by0.count(x) for x in set(by0)) == [5, 5]
     assert len(by1) == 10 and len(set(by1)) == 10
-    assert dapt.sample_per_class(items, 10, seed=1) == picked
+    assert data.sample_per_class(items, 10, seed=1) == picked
     # re-clustering only from recluster_from on; prompt_norm l2 normalises every block's prompts
     model = dapt.DAVPT(clip, bench.classnames, dict(cfg, head="text", bias_tuning=False, bias_extra=False,
                                                     n_proxies=2, prompt_norm="l2"))
-    model.prepare(bench, tfs[True], tfs[False], "cpu")
+    model.prepare(loader.features_function(bench, {"train": tfs[True], "test": tfs[False]}, 1, "cpu"))
     calls = []
     model.proxy_map.update = lambda epoch: calls.append(epoch)
     for epoch in range(3):

@@ -8,6 +8,8 @@ import pytest
 
 import eval as evaluation
 import train
+import runs
+import tables
 from test_train import run, run_dir
 
 
@@ -52,7 +54,7 @@ def test_cross_dataset_evaluation(toy_root, tmp_path):
 def fake_result(root, method, dataset, seed, base, new, **extra):
     d = os.path.join(root, "b2n", dataset, method, f"shots16_seed{seed}")
     os.makedirs(d)
-    train.write_json(os.path.join(d, "result.json"), dict(
+    runs.write_json(os.path.join(d, "result.json"), dict(
         method=method, dataset=dataset, setting="b2n", shots=16, seed=seed, tag="",
         accuracy=dict(base=base, new=new, hm=0, **extra)))
 
@@ -61,7 +63,7 @@ def test_eval_table_matches_hand_computation(tmp_path):
     fake_result(tmp_path, "coop", "dtd", 1, 80.0, 50.0)
     fake_result(tmp_path, "coop", "dtd", 2, 82.0, 54.0)
     fake_result(tmp_path, "coop", "eurosat", 1, 90.0, 60.0)
-    b2n, fs = evaluation.table(str(tmp_path))
+    b2n, fs = tables.table(str(tmp_path))
     row = b2n["coop"]["rows"]["dtd"]
     assert (row["base"], row["new"]) == (81.0, 52.0)
     assert row["base_std"] == pytest.approx(math.sqrt(2))  # sample std of 80, 82
@@ -79,7 +81,7 @@ def test_eval_table_further_test_splits(tmp_path):
     fake_result(tmp_path, "maple", "toy", 1, 80.0, 50.0, base_corr=86.0, new_corr=51.0)
     fake_result(tmp_path, "maple", "toy", 2, 82.0, 54.0, base_corr=84.0, new_corr=54.0)
     fake_result(tmp_path, "coop", "dtd", 1, 70.0, 40.0)  # no further split: no row
-    evaluation.table(str(tmp_path))
+    tables.table(str(tmp_path))
     md = open(tmp_path / "table.md").read()
     assert "| maple | toy | b2n | 16 | base | 81.00 ± 1.41 | test_corr | 85.00 ± 1.41 | +4.00 ± 2.83 | 2 |" in md
     assert "| maple | toy | b2n | 16 | new | 52.00 ± 2.83 | test_corr | 52.50 ± 2.12 | +0.50 ± 0.71 | 2 |" in md

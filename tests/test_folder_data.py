@@ -11,7 +11,10 @@ import torch
 from PIL import Image
 
 import data
+import files
 import train
+import datatools
+import toy
 from conftest import make_clip
 
 FOLDERS = ["blue_square", "green_triangle", "red_circle", "yellow_cross"]
@@ -23,11 +26,11 @@ def make_folder_dataset(root, per_class=10, masks=True, parts=None, seed=0):
     rng = np.random.Generator(np.random.PCG64(seed))
     layout = parts or {"": per_class}
     for folder in FOLDERS:
-        label = data.TOY_CLASSNAMES.index(folder.replace("_", " "))
+        label = toy.TOY_CLASSNAMES.index(folder.replace("_", " "))
         for part, n in layout.items():
             for i in range(n):
                 rel = os.path.join(part, folder, f"img_{i:02d}.png")
-                img, m = data.toy_render(rng, label, data.TOY_SCENES[i % len(data.TOY_SCENES)])
+                img, m = toy.toy_render(rng, label, toy.TOY_SCENES[i % len(toy.TOY_SCENES)])
                 os.makedirs(os.path.dirname(os.path.join(root, rel)), exist_ok=True)
                 Image.fromarray(img).save(os.path.join(root, rel))
                 if masks:
@@ -76,7 +79,7 @@ def test_folder_class_names_and_template_files_are_read_on_every_load(tmp_path, 
     b = data.load_benchmark("folder", d, shots=2, seed=1)
     assert b.classnames == ["the blue box", "green triangle", "a round red disc", "yellow cross"]
     assert b.template == "a toy picture of a {}." and {c for _, _, c in b.train} >= {"the blue box"}
-    assert data.main(["check", "folder", "--root", d]) == 0
+    assert datatools.main(["check", "folder", "--root", d]) == 0
     out = capsys.readouterr().out
     assert "one folder per class" in out and "classnames.txt" in out and "template.txt" in out
     assert "masks: none" in out
@@ -143,14 +146,14 @@ def test_exported_splits_are_what_another_machine_loads(toy_copy, tmp_path, caps
     other = str(tmp_path / "machine2")
     shutil.copytree(toy_copy, other)
     shutil.rmtree(os.path.join(other, "toy", "split_fewshot"), ignore_errors=True)
-    assert data.main(["export-splits", "toy", "--root", toy_copy, "--out", str(tmp_path / "splits")]) == 0
+    assert datatools.main(["export-splits", "toy", "--root", toy_copy, "--out", str(tmp_path / "splits")]) == 0
     export = os.path.join(tmp_path, "splits", "toy")
     names = sorted(os.listdir(export))
     assert len(names) == 16 and "SHA256SUMS" in names  # K in 1, 2, 4, 8, 16 x seeds 1-3
     with open(os.path.join(export, "shot_4-seed_2.json")) as f:
         exported = json.load(f)
     assert all(not os.path.isabs(p) for p, _, _ in exported["train"]) and exported["K"] == 4
-    assert data.main(["import-splits", str(tmp_path / "splits"), "--root", other]) == 0
+    assert datatools.main(["import-splits", str(tmp_path / "splits"), "--root", other]) == 0
     for k, s in ((1, 1), (4, 2), (16, 3)):
         a = data.load_benchmark("toy", toy_copy, shots=k, seed=s)
         b = data.load_benchmark("toy", other, shots=k, seed=s)
@@ -165,36 +168,36 @@ def test_exported_splits_are_what_another_machine_loads(toy_copy, tmp_path, caps
     p0, y0, c0 = d["train"][0]
     full = data.read_full_split(data.DATASETS["toy"], os.path.join(other, "toy"))[0]
     d["train"][0] = next([p, y, c] for p, y, c in full["train"] if y == y0 and p not in used)
-    data._write_json(path, d)
+    files.write_json(path, d)
     with pytest.raises(data.SplitFileError, match="sha256 differs"):
-        data.import_splits(export, other)
+        datatools.import_splits(export, other)
     with open(os.path.join(export, "SHA256SUMS")) as f:
         sums = [ln.split("  ") for ln in f.read().splitlines()]
     with open(os.path.join(export, "SHA256SUMS"), "w") as f:
-        f.writelines(f"{data._sha256(os.path.join(export, n)) if n == 'shot_1-seed_1.json' else h}  {n}\n"
+        f.writelines(f"{files.sha256_file(os.path.join(export, n)) if n == 'shot_1-seed_1.json' else h}  {n}\n"
                      for h, n in sums)
-    data.import_splits(export, other)
+    datatools.import_splits(export, other)
     b = data.load_benchmark("toy", other, shots=1, seed=1)
     assert os.path.relpath(b.train[0][0], os.path.join(other, "toy", "images")) == d["train"][0][0] != p0
     # an item this machine does not have is refused, naming it
     os.remove(os.path.join(other, "toy", "images", d["train"][0][0]))
     with pytest.raises(data.SplitFileError, match="not images of the local"):
-        data.import_splits(export, other)
+        datatools.import_splits(export, other)
 
 
 def test_a_folder_dataset_split_travels_with_its_export(tmp_path):
     d = make_folder_dataset(tmp_path / "mine", per_class=6, masks=False)
     data.make_folder_split(d, seed=7)
-    out = data.export_splits("folder", d, str(tmp_path / "splits"), shots=(1, 2), seeds=(1,))
+    out = datatools.export_splits("folder", d, str(tmp_path / "splits"), shots=(1, 2), seeds=(1,))
     assert os.path.basename(out) == "folder-mine" and "split_folder.json" in os.listdir(out)
     copy = str(tmp_path / "elsewhere" / "mine")
     shutil.copytree(d, copy, ignore=shutil.ignore_patterns("split_*"))
-    data.import_splits(str(tmp_path / "splits"), copy)
+    datatools.import_splits(str(tmp_path / "splits"), copy)
     for k in (1, 2):
         a, b = data.load_benchmark("folder", d, shots=k), data.load_benchmark("folder", copy, shots=k)
         assert [os.path.relpath(p, d) for p, _, _ in a.train + a.test] == \
                [os.path.relpath(p, copy) for p, _, _ in b.train + b.test]
     data.make_folder_split(copy, seed=8, force=True)  # a different local split is not replaced silently
     with pytest.raises(data.SplitFileError, match="--force"):
-        data.import_splits(out, copy)
-    assert len(data.import_splits(out, copy, force=True)) == 2
+        datatools.import_splits(out, copy)
+    assert len(datatools.import_splits(out, copy, force=True)) == 2

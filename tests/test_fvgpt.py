@@ -5,13 +5,14 @@ import torch
 
 import dapt
 import train
+import recipes
 from conftest import NAMES, make_clip, toy_batch
 
 
 def fvgpt_model(**over):
-    cfg = train.resolve_config("fvgpt", "toy", dict(dict(subsample="base"), **over))
+    cfg = recipes.resolve_config("fvgpt", "toy", dict(dict(subsample="base"), **over))
     clip = make_clip()
-    host = dapt.CoOp(clip, NAMES, train.resolve_config("coop", "toy", {"subsample": "base"}))
+    host = dapt.CoOp(clip, NAMES, recipes.resolve_config("coop", "toy", {"subsample": "base"}))
     return dapt.FVGPT(host, NAMES, cfg)
 
 
@@ -44,8 +45,8 @@ def test_fvgpt_on_every_host(host):
     """FVG-PT on each host through one code path: the host stays frozen, f0 is frozen CLIP's feature exactly when
     the host changes the image tower."""
     clip = make_clip()
-    host_model = dapt.METHODS[host](clip, NAMES, train.resolve_config(host, "toy", {"subsample": "base"}))
-    model = dapt.FVGPT(host_model, NAMES, train.resolve_config("fvgpt", "toy", {"subsample": "base"}))
+    host_model = dapt.build_model(host, clip, NAMES, recipes.resolve_config(host, "toy", {"subsample": "base"}))
+    model = dapt.FVGPT(host_model, NAMES, recipes.resolve_config("fvgpt", "toy", {"subsample": "base"}))
     batch = toy_batch()
     loss, _ = model.loss(batch, 0)
     loss.backward()
@@ -62,9 +63,9 @@ def test_fvgpt_scores_another_dataset_with_the_calibrated_logits():
     cross-dataset target; the training dataset's own classes with z_FDC."""
     model = fvgpt_model()
     assert model.mode == "fdc"
-    model.set_dataset("imagenetv2")
+    model.set_dataset("imagenetv2", "a photo of a {}.")
     model.set_classnames(NAMES)
     assert model.mode == "pc"
-    model.set_dataset("toy")
+    model.set_dataset("toy", "a photo of a {}.")
     model.set_classnames(NAMES)
     assert model.mode == "fdc"

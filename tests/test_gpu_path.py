@@ -8,6 +8,7 @@ import torch
 import dapt
 import kernels
 import train
+import recipes
 from conftest import NAMES, TINY_TOY_CONFIG, random_clip, toy_batch
 
 READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
@@ -34,11 +35,11 @@ def no_host_reads():
 
 def model_of(method):
     clip = random_clip(TINY_TOY_CONFIG)
-    cfg = train.resolve_config(method, "toy", {"subsample": "base"})
+    cfg = recipes.resolve_config(method, "toy", {"subsample": "base"})
     if method == "fvgpt":
-        host = dapt.CoOp(clip, NAMES, train.resolve_config("coop", "toy", {"subsample": "base"}))
+        host = dapt.CoOp(clip, NAMES, recipes.resolve_config("coop", "toy", {"subsample": "base"}))
         return dapt.FVGPT(host, NAMES, cfg)
-    model = dapt.METHODS[method](clip, NAMES, dict(cfg, cue="masks"))
+    model = dapt.build_model(method, clip, NAMES, dict(cfg, cue="masks"))
     if method == "dapt-dist":
         model.prototypes = torch.randn(len(NAMES), 64)
     return model

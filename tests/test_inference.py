@@ -1,4 +1,4 @@
-"""Inference on images: dapt.load_run rebuilds a run from its checkpoint (weights_only) with the run's accuracy,
+"""Inference on images: runs.load_run rebuilds a run from its checkpoint (weights_only) with the run's accuracy,
 `eval.py predict` (a run, other classes, zero-shot CLIP without a run), and attention pictures whose maps are
 checked against a direct computation from a block's q and k."""
 import csv
@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 import dapt
+import data
 import eval as evaluation
 import train
+import runs
 from conftest import NAMES, make_clip, random_clip
 from test_folder_data import make_folder_dataset
 
@@ -29,38 +31,38 @@ def trained(tmp_path_factory):
     out = str(tmp / "runs")
     common = ["--dataset", "folder", "--root", d, "--out", out, "--clip", clip_path, "--epochs", "1",
               "--warmup-epochs", "0", "--workers", "0", "--log-every", "1000", "--shots", "2"]
-    runs = {}
+    done = {}
     for name, args in {"coop": ["--method", "coop", "--lr", "0.05"],
                        "dapt": ["--method", "dapt", "--subsample", "base"],
                        "dapt-g": ["--method", "dapt", "--subsample", "base", "--cue", "gradcam", "--tag", "-g"],
                        "host": ["--method", "coop", "--subsample", "base", "--tag", "-host"]}.items():
-        runs[name] = (train.main(args + common), os.path.join(out, *({"coop": ["fewshot", "folder", "coop"]}.get(
+        done[name] = (train.main(args + common), os.path.join(out, *({"coop": ["fewshot", "folder", "coop"]}.get(
             name) or ["b2n", "folder", {"dapt": "dapt", "dapt-g": "dapt-g", "host": "coop-host"}[name]]),
             "shots2_seed1"))
-    runs["fvgpt"] = (train.main(["--method", "fvgpt", "--subsample", "base", "--host-run", runs["host"][1]] + common),
+    done["fvgpt"] = (train.main(["--method", "fvgpt", "--subsample", "base", "--host-run", done["host"][1]] + common),
                      os.path.join(out, "b2n", "folder", "fvgpt", "shots2_seed1"))
-    return d, clip_path, runs
+    return d, clip_path, done
 
 
 def test_load_run_reproduces_the_runs_accuracy(trained):
-    d, _, runs = trained
-    for name, (result, run_dir) in runs.items():
-        model = dapt.load_run(run_dir)
+    d, _, done = trained
+    for name, (result, run_dir) in done.items():
+        model = runs.load_run(run_dir)
         assert isinstance(model, dapt.PromptModel) and not model.training
         assert model.classnames == result["classnames"][result["subsample"]]
         cfg = result["config"]
-        bench = train.data.load_benchmark("folder", d, shots=2, seed=1, subsample=cfg["subsample"])
-        _, tf = train.transforms_of(cfg, bench, model.clip.visual.input_resolution)
+        bench = data.load_benchmark("folder", d, shots=2, seed=1, subsample=cfg["subsample"])
+        _, tf = train.transforms_of(cfg, model.clip.visual.input_resolution)
         loader = train.make_loader(cfg, bench, bench.test, tf, False, model, model.clip.visual.patch_size)
         acc, _ = train.evaluate(model, loader, "cpu")
         assert acc == pytest.approx(result["accuracy"][result["subsample"]]), name
     with pytest.raises(dapt.CheckpointError, match="checkpoint.pt: file not found"):
-        dapt.load_run(os.path.join(d, "red_circle"))
+        runs.load_run(os.path.join(d, "red_circle"))
 
 
 def test_predict_prints_and_writes_the_top_k(trained, tmp_path, capsys):
-    d, clip_path, runs = trained
-    run_dir = runs["coop"][1]
+    d, clip_path, done = trained
+    run_dir = done["coop"][1]
     out = str(tmp_path / "pred.csv")
     rows = evaluation.main(["predict", run_dir, os.path.join(d, "red_circle"), os.path.join(d, "blue_square",
                             "img_00.png"), "--topk", "3", "--out", out])
@@ -123,11 +125,11 @@ def test_cls_attention_equals_a_direct_computation():
 
 
 def test_attention_pictures(trained, tmp_path):
-    d, _, runs = trained
+    d, _, done = trained
     images = [os.path.join(d, "red_circle", "img_00.png"), os.path.join(d, "yellow_cross", "img_01.png")]
     for name, panels, cue in (("coop", 3, None), ("dapt", 4, "mask"), ("dapt-g", 4, "gradcam"), ("fvgpt", 4, "mask")):
         out = str(tmp_path / name)
-        records = evaluation.main(["attention", runs[name][1], *images, "--out", out])
+        records = evaluation.main(["attention", done[name][1], *images, "--out", out])
         assert len(records) == 2
         for r in records:
             png = Image.open(r["png"])

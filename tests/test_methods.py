@@ -8,8 +8,11 @@ import torch
 
 import clip as clip_module
 import dapt
+import eval as evaluation
 import data
 import train
+import prompting
+import recipes
 from conftest import NAMES as TOY_NAMES, SMALL_CONFIG, TINY_TOY_CONFIG, random_clip, toy_batch
 
 NAMES = ["red circle", "blue square", "green_triangle", "yellow cross"]
@@ -21,7 +24,7 @@ def clip():
 
 
 def cfg_of(method, **kw):
-    cfg = train.resolve_config(method, "caltech101", {"subsample": "base"})
+    cfg = recipes.resolve_config(method, "caltech101", {"subsample": "base"})
     cfg.update(kw)
     return cfg
 
@@ -56,7 +59,7 @@ def test_class_token_positions(clip, position):
 @pytest.mark.parametrize("method,extra", [("coop", {}), ("coop", {"csc": True, "ctx_init": ""}), ("maple", {}), ("cocoop", {})])
 def test_text_savings_is_exact(clip, method, extra):
     torch.manual_seed(0)
-    model = dapt.METHODS[method](clip, NAMES, cfg_of(method, **extra))
+    model = dapt.build_model(method, clip, NAMES, cfg_of(method, **extra))
     for p in model.parameters():
         if p.requires_grad:
             p.data.normal_(std=0.1)
@@ -122,7 +125,7 @@ def test_xavier_init_bound(clip):
 def test_trainable_parameters(clip):
     counts = {}
     for method in ("coop", "cocoop", "vpt", "maple"):
-        model = dapt.METHODS[method](clip, NAMES, cfg_of(method))
+        model = dapt.build_model(method, clip, NAMES, cfg_of(method))
         assert all(not p.requires_grad for p in model.clip.parameters())
         counts[method] = {n for n, p in model.named_parameters() if p.requires_grad}
     assert counts["coop"] == {"ctx"}
@@ -144,7 +147,7 @@ def test_maple_size_at_vit_b16():
 
 def test_zero_shot_ensemble_is_renormalised_mean(clip):
     model = dapt.ZeroShotCLIP(clip, NAMES, {"ensemble": "select", "template": "{} texture.", "dataset": "dtd"})
-    templates = list(data.SELECT_TEMPLATES) + ["{} texture."]  # CoOp's 7, plus the dataset's own
+    templates = list(prompting.SELECT_TEMPLATES) + ["{} texture."]  # CoOp's 7, plus the dataset's own
     assert model.templates == templates
     each = [dapt.encode_texts(clip, [t.format(n.replace("_", " ")) for n in NAMES]) for t in templates]
     torch.testing.assert_close(model.text_features(), dapt.normalize(sum(each) / len(templates)))
@@ -153,7 +156,7 @@ def test_zero_shot_ensemble_is_renormalised_mean(clip):
 
 
 def test_kgcoop_term_is_zero_at_the_template_init():
-    cfg = train.resolve_config("kgcoop", "toy", {})
+    cfg = recipes.resolve_config("kgcoop", "toy", {})
     model = dapt.KgCoOp(random_clip(TINY_TOY_CONFIG), TOY_NAMES, dict(cfg, template="a photo of a {}."))
     loss, stats = model.loss(toy_batch(), 0)
     assert abs(stats["L_kg"]) < 1e-5  # ctx = "a photo of a" reproduces the template prompt exactly
@@ -202,7 +205,7 @@ def test_coop_csc_with_init_phrase_is_refused(clip):
 def test_select_ensemble_adds_the_dataset_template_except_on_imagenet(clip):
     counts = {}
     for name in ("imagenet", "imagenetv2", "imagenet_sketch", "imagenet_a", "imagenet_r", "dtd"):
-        cfg = train.resolve_config("zsclip", name, {"ensemble": "select"})
+        cfg = recipes.resolve_config("zsclip", name, {"ensemble": "select"})
         model = dapt.ZeroShotCLIP(clip, NAMES, cfg)
         counts[name] = len(model.templates)
         if name != "imagenet":
@@ -213,9 +216,9 @@ def test_select_ensemble_adds_the_dataset_template_except_on_imagenet(clip):
 def test_kgcoop_uses_its_own_template_table():
     """KgCoOp's t0 templates equal CoOp's zero-shot table except DTD (KgCoOp: "a photo of a {}, a type of texture.")."""
     for name, info in data.DATASETS.items():
-        template = train.resolve_config("kgcoop", name, {})["template"]
+        template = recipes.resolve_config("kgcoop", name, {})["template"]
         assert template == ("a photo of a {}, a type of texture." if name == "dtd" else info.template), name
-    assert train.resolve_config("zsclip", "dtd", {})["template"] == "{} texture."
+    assert recipes.resolve_config("zsclip", "dtd", {})["template"] == "{} texture."
 
 
 def test_maple_initialisation_follows_the_official_draws(clip):
@@ -239,15 +242,24 @@ def test_maple_initialisation_follows_the_official_draws(clip):
 
 
 def test_zero_shot_takes_a_cross_dataset_targets_template(clip):
-    cfg = train.resolve_config("zsclip", "dtd", {})
+    """The caller says which template the next dataset gets (eval.py: the target's own, or the run's when it was
+    given by hand); "select" adds it to CoOp's 7 everywhere but on ImageNet itself."""
+    cfg = recipes.resolve_config("zsclip", "dtd", {})
     model = dapt.ZeroShotCLIP(clip, NAMES, cfg)
     assert model.templates == ["{} texture."]
-    model.set_dataset("eurosat")
+    model.set_dataset("eurosat", data.DATASETS["eurosat"].template)
     assert model.templates == [data.DATASETS["eurosat"].template]
-    custom = dapt.ZeroShotCLIP(clip, NAMES, dict(cfg, template="itap of a {}."))  # a template given by hand stays
-    custom.set_dataset("eurosat")
-    assert custom.templates == ["itap of a {}."]
-    select = dapt.ZeroShotCLIP(clip, NAMES, train.resolve_config("zsclip", "imagenet", {"ensemble": "select"}))
+    select = dapt.ZeroShotCLIP(clip, NAMES, recipes.resolve_config("zsclip", "imagenet", {"ensemble": "select"}))
     assert len(select.templates) == 7
-    select.set_dataset("imagenetv2")  # CoOp's rule on the target: 8 templates
+    select.set_dataset("imagenetv2", data.DATASETS["imagenetv2"].template)  # CoOp's rule on the target: 8 templates
     assert len(select.templates) == 8 and select.templates[-1] == data.DATASETS["imagenetv2"].template
+
+
+def test_a_template_given_by_hand_stays_on_other_datasets():
+    """eval.py's choice for a cross-dataset target: the run's template when it was given by hand (it differs from
+    what recipes.py resolves), else the target dataset's."""
+    target = data.Benchmark([], [], [], ["x"], data.DATASETS["eurosat"].template)
+    own = recipes.resolve_config("zsclip", "dtd", {})
+    assert evaluation.target_template(own, target) == data.DATASETS["eurosat"].template
+    given = recipes.resolve_config("zsclip", "dtd", {"template": "itap of a {}."})
+    assert evaluation.target_template(given, target) == "itap of a {}."

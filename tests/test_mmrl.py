@@ -8,9 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import classic
 import clip as clip_module
 import dapt
 import train
+import recipes
 from conftest import NAMES, TINY_TOY_CONFIG, make_clip, random_clip, toy_batch
 from test_promptsrc import official_clip_draws, perturbed
 from test_train import epoch_losses, run, run_dir
@@ -19,7 +21,7 @@ THREE = dict(TINY_TOY_CONFIG, vision_layers=3, transformer_layers=3)  # rep laye
 
 
 def mmrl(clip=None, **kw):
-    cfg = dict(train.resolve_config("mmrl", "toy", {"subsample": "base"}), rep_layers=(2, 3), **kw)
+    cfg = dict(recipes.resolve_config("mmrl", "toy", {"subsample": "base"}), rep_layers=(2, 3), **kw)
     return perturbed(dapt.MMRL(clip or random_clip(THREE), NAMES, cfg), std=0.3)
 
 
@@ -85,10 +87,10 @@ def test_heads_and_inference_rule():
         model.set_classnames(NAMES[:3])  # new classes: l_c
         assert model.mode == "cls" and model.T0.shape[0] == 3
         torch.testing.assert_close(model(x), l_c[:, :3], rtol=1e-5, atol=1e-4)
-        model.set_dataset("imagenetv2")  # another dataset, even with the training list: l_c and its template
+        model.set_dataset("imagenetv2", "itap of a {}.")  # another dataset, even with the training list: l_c, its template
         model.set_classnames(NAMES)
-        assert model.mode == "cls" and model.template == "a photo of a {}."
-        model.set_dataset("toy")
+        assert model.mode == "cls" and model.template == "itap of a {}."
+        model.set_dataset("toy", "a photo of a {}.")
         model.set_classnames(NAMES)
         assert model.mode == "fusion"
         model.cfg["predict_mode"] = "rep"
@@ -122,7 +124,7 @@ def test_loss_terms_equal_the_formula():
 
 
 def test_trainable_counts_at_vit_b16_and_official_init(monkeypatch):
-    monkeypatch.setattr(dapt, "encode_texts", lambda clip, texts: torch.zeros(len(texts), 512))  # T0: no meta text pass
+    monkeypatch.setattr(classic, "encode_texts", lambda clip, texts: torch.zeros(len(texts), 512))  # T0: no meta text pass
     with torch.device("meta"):
         big = clip_module.CLIP(**clip_module.VIT_B16_CONFIG)
     count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
@@ -146,7 +148,7 @@ def test_trainable_counts_at_vit_b16_and_official_init(monkeypatch):
 
 
 def test_recipe_rows_per_dataset_and_setting():
-    r = train.resolve_config
+    r = recipes.resolve_config
     assert r("mmrl", "stanford_cars", {"subsample": "base"})["reg_weight"] == 7.0
     assert r("mmrl", "stanford_cars", {"shots": 4})["reg_weight"] == 7.0  # every setting (trainers/config.py)
     cfg = r("mmrl", "eurosat", {"subsample": "base"})
@@ -174,15 +176,15 @@ def test_recipe_rows_per_dataset_and_setting():
 
 @pytest.mark.parametrize("decouple", ["pixel", "token"])
 def test_dapt_and_fvgpt_on_an_mmrl_host(decouple):
-    cfg = train.resolve_config("dapt", "toy", {"subsample": "base", "host": "mmrl", "dapt_schedule": "joint",
+    cfg = recipes.resolve_config("dapt", "toy", {"subsample": "base", "host": "mmrl", "dapt_schedule": "joint",
                                                 "decouple": decouple})
     assert cfg["rep_layers"] == (-1,) and cfg["optimizer"] == "adamw"  # MMRL's toy row (HOST_RECIPE)
-    model = dapt.DAPT(make_clip(), NAMES, cfg)
+    model = dapt.build_model("dapt", make_clip(), NAMES, cfg)
     loss, stats = model.loss(toy_batch(), 0)
     loss.backward()
     assert {"L_cls", "L_rep", "L_reg_img", "L_reg_text", "L_v", "L_f", "L_b"} <= set(stats)
     assert model.host.proj_rep.grad.abs().sum() > 0 and model.host.r2t[0].weight.grad.abs().sum() > 0
-    fvg_cfg = train.resolve_config("fvgpt", "toy", {"subsample": "base"})
+    fvg_cfg = recipes.resolve_config("fvgpt", "toy", {"subsample": "base"})
     fvg = dapt.FVGPT(dapt.MMRL(make_clip(), NAMES, cfg), NAMES, fvg_cfg)
     loss, _ = fvg.loss(toy_batch(), 0)
     loss.backward()

@@ -10,6 +10,9 @@ import torch
 import dapt
 import data
 import train
+import loader
+import recipes
+import runs
 from conftest import NAMES, TINY_TOY_CONFIG, random_clip, run_random_toy, toy_batch
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
@@ -39,7 +42,7 @@ FLAGS = table_flags()
 def model_loss(method, cfg, batch, seed=0, names=NAMES):
     clip = random_clip(TINY_TOY_CONFIG)
     torch.manual_seed(seed)
-    model = dapt.METHODS[method](clip, names, cfg)
+    model = dapt.build_model(method, clip, names, cfg)
     with torch.no_grad():  # move every prompt off its initial value, so that each term is non-trivial
         for p in model.parameters():
             if p.requires_grad:
@@ -51,8 +54,8 @@ def model_loss(method, cfg, batch, seed=0, names=NAMES):
 
 def fvgpt_loss_changes(key, value):
     clip = random_clip(TINY_TOY_CONFIG)
-    host = dapt.CoOp(clip, NAMES, train.resolve_config("coop", "toy", {"subsample": "base"}))
-    cfg = train.resolve_config("fvgpt", "toy", {"subsample": "base"})
+    host = dapt.CoOp(clip, NAMES, recipes.resolve_config("coop", "toy", {"subsample": "base"}))
+    cfg = recipes.resolve_config("fvgpt", "toy", {"subsample": "base"})
     losses = []
     for c in (cfg, dict(cfg, **{key: value})):
         torch.manual_seed(0)
@@ -65,39 +68,39 @@ def fvgpt_loss_changes(key, value):
 
 def run_key_changes(method, key, value):
     """A run key: what train.py derives from it changes."""
-    base = train.resolve_config(method, "toy", {"subsample": "base"})
+    base = recipes.resolve_config(method, "toy", {"subsample": "base"})
     new = dict(base, **{key: value})
     if key == "precision":
-        return train.precision_of(base, "cpu") != train.precision_of(new, "cpu")
+        return runs.precision_of(base, "cpu") != runs.precision_of(new, "cpu")
     if key == "dassl_drop_last":
         items = [(f"img{i}.png", i % 2, "c") for i in range(10)]
-        tf = data.build_transform(True, size=32)
-        n = [data.build_loader(items, tf, 4, train=True, dassl_drop_last=c["dassl_drop_last"]).samples_per_epoch
+        tf = loader.build_transform(True, size=32)
+        n = [loader.build_loader(items, tf, 4, train=True, dassl_drop_last=c["dassl_drop_last"]).samples_per_epoch
              for c in (base, new)]
         return n[0] != n[1]
     if key in ("lr", "epochs", "batch", "official_optim"):
         if key == "official_optim":
-            new = train.resolve_config(method, "toy", {"subsample": "base", key: value})
+            new = recipes.resolve_config(method, "toy", {"subsample": "base", key: value})
         sched = [[train.lr_at(c, e, 0, 10) for e in range(5)] + [c["batch"], c["optimizer"]] for c in (base, new)]
         return sched[0] != sched[1]
     if key in ("resize_only", "mask_quirk"):
         bench = type("B", (), {"meta": {"image_size": 32}})()
-        return [t.constants() for t in train.transforms_of(base, bench)] != [t.constants() for t in train.transforms_of(new, bench)]
+        return [t.constants() for t in train.transforms_of(base, 32)] != [t.constants() for t in train.transforms_of(new, 32)]
     raise KeyError(key)
 
 
 @pytest.mark.parametrize("method, key, value", FLAGS, ids=[f"{m}-{k}" for m, k, _ in FLAGS])
 def test_listed_flag_exists_and_changes_behaviour(method, key, value, random_toy, tmp_path):
-    cfg = train.resolve_config(method, "toy", {"subsample": "base"})
+    cfg = recipes.resolve_config(method, "toy", {"subsample": "base"})
     assert key in cfg, f"--{key} is not a config key of {method}"
-    typed = train.parse_value(key, value, cfg[key])
+    typed = recipes.value_type(key, cfg[key])(value)
     assert typed != cfg[key], f"--{key} {value} is the default of {method}"
     if key in ("precision", "dassl_drop_last", "lr", "epochs", "batch", "official_optim", "resize_only", "mask_quirk"):
         assert run_key_changes(method, key, typed)
     elif key == "mask_encoding":  # the toy's masks are declared white: label reads them otherwise
         root, _ = random_toy
         d = os.path.join(root, "toy")
-        assert data.resolve_mask_encoding(d, [], "")[0] != data.resolve_mask_encoding(d, [], typed)[0]
+        assert loader.resolve_mask_encoding(d, [], "")[0] != loader.resolve_mask_encoding(d, [], typed)[0]
     elif key == "selection":  # a DAPT run keeps a best.pt only when it selects on the validation split
         kept = []
         for tag, extra in (("-a", []), ("-b", ["--selection", value])):
@@ -106,13 +109,12 @@ def test_listed_flag_exists_and_changes_behaviour(method, key, value, random_toy
         assert kept == [True, False]
     elif key == "proto_train_view":
         views = []
-        real = dapt.class_prototypes
-        dapt.class_prototypes = lambda clip, bench, tf, seed, device, view: views.append(view) or torch.zeros(4, 64)
-        try:
-            for c in (cfg, dict(cfg, proto_train_view=typed)):
-                dapt.DistributionAwarePT(random_clip(TINY_TOY_CONFIG), NAMES, c).prepare(None, "train-tf", "test-tf", "cpu")
-        finally:
-            dapt.class_prototypes = real
+
+        def features(fn, view="train", **kw):  # what prepare asks train.py for
+            views.append(view)
+            return torch.zeros(4, 64), torch.arange(4)
+        for c in (cfg, dict(cfg, proto_train_view=typed)):
+            dapt.DistributionAwarePT(random_clip(TINY_TOY_CONFIG), NAMES, c).prepare(features)
         assert views == ["train", "test"]
     elif key == "template":  # KgCoOp's t0
         clip = random_clip(TINY_TOY_CONFIG)
@@ -138,5 +140,5 @@ def test_the_table_lists_the_quirk_flags():
     assert {"bg_slice_quirk", "gradcam_quirk", "mask_quirk", "class_token_layout", "proto_train_view",
             "official_optim", "dassl_drop_last"} <= keys
     quirks = {k for m in dapt.METHODS if m != "fvgpt" for k in dapt.model_defaults(m) if k.endswith("_quirk")}
-    quirks |= {k for k in train.COMMON if k.endswith("_quirk")}
+    quirks |= {k for k in recipes.COMMON if k.endswith("_quirk")}
     assert quirks <= keys, f"quirk flags missing from the README table: {quirks - keys}"

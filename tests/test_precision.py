@@ -11,6 +11,7 @@ import torch
 
 import dapt
 import train
+import runs
 from conftest import run_random_toy
 
 METHODS = [m for m in dapt.METHODS if m != "fvgpt"]
@@ -54,8 +55,8 @@ def test_mixed_precision_trains_and_loads_back_in_float32(random_toy, tmp_path, 
     assert all(v.dtype == torch.float32 for v in ckpt["params"].values() if v.is_floating_point())
     # the checkpoint in a float32 model predicts as the run's model at its precision
     images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    f32 = dapt.load_run(run_dir, dtype=torch.float32)
-    low = dapt.load_run(run_dir, dtype=DTYPES[precision])
+    f32 = runs.load_run(run_dir, dtype=torch.float32)
+    low = runs.load_run(run_dir, dtype=DTYPES[precision])
     with torch.no_grad():
         ref = f32(images)
         with torch.autocast("cpu", dtype=DTYPES[precision]):

@@ -9,16 +9,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import classic
 import clip as clip_module
 import dapt
 import data
 import train
+import prompting
+import recipes
 from conftest import NAMES, interrupt_at_epoch, make_clip, random_clip, toy_batch
 from test_train import epoch_losses, run, run_dir
 
 
 def cfg_of(method, **kw):
-    return dict(train.resolve_config(method, "toy", {"subsample": "base"}), **kw)
+    return dict(recipes.resolve_config(method, "toy", {"subsample": "base"}), **kw)
 
 
 def perturbed(model, std=0.05, seed=0):
@@ -94,7 +97,7 @@ def test_prompts_reach_each_block_as_the_hand_written_loop(method, extra):
     clip = random_clip(dict(clip_module.VIT_B16_CONFIG, image_resolution=32, vision_patch_size=8, vision_layers=3,
                             vision_width=64, transformer_layers=3, transformer_width=64, transformer_heads=1,
                             embed_dim=64))
-    model = perturbed(dapt.METHODS[method](clip, NAMES, cfg_of(method, **extra)))
+    model = perturbed(dapt.build_model(method, clip, NAMES, cfg_of(method, **extra)))
     assert model.J_t == model.J_v == 3 and model.text_prompts.shape[0] == 2 and model.image_prompts.shape[0] == 3
     images = toy_batch()["image"]
     with torch.no_grad():
@@ -115,7 +118,7 @@ def test_trainable_counts_at_vit_b16():
     off = dict(official_init=False)
     assert count(dapt.IVLP(big, NAMES, off)) == 30_720
     assert count(dapt.PromptSRC(big, NAMES, off)) == 46_080
-    xd = train.resolve_config("promptsrc", "imagenet", {"setting": "xd"})
+    xd = recipes.resolve_config("promptsrc", "imagenet", {"setting": "xd"})
     assert count(dapt.PromptSRC(big, NAMES, dict(xd, official_init=False))) == 15_360
     lang = dapt.IVLP(big, NAMES, dict(off, n_ctx_text=4, n_ctx_vision=0, prompt_depth_vision=0))
     assert count(lang) == 24_576 and not lang.changes_image_tower and lang.visual_prompts() is None
@@ -153,11 +156,11 @@ def test_promptsrc_loss_terms_equal_the_formulas():
     batch = toy_batch()
     x, y = batch["image"], batch["label"]
     loss, stats = model.loss(batch, 0)
-    assert len(dapt.PROMPTSRC_TEMPLATES) == 60 and dapt.PROMPTSRC_TEMPLATES[0] == "a photo of a {}."
-    assert set(dapt.PROMPTSRC_TEMPLATES) == set(data.IMAGENET_TEMPLATES[:60])
+    assert len(classic.PROMPTSRC_TEMPLATES) == 60 and classic.PROMPTSRC_TEMPLATES[0] == "a photo of a {}."
+    assert set(classic.PROMPTSRC_TEMPLATES) == set(prompting.IMAGENET_TEMPLATES[:60])
     with torch.no_grad():
         raw = torch.stack([clip.encode_text(dapt.tokenize([t.format(n) for n in NAMES]))
-                           for t in dapt.PROMPTSRC_TEMPLATES])
+                           for t in classic.PROMPTSRC_TEMPLATES])
         T0 = F.normalize(raw.mean(0), dim=-1)  # raw features averaged, then normalised
         z0 = F.normalize(clip.encode_image(x), dim=-1)
         T, z, s = model.text_features(), model.image_features(x), clip.logit_scale.exp()
@@ -176,12 +179,12 @@ def test_promptsrc_loss_terms_equal_the_formulas():
 
 
 def test_gpa_weights_and_aggregate():
-    w = dapt.gpa_weights(20, 15, 1)  # methods.md §6: e = 13..17 -> 0.054, 0.242, 0.399, 0.242, 0.054
+    w = classic.gpa_weights(20, 15, 1)  # methods.md §6: e = 13..17 -> 0.054, 0.242, 0.399, 0.242, 0.054
     assert sum(w) == pytest.approx(1.0, abs=1e-12)
     assert w[12:17] == pytest.approx([0.0540, 0.2420, 0.3989, 0.2420, 0.0540], abs=1e-4)
-    assert dapt.gpa_weights(10, 15, 1)[-2:] == pytest.approx([0.0041, 0.9959], abs=1e-4)  # FVG-PT's host config
+    assert classic.gpa_weights(10, 15, 1)[-2:] == pytest.approx([0.0041, 0.9959], abs=1e-4)  # FVG-PT's host config
     g = [math.exp(-0.5 * ((e - 30) / 30) ** 2) for e in range(1, 51)]
-    assert dapt.gpa_weights(50, 30, 30) == pytest.approx([x / sum(g) for x in g], rel=1e-12)
+    assert classic.gpa_weights(50, 30, 30) == pytest.approx([x / sum(g) for x in g], rel=1e-12)
     clip = make_clip()
     model = dapt.PromptSRC(clip, NAMES, dict(epochs=3, gpa_mean=2.0, gpa_std=1.5))
     w = model.gpa_w
@@ -208,7 +211,7 @@ def test_gpa_weights_and_aggregate():
 @pytest.mark.parametrize("method", ["promptsrc", "ivlp"])
 def test_fvgpt_on_promptsrc_and_ivlp_hosts(method):
     clip = make_clip()
-    host = dapt.METHODS[method](clip, NAMES, cfg_of(method))
+    host = dapt.build_model(method, clip, NAMES, cfg_of(method))
     model = dapt.FVGPT(host, NAMES, cfg_of("fvgpt"))
     loss, _ = model.loss(toy_batch(), 0)
     loss.backward()
@@ -216,9 +219,9 @@ def test_fvgpt_on_promptsrc_and_ivlp_hosts(method):
 
 
 def test_dapt_promptsrc_keeps_the_host_terms_and_gpa():
-    cfg = train.resolve_config("dapt", "toy", {"subsample": "base", "host": "promptsrc", "dapt_schedule": "joint"})
+    cfg = recipes.resolve_config("dapt", "toy", {"subsample": "base", "host": "promptsrc", "dapt_schedule": "joint"})
     assert (cfg["lr"], cfg["epochs"], cfg["gpa_mean"]) == (0.0025, 20, 15.0)  # PromptSRC's B2N recipe (HOST_RECIPE)
-    model = dapt.DAPT(make_clip(), NAMES, dict(cfg, epochs=2))
+    model = dapt.build_model("dapt", make_clip(), NAMES, dict(cfg, epochs=2))
     loss, stats = model.loss(toy_batch(), 0)
     assert {"L_cls", "L_scl_text", "L_scl_image", "L_scl_logits", "L_v", "L_f", "L_b"} <= set(stats)
     model.epoch_end(0)

@@ -9,17 +9,20 @@ import pytest
 
 import eval as evaluation
 import train
+import recipes
+import runs
+import sweep
 from conftest import cli_error
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def fake_run(root, method, dataset, seed, accuracy, setting="b2n", shots=16, selected_epoch=None, **changed):
-    cfg = train.resolve_config(method, dataset, {"subsample": "base" if setting == "b2n" else "all", "shots": shots})
+    cfg = recipes.resolve_config(method, dataset, {"subsample": "base" if setting == "b2n" else "all", "shots": shots})
     cfg.update(changed, seed=seed)
     d = os.path.join(root, setting, dataset, method, f"shots{shots}_seed{seed}")
     os.makedirs(d)
-    train.write_json(os.path.join(d, "result.json"), dict(
+    runs.write_json(os.path.join(d, "result.json"), dict(
         method=method, dataset=dataset, setting=setting, shots=shots, seed=seed, tag="", subsample=cfg["subsample"],
         accuracy=accuracy, config=dict(cfg, root="/data", device="cpu"), seconds=12.5 * seed,
         selected_epoch=cfg["epochs"] - 1 if selected_epoch is None else selected_epoch))
@@ -62,7 +65,7 @@ def test_plan_grid_syntax():
     --method fvgpt --dataset ${DATASETS} \\
         --host-run {out}/b2n/{dataset}/coop/shots16_seed{seed} --seed 3 --template "a {} photo."
     """
-    runs = train.expand_plan(text, out="OUT")
+    runs = sweep.expand_plan(text, out="OUT")
     assert [n for n, _ in runs] == [4] * 4 + [5] * 2
     assert runs[0][1] == ["--method", "coop", "--dataset", "caltech101", "--subsample", "base", "--seed", "1",
                           "--tag", "-a"]
@@ -70,17 +73,17 @@ def test_plan_grid_syntax():
         ["caltech1011", "caltech1012", "dtd1", "dtd2"]  # the leftmost group varies slowest
     assert runs[5][1][4:] == ["--host-run", "OUT/b2n/dtd/coop/shots16_seed3", "--seed", "3", "--template",
                               "a {} photo."]
-    with pytest.raises(train.ConfigError, match="plan:1: \\$NOPE"):
-        train.expand_plan("--method coop --dataset $NOPE")
+    with pytest.raises(recipes.ConfigError, match="plan:1: \\$NOPE"):
+        sweep.expand_plan("--method coop --dataset $NOPE")
     with pytest.raises(train.ConfigError, match="--shots, which this line"):
-        train.expand_plan("--method coop --dataset toy --tag k{shots}")
+        sweep.expand_plan("--method coop --dataset toy --tag k{shots}")
 
 
 @pytest.mark.parametrize("plan", sorted(glob.glob(os.path.join(REPO, "plans", "*.txt"))), ids=os.path.basename)
 def test_shipped_plans_resolve(plan, tmp_path):
     """Every line of every shipped plan is valid train.py arguments with a distinct run folder."""
     lines = []
-    stats = train.sweep(plan, out=str(tmp_path / "runs"), dry_run=True, echo=lines.append)
+    stats = sweep.sweep(plan, out=str(tmp_path / "runs"), dry_run=True, echo=lines.append)
     assert stats["done"] == stats["trained"] == 0 and not stats["failed"] and len(lines) > 2
     assert not os.path.exists(tmp_path / "runs")
 
@@ -93,27 +96,27 @@ def test_sweep_skips_finished_resumes_unfinished_and_survives_a_failure(random_t
                     "--method {zsclip,coop} $R --seed {1,2}\n")
     out = str(tmp_path / "runs")
     lines = []
-    stats = train.sweep(str(plan), out=out, root=root, device="cpu", echo=lines.append)
+    stats = sweep.sweep(str(plan), out=out, root=root, device="cpu", echo=lines.append)
     assert stats["trained"] == 4 and not stats["failed"]
     assert lines[1].startswith("[1/4] ") and "trained in" in lines[1] and "ETA" in lines[1] and "3 to go" in lines[1]
     assert "0 to go, ETA 0:00:00" in lines[4] and os.path.isfile(os.path.join(out, "sweep.log"))
     lines.clear()
-    assert train.sweep(str(plan), out=out, root=root, echo=lines.append)["done"] == 4
+    assert sweep.sweep(str(plan), out=out, root=root, echo=lines.append)["done"] == 4
     assert all(ln.endswith(": done") for ln in lines[1:5])
     # an unfinished run (result.json lost): skipped without --resume, continued with it
     unfinished = os.path.join(out, "b2n", "toy", "coop", "shots4_seed2")
     os.remove(os.path.join(unfinished, "result.json"))
     lines.clear()
-    stats = train.sweep(str(plan), out=out, root=root, echo=lines.append)
+    stats = sweep.sweep(str(plan), out=out, root=root, echo=lines.append)
     assert stats["skipped"] == 1 and "pass --resume" in lines[4]
     lines.clear()
-    stats = train.sweep(str(plan), out=out, root=root, resume=True, echo=lines.append)
+    stats = sweep.sweep(str(plan), out=out, root=root, resume=True, echo=lines.append)
     assert stats["trained"] == 1 and "resumed in" in lines[4] and os.path.isfile(os.path.join(unfinished, "result.json"))
     # a run that fails does not stop the others; the command exits 1 naming it
     plan.write_text(plan.read_text() + "--method fvgpt $R --seed 1 --host-run nowhere\n"
                                        "--method coop $R --seed 3\n")
     with pytest.raises(SystemExit) as e:
-        train.main(["sweep", str(plan), "--out", out, "--root", root])
+        sweep.sweep_main([str(plan), "--out", out, "--root", root])
     assert e.value.code == 1
     captured = capsys.readouterr()
     assert "FAILED (ConfigError: fvgpt needs --host-run" in captured.out and "[6/6]" in captured.out
@@ -121,7 +124,7 @@ def test_sweep_skips_finished_resumes_unfinished_and_survives_a_failure(random_t
     assert "1 run(s) failed" in captured.err
     # a line that cannot be read stops the sweep before anything runs
     plan.write_text("--method coop --dataset toy --lr fast\n")
-    code, err = cli_error(capsys, train.main, ["sweep", str(plan), "--out", out])
+    code, err = cli_error(capsys, sweep.sweep_main, [str(plan), "--out", out])
     assert code == 1 and "plan.txt:1: --lr: cannot read 'fast'" in err
 
 
@@ -138,7 +141,7 @@ def test_sweep_jobs_runs_processes_in_dependency_order(random_toy, tmp_path):
                     "--method coop $R --seed 2 --clip {root}/missing.pt --tag -bad\n"
                     "--method fvgpt $R --seed 2 --host-run {out}/b2n/toy/coop-bad/shots2_seed2 --tag -on-bad\n")
     out, lines = str(tmp_path / "par"), []
-    stats = train.sweep(str(plan), out=out, root=root, device="cpu", echo=lines.append, jobs=2)
+    stats = sweep.sweep(str(plan), out=out, root=root, device="cpu", echo=lines.append, jobs=2)
     assert stats["trained"] == 4 and len(stats["failed"]) == 2, stats
     host, fvg = (os.path.join(out, "b2n", "toy", m, "shots2_seed1") for m in ("coop-fvg", "fvgpt"))
     assert os.path.getmtime(os.path.join(fvg, "config.json")) >= os.path.getmtime(os.path.join(host, "result.json"))
@@ -150,7 +153,7 @@ def test_sweep_jobs_runs_processes_in_dependency_order(random_toy, tmp_path):
     plan.write_text(f"R = {r}\n--method coop $R --seed 1 --ctx-init '' --tag -fvg\n"
                     "--method fvgpt $R --seed 1 --host-run {out}/b2n/toy/coop-fvg/shots2_seed1\n")
     seq = str(tmp_path / "seq")
-    train.sweep(str(plan), out=seq, root=root, device="cpu", echo=lambda m: None)
+    sweep.sweep(str(plan), out=seq, root=root, device="cpu", echo=lambda m: None)
     for m in ("coop-fvg", "fvgpt"):
-        a, b = (train.read_json(os.path.join(o, "b2n", "toy", m, "shots2_seed1", "result.json")) for o in (out, seq))
+        a, b = (runs.read_json(os.path.join(o, "b2n", "toy", m, "shots2_seed1", "result.json")) for o in (out, seq))
         assert a["accuracy"] == b["accuracy"], m

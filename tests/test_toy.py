@@ -10,56 +10,57 @@ from PIL import Image
 
 import data
 import train
+import toy
 
 SMALL = {"train": 3, "val": 2, "test": 2, "test_corr": 2}
 
 
 def test_toy_caption():
-    assert data.toy_caption("red circle") == "a photo of a red circle."  # the benchmark's own template
-    assert data.toy_caption("red circle", 0, "grass", True) == "a tinted photo of a red circle on grass."
-    assert data.toy_caption(None, 1, "sky") == "a sky scene."
-    captions = {data.toy_caption(c, k, s, t) for c in data.TOY_CLASSNAMES for k in range(len(data.TOY_CAPTION_TEMPLATES))
-                for s in (None,) + data.TOY_SCENES for t in (False, True)}
-    assert len(captions) == len(data.TOY_CLASSNAMES) * len(data.TOY_CAPTION_TEMPLATES) * (len(data.TOY_SCENES) + 1) * 2
+    assert toy.toy_caption("red circle") == "a photo of a red circle."  # the benchmark's own template
+    assert toy.toy_caption("red circle", 0, "grass", True) == "a tinted photo of a red circle on grass."
+    assert toy.toy_caption(None, 1, "sky") == "a sky scene."
+    captions = {toy.toy_caption(c, k, s, t) for c in toy.TOY_CLASSNAMES for k in range(len(toy.TOY_CAPTION_TEMPLATES))
+                for s in (None,) + toy.TOY_SCENES for t in (False, True)}
+    assert len(captions) == len(toy.TOY_CLASSNAMES) * len(toy.TOY_CAPTION_TEMPLATES) * (len(toy.TOY_SCENES) + 1) * 2
 
 
 def test_tint_is_a_hue_rotation():
     grey = np.full((2, 3), 117.0)
-    np.testing.assert_allclose(data.toy_tint(grey), grey, atol=1e-9)  # grey stays grey
+    np.testing.assert_allclose(toy.toy_tint(grey), grey, atol=1e-9)  # grey stays grey
     c = np.array([[200.0, 60.0, 60.0]])
-    np.testing.assert_allclose(np.linalg.norm(data.toy_tint(c) - 117), np.linalg.norm(c - 117), rtol=0.2)
-    np.testing.assert_allclose(data.toy_tint(data.toy_tint(c, 30), -30), c, atol=1e-9)
-    assert data.toy_tint(c)[0, 1] > c[0, 1]  # red turns towards yellow
+    np.testing.assert_allclose(np.linalg.norm(toy.toy_tint(c) - 117), np.linalg.norm(c - 117), rtol=0.2)
+    np.testing.assert_allclose(toy.toy_tint(toy.toy_tint(c, 30), -30), c, atol=1e-9)
+    assert toy.toy_tint(c)[0, 1] > c[0, 1]  # red turns towards yellow
 
 
 def test_toy_pretrain_images():
-    x, y, s, t = data.toy_pretrain_images(400, seed=5)
+    x, y, s, t = toy.toy_pretrain_images(400, seed=5)
     assert x.dtype == np.uint8 and x.shape == (400, 32, 32, 3) and y.dtype == s.dtype == np.int64 and t.dtype == bool
-    assert set(y.tolist()) == set(range(-1, len(data.TOY_CLASSNAMES))) and set(s.tolist()) == set(range(-1, len(data.TOY_SCENES)))
+    assert set(y.tolist()) == set(range(-1, len(toy.TOY_CLASSNAMES))) and set(s.tolist()) == set(range(-1, len(toy.TOY_SCENES)))
     assert 0.04 < (y < 0).mean() < 0.17 and 0.04 < (s < 0).mean() < 0.17 and 0.3 < t.mean() < 0.5  # TOY_PRETRAIN_MIX
     assert not ((y < 0) & (s < 0)).any()  # a scene alone always has a scene
-    x2, y2, s2, t2 = data.toy_pretrain_images(400, seed=5)
+    x2, y2, s2, t2 = toy.toy_pretrain_images(400, seed=5)
     assert np.array_equal(x, x2) and np.array_equal(y, y2) and np.array_equal(s, s2) and np.array_equal(t, t2)
-    assert not np.array_equal(x, data.toy_pretrain_images(400, seed=6)[0])
+    assert not np.array_equal(x, toy.toy_pretrain_images(400, seed=6)[0])
 
 
 def test_toy_splits_scenes_and_masks(tmp_path):
-    d = data.make_toy(tmp_path, per_class={"train": 20, "val": 10, "test": 20, "test_corr": 20})
+    d = toy.make_toy(tmp_path, per_class={"train": 20, "val": 10, "test": 20, "test_corr": 20})
     split = json.load(open(os.path.join(d, "split_toy.json")))
     meta = json.load(open(os.path.join(d, "toy_meta.json")))
-    assert meta["version"] == data.TOY_VERSION == data.toy_version(d)
-    C, half = len(data.TOY_CLASSNAMES), len(data.TOY_CLASSNAMES) // 2
+    assert meta["version"] == toy.TOY_VERSION == toy.toy_version(d)
+    C, half = len(toy.TOY_CLASSNAMES), len(toy.TOY_CLASSNAMES) // 2
     assert {k: len(v) for k, v in split.items()} == {"train": 20 * C, "val": 10 * C, "test": 20 * C, "test_corr": 20 * C}
     prefer, scene = meta["preferred_scene"], meta["scene"]
     for part in (list(prefer.values())[:half], list(prefer.values())[half:]):  # base, new: every scene used, evenly
-        counts = [part.count(t) for t in data.TOY_SCENES]
+        counts = [part.count(t) for t in toy.TOY_SCENES]
         assert min(counts) >= 1 and max(counts) - min(counts) <= 1
     rate = {k: np.mean([scene[p] == prefer[c] for p, _, c in v]) for k, v in split.items()}
     assert 0.85 < rate["train"] < 0.95 and 0.82 < rate["val"] < 0.97 and 0.85 < rate["test_corr"] < 0.95
-    assert abs(rate["test"] - 1 / len(data.TOY_SCENES)) < 0.05  # independent of the class
+    assert abs(rate["test"] - 1 / len(toy.TOY_SCENES)) < 0.05  # independent of the class
     assert all(len(set(scene[p] for p, y, _ in split["test"] if y == k)) >= 6 for k in range(C))
     # masks cover exactly the object, whose colour is the tinted class colour (jitter 20 per channel)
-    tinted = {c: data.toy_tint(np.array(v, float)) for c, v in data.TOY_COLOURS.items()}
+    tinted = {c: toy.toy_tint(np.array(v, float)) for c, v in toy.TOY_COLOURS.items()}
     for p, y, c in split["train"][::37] + split["test_corr"][::41]:
         a = np.asarray(Image.open(os.path.join(d, "images", p))).astype(float)
         m = np.asarray(Image.open(os.path.join(d, "mask", "images", p))) > 127
@@ -68,9 +69,9 @@ def test_toy_splits_scenes_and_masks(tmp_path):
 
 
 def test_toy_deterministic(tmp_path):
-    a = data.make_toy(tmp_path / "a", seed=3, per_class=SMALL)
-    b = data.make_toy(tmp_path / "b", seed=3, per_class=SMALL)
-    c = data.make_toy(tmp_path / "c", seed=4, per_class=SMALL)
+    a = toy.make_toy(tmp_path / "a", seed=3, per_class=SMALL)
+    b = toy.make_toy(tmp_path / "b", seed=3, per_class=SMALL)
+    c = toy.make_toy(tmp_path / "c", seed=4, per_class=SMALL)
     read = lambda d, r: open(os.path.join(d, r), "rb").read()  # noqa: E731
     assert read(a, "split_toy.json") == read(b, "split_toy.json")
     rel = "images/red_circle/test_corr_001.png"
@@ -79,61 +80,61 @@ def test_toy_deterministic(tmp_path):
 
 
 def test_ensure_toy_regenerates_an_old_version(tmp_path, monkeypatch, caplog):
-    real = data.make_toy
-    monkeypatch.setattr(data, "make_toy", lambda root: real(root, per_class=SMALL))
-    d = data.ensure_toy(tmp_path)
-    assert data.toy_version(d) == data.TOY_VERSION
+    real = toy.make_toy
+    monkeypatch.setattr(toy, "make_toy", lambda root: real(root, per_class=SMALL))
+    d = toy.ensure_toy(tmp_path)
+    assert toy.toy_version(d) == toy.TOY_VERSION
     stamp = os.stat(os.path.join(d, "split_toy.json")).st_mtime_ns
-    assert data.ensure_toy(tmp_path) == d and os.stat(os.path.join(d, "split_toy.json")).st_mtime_ns == stamp
+    assert toy.ensure_toy(tmp_path) == d and os.stat(os.path.join(d, "split_toy.json")).st_mtime_ns == stamp
     meta = json.load(open(os.path.join(d, "toy_meta.json")))
-    json.dump(dict(meta, version=data.TOY_VERSION - 1), open(os.path.join(d, "toy_meta.json"), "w"))
+    json.dump(dict(meta, version=toy.TOY_VERSION - 1), open(os.path.join(d, "toy_meta.json"), "w"))
     os.remove(os.path.join(d, "images", "red_circle", "train_000.png"))  # old data: must not survive
-    data.ensure_toy(tmp_path)
-    assert "regenerating" in caplog.text and data.toy_version(d) == data.TOY_VERSION
+    toy.ensure_toy(tmp_path)
+    assert "regenerating" in caplog.text and toy.toy_version(d) == toy.TOY_VERSION
     assert os.path.isfile(os.path.join(d, "images", "red_circle", "train_000.png"))
     os.remove(os.path.join(d, "toy_meta.json"))  # a v1 folder had no version in it
-    data.ensure_toy(tmp_path)
-    assert data.toy_version(d) == data.TOY_VERSION
+    toy.ensure_toy(tmp_path)
+    assert toy.toy_version(d) == toy.TOY_VERSION
 
 
 def test_caption_table_attributes():
-    tokens, attrs = train.toy_caption_table()
-    C, S, K = len(data.TOY_CLASSNAMES), len(data.TOY_SCENES), len(data.TOY_CAPTION_TEMPLATES)
+    tokens, attrs = toy.toy_caption_table()
+    C, S, K = len(toy.TOY_CLASSNAMES), len(toy.TOY_SCENES), len(toy.TOY_CAPTION_TEMPLATES)
     assert tokens.shape == (2 * K * (C + 1) * (S + 1), 77)
     row = lambda t, k, y, s: ((t * K + k) * (C + 1) + y + 1) * (S + 1) + s + 1  # noqa: E731
     import dapt
     assert torch.equal(tokens[row(1, 0, 0, 0)], dapt.tokenize(["a tinted photo of a red circle on grass."])[0])
-    assert torch.equal(tokens[row(0, 0, 9, -1)], dapt.tokenize([f"a photo of a {data.TOY_CLASSNAMES[9]}."])[0])
+    assert torch.equal(tokens[row(0, 0, 9, -1)], dapt.tokenize([f"a photo of a {toy.TOY_CLASSNAMES[9]}."])[0])
     assert attrs[row(1, 2, -1, 3)].tolist() == [-1, 3, 1]
 
 
 def test_pretraining_leaves_global_rng_and_is_deterministic(tmp_path, monkeypatch):
-    monkeypatch.setitem(train.TOY_PRETRAIN, "images", 200)
-    monkeypatch.setitem(train.TOY_PRETRAIN, "batch", 16)
-    monkeypatch.setitem(train.TOY_PRETRAIN, "warmup", 2)
+    monkeypatch.setitem(toy.TOY_PRETRAIN, "images", 200)
+    monkeypatch.setitem(toy.TOY_PRETRAIN, "batch", 16)
+    monkeypatch.setitem(toy.TOY_PRETRAIN, "warmup", 2)
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    a = train.pretrain_toy_clip(str(tmp_path / "a"), steps=3, quiet=True)
+    a = toy.pretrain_toy_clip(str(tmp_path / "a"), steps=3, quiet=True)
     assert torch.equal(torch.get_rng_state(), before)  # set-up work never consumes the run's random state
-    b = train.pretrain_toy_clip(str(tmp_path / "b"), steps=3, quiet=True)
+    b = toy.pretrain_toy_clip(str(tmp_path / "b"), steps=3, quiet=True)
     sa, sb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     meta = json.load(open(a.replace(".pt", ".json")))
-    assert meta["recipe"]["toy_version"] == data.TOY_VERSION
+    assert meta["recipe"]["toy_version"] == toy.TOY_VERSION
     assert set(meta["zero_shot_accuracy"]) == {"plain", "tinted_plain_prompt", "tinted", "scene"}
     # an old toy version in the cache key: pretrained again
-    json.dump(dict(meta, recipe=dict(meta["recipe"], toy_version=data.TOY_VERSION - 1)), open(a.replace(".pt", ".json"), "w"))
+    json.dump(dict(meta, recipe=dict(meta["recipe"], toy_version=toy.TOY_VERSION - 1)), open(a.replace(".pt", ".json"), "w"))
     stamp = os.stat(a).st_mtime_ns
-    train.pretrain_toy_clip(str(tmp_path / "a"), steps=3, quiet=True)
-    assert os.stat(a).st_mtime_ns != stamp and json.load(open(a.replace(".pt", ".json")))["recipe"]["toy_version"] == data.TOY_VERSION
+    toy.pretrain_toy_clip(str(tmp_path / "a"), steps=3, quiet=True)
+    assert os.stat(a).st_mtime_ns != stamp and json.load(open(a.replace(".pt", ".json")))["recipe"]["toy_version"] == toy.TOY_VERSION
 
 
 def test_first_run_on_a_fresh_root_equals_a_warm_run(tmp_path, monkeypatch):
     """Generating the toy and pretraining the toy CLIP inside a run must not move the run's random state
     (issue 11): the first run on a fresh root and the same run on the warm root give bit-identical results."""
-    monkeypatch.setattr(train, "TOY_PRETRAIN", dict(train.TOY_PRETRAIN, steps=3, images=200, batch=16, warmup=2))
-    real = data.make_toy
-    monkeypatch.setattr(data, "make_toy", lambda root: real(root, per_class=SMALL))
+    monkeypatch.setattr(toy, "TOY_PRETRAIN", dict(toy.TOY_PRETRAIN, steps=3, images=200, batch=16, warmup=2))
+    real = toy.make_toy
+    monkeypatch.setattr(toy, "make_toy", lambda root: real(root, per_class=SMALL))
     args = ["--method", "coop", "--dataset", "toy", "--root", str(tmp_path / "data"), "--subsample", "base",
             "--shots", "2", "--epochs", "1", "--batch", "4", "--lr", "0.05", "--ctx-init", ""]  # random context
     (tmp_path / "data").mkdir()  # an existing root (a missing one other than DATA is refused)
@@ -145,17 +146,17 @@ def test_first_run_on_a_fresh_root_equals_a_warm_run(tmp_path, monkeypatch):
 def test_load_benchmark_rebuilds_an_old_toy_and_reads_test_corr(tmp_path, monkeypatch, caplog):
     """load_benchmark("toy") goes through ensure_toy (an old TOY_VERSION is rebuilt, not read), and the split
     file's "test_corr" list becomes Benchmark.extra_tests, relabelled with base / new like the test split."""
-    real = data.make_toy
-    monkeypatch.setattr(data, "make_toy", lambda root: real(root, per_class=SMALL))
-    d = data.ensure_toy(tmp_path)
+    real = toy.make_toy
+    monkeypatch.setattr(toy, "make_toy", lambda root: real(root, per_class=SMALL))
+    d = toy.ensure_toy(tmp_path)
     meta = json.load(open(os.path.join(d, "toy_meta.json")))
-    json.dump(dict(meta, version=data.TOY_VERSION - 1), open(os.path.join(d, "toy_meta.json"), "w"))
+    json.dump(dict(meta, version=toy.TOY_VERSION - 1), open(os.path.join(d, "toy_meta.json"), "w"))
     b = data.load_benchmark("toy", tmp_path, shots=0, subsample="new")
-    assert "regenerating" in caplog.text and data.toy_version(d) == data.TOY_VERSION
+    assert "regenerating" in caplog.text and toy.toy_version(d) == toy.TOY_VERSION
     corr = b.extra_tests["test_corr"]
     assert len(corr) == 12 * SMALL["test_corr"] and b.meta["counts"]["test_corr"] == len(corr)
     assert sorted({y for _, y, _ in corr}) == list(range(12))  # new classes relabelled from 0, as the test split
-    assert {c.replace("_", " ") for _, _, c in corr} == set(b.classnames) == set(data.TOY_CLASSNAMES[12:])
+    assert {c.replace("_", " ") for _, _, c in corr} == set(b.classnames) == set(toy.TOY_CLASSNAMES[12:])
     assert all(os.path.isabs(p) and os.path.isfile(p) for p, _, _ in corr)
     assert set(data.load_benchmark("toy", tmp_path, shots=0).extra_tests) == {"test_corr"}
 

@@ -12,6 +12,8 @@ import dapt
 import data
 import eval as evaluation
 import train
+import recipes
+import runs
 from conftest import cli_error, interrupt_at_epoch
 
 
@@ -72,23 +74,23 @@ def test_zero_shot_run(toy_root, tmp_path):
 
 
 def test_zero_shot_select_ensemble(toy_root):
-    cfg = train.resolve_config("zsclip", "toy", {"ensemble": "select"})
+    cfg = recipes.resolve_config("zsclip", "toy", {"ensemble": "select"})
     clip = train.load_backbone(cfg, toy_root, "cpu")
-    model = train.build_model(cfg, clip, ["red circle", "blue square"])
+    model = dapt.build_model("zsclip", clip, ["red circle", "blue square"], cfg)
     assert len(model.templates) == 8 and model.templates[-1] == "a photo of a {}."
 
 
 def test_only_prompt_parameters_change(toy_root, tmp_path):
-    cfg = train.resolve_config("maple", "toy", dict(subsample="base", shots=4, epochs=2, lr=0.05, batch=8))
+    cfg = recipes.resolve_config("maple", "toy", dict(subsample="base", shots=4, epochs=2, lr=0.05, batch=8))
     clip_before = {k: v.clone() for k, v in train.load_backbone(cfg, toy_root, "cpu").state_dict().items()}
     train.train(cfg, root=toy_root, out=str(tmp_path))
     d = run_dir(tmp_path, "maple")
-    model, _, _ = evaluation.load_run(d)
+    model, _, _ = evaluation.trained_run(d)
     for k, v in model.clip.state_dict().items():
         assert torch.equal(v, clip_before[k]), f"frozen CLIP weight {k} changed"
     trained = torch.load(os.path.join(d, "checkpoint.pt"), weights_only=True)["params"]
     assert set(trained) == {"ctx", "compound_prompts"} | {f"couplings.{i}.{w}" for i in range(4) for w in ("weight", "bias")}
-    fresh = train.build_model(cfg, train.load_backbone(cfg, toy_root, "cpu"), ["a", "b"])
+    fresh = dapt.build_model("maple", train.load_backbone(cfg, toy_root, "cpu"), ["a", "b"], cfg)
     assert not torch.equal(trained["compound_prompts"], fresh.compound_prompts)  # it did train
 
 
@@ -138,25 +140,25 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(toy_root, tmp_path, monkeypatc
 
 
 def test_lr_schedule_equals_formula():
-    cfg = train.resolve_config("maple", "caltech101", dict(subsample="base"))
+    cfg = recipes.resolve_config("maple", "caltech101", dict(subsample="base"))
     assert (cfg["epochs"], cfg["lr"], cfg["batch"]) == (5, 0.0035, 4)
     got = [train.lr_at(cfg, e) for e in range(5)]
     assert got == pytest.approx([1e-5, 3.5e-3, 3.166e-3, 2.291e-3, 1.209e-3], rel=1e-3)  # published MaPLe logs
-    cfg = train.resolve_config("coop", "caltech101", dict(shots=16))
+    cfg = recipes.resolve_config("coop", "caltech101", dict(shots=16))
     E = cfg["epochs"]
     assert E == 200
     for e in range(E):
         expect = 1e-5 if e == 0 else 0.002 * (1 + math.cos(math.pi * (e - 1) / E)) / 2
         assert train.lr_at(cfg, e) == pytest.approx(expect, rel=1e-12)
     assert min(train.lr_at(cfg, e) for e in range(1, E)) > 0  # never reaches 0
-    assert train.resolve_config("coop", "caltech101", dict(shots=1))["epochs"] == 50
-    assert train.resolve_config("coop", "imagenet", dict(shots=16))["epochs"] == 50
+    assert recipes.resolve_config("coop", "caltech101", dict(shots=1))["epochs"] == 50
+    assert recipes.resolve_config("coop", "imagenet", dict(shots=16))["epochs"] == 50
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--method", "nope", "--dataset", "toy"], "unknown method 'nope'"),
     (["--method", "coop", "--dataset", "nope"], "unknown dataset 'nope'"),
-    (["--method", "coop", "--dataset", "toy", "--n-cxt", "4"], r"unknown config key\(s\) \['n_cxt'\]"),
+    (["--method", "coop", "--dataset", "toy", "--n-cxt", "4"], r"unknown config key\(s\) --n-cxt for method 'coop'. Valid keys: .*n_ctx"),
     (["--method", "coop", "--dataset", "toy", "--lr", "fast"], "--lr: cannot read 'fast' as float"),
     (["--method", "coop", "--dataset", "toy", "--setting", "foo"], "--setting 'foo': expected one of fewshot, b2n, xd"),
     (["--method", "coop", "--dataset", "toy", "--epochs", "-2"], "--epochs -2: expected a value >= 0"),
@@ -173,7 +175,7 @@ def test_mistyped_toy_root_is_one_clear_line(tmp_path, capsys):
     code, err = cli_error(capsys, train.main, ["--method", "coop", "--dataset", "toy", "--root", str(tmp_path / "DATA2"),
                                                "--out", str(tmp_path / "runs")])
     assert code == 1 and err.startswith(f"error: data root {tmp_path / 'DATA2'} does not exist") and "Traceback" not in err
-    assert f"python data.py toy --root {tmp_path / 'DATA2'}" in err and not os.path.exists(tmp_path / "DATA2")
+    assert f"python datatools.py toy --root {tmp_path / 'DATA2'}" in err and not os.path.exists(tmp_path / "DATA2")
 
 
 def test_values_starting_with_a_dash():
@@ -188,15 +190,15 @@ def test_argparse_abbreviations_are_off(capsys):
 
 def test_data_fraction(random_toy):
     root, _ = random_toy  # 4 training images per class
-    cfg = train.resolve_config("coop", "toy", {"data_fraction": 0.5})
-    assert cfg["shots"] == 0 and "frac0.5_seed1" in train.run_dir_of("runs", cfg)
+    cfg = recipes.resolve_config("coop", "toy", {"data_fraction": 0.5})
+    assert cfg["shots"] == 0 and "frac0.5_seed1" in runs.run_dir_of("runs", cfg)
     with pytest.raises(dapt.ConfigError, match="data-fraction"):
-        train.resolve_config("coop", "toy", {"data_fraction": 0.0})
+        recipes.resolve_config("coop", "toy", {"data_fraction": 0.0})
     counts = {}
     for seed in (1, 2):
         bench = data.load_benchmark("toy", root, shots=0, seed=seed)
         full = len(bench.train)
-        bench = train.data_fraction_split(bench, 0.5, seed)
+        bench = data.data_fraction_split(bench, 0.5, seed)
         per_class = {}
         for _, label, _ in bench.train:
             per_class[label] = per_class.get(label, 0) + 1
@@ -204,7 +206,7 @@ def test_data_fraction(random_toy):
         assert bench.meta["data_fraction"] == 0.5 and bench.meta["train_full"] == full
         counts[seed] = [p for p, _, _ in bench.train]
     assert counts[1] != counts[2]
-    again = train.data_fraction_split(data.load_benchmark("toy", root, shots=0, seed=1), 0.5, 1)
+    again = data.data_fraction_split(data.load_benchmark("toy", root, shots=0, seed=1), 0.5, 1)
     assert [p for p, _, _ in again.train] == counts[1]
-    small = train.data_fraction_split(data.load_benchmark("toy", root, shots=0, seed=1), 0.01, 1)
+    small = data.data_fraction_split(data.load_benchmark("toy", root, shots=0, seed=1), 0.01, 1)
     assert len(small.train) == 24  # at least one per class

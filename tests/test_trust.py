@@ -17,7 +17,10 @@ import torch
 
 import dapt
 import data
+import datatools
 import eval as evaluation
+import recipes
+import toy
 import train
 from conftest import TEST_TOY_PER_CLASS, cli_error, interrupt_at_epoch, metrics_of
 from test_train import run, run_dir
@@ -110,15 +113,15 @@ def test_planted_payload_never_runs_and_the_error_names_the_file(kind, runs, toy
         code, err = fails(capsys, run, toy_root, out, "coop", *COOP, "--selection", "best_val", "--resume", epochs=3)
     elif kind == "toy_clip":  # the toy CLIP cached in the data root
         toy_copy = request.getfixturevalue("toy_copy")
-        target = train.toy_clip_path(toy_copy)
+        target = toy.toy_clip_path(toy_copy)
         plant(target, marker)
         code, err = fails(capsys, run, toy_copy, tmp_path / "runs", "coop", epochs=1)
     else:  # dapt-dist's prototype cache in the dataset folder
         toy_copy = request.getfixturevalue("toy_copy")
-        cfg = train.resolve_config("dapt-dist", "toy", dict(subsample="base", shots=4))
+        cfg = recipes.resolve_config("dapt-dist", "toy", dict(subsample="base", shots=4))
         digest = dapt.state_digest(train.load_backbone(cfg, toy_copy, "cpu").visual)[:16]
         view = "train" if cfg["proto_train_view"] else "test"
-        target = os.path.join(toy_copy, "toy", "split_fewshot", f"prototypes_shot_4-seed_1-base_{digest}_{view}.pt")
+        target = os.path.join(toy_copy, "toy", "split_fewshot", f"features_clip-image-{digest}_{view}_shot_4-seed_1-base.pt")
         plant(target, marker)
         code, err = fails(capsys, run, toy_copy, tmp_path / "runs", "dapt-dist", epochs=1)
     assert code == 1 and not marker.exists()
@@ -197,11 +200,11 @@ def test_fresh_and_warm_data_root_give_identical_results(toy_root, tmp_path):
     toy CLIP (the session's shortened recipe, conftest) and writes the few-shot and prototype caches; the second
     finds them all. Same numbers, to the bit."""
     root = str(tmp_path / "fresh")
-    data.make_toy(root, seed=0, per_class=TEST_TOY_PER_CLASS)  # what python data.py toy does, smaller
-    assert not os.path.exists(train.toy_clip_path(root))
+    toy.make_toy(root, seed=0, per_class=TEST_TOY_PER_CLASS)  # what python datatools.py toy does, smaller
+    assert not os.path.exists(toy.toy_clip_path(root))
     args = ["--lr", "0.01", "--batch", "16"]
     cold = run(root, tmp_path / "a", "dapt-dist", *args, epochs=2)
-    assert os.path.exists(train.toy_clip_path(root)) and os.listdir(os.path.join(root, "toy", "split_fewshot"))
+    assert os.path.exists(toy.toy_clip_path(root)) and os.listdir(os.path.join(root, "toy", "split_fewshot"))
     torch.manual_seed(99)  # whatever state the process is in
     warm = run(root, tmp_path / "b", "dapt-dist", *args, epochs=2)
     assert cold["accuracy"] == warm["accuracy"]
@@ -215,6 +218,9 @@ KILL = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
 import dapt, train
+import datatools
+import recipes
+import toy
 real, calls = dapt.VPT.loss, []
 def loss(self, batch, epoch):
     calls.append(epoch)
@@ -227,7 +233,7 @@ train.main({argv!r})
 
 
 def test_killed_dropout_run_resumes_bit_exactly(toy_root, tmp_path):
-    clip_path = train.toy_clip_path(toy_root)  # the session's toy CLIP as a file: the subprocess pretrains nothing
+    clip_path = toy.toy_clip_path(toy_root)  # the session's toy CLIP as a file: the subprocess pretrains nothing
     argv = ["--method", "vpt", "--dataset", "toy", "--root", toy_root, "--subsample", "base", "--shots", "4",
             "--epochs", "3", "--lr", "0.05", "--batch", "8", "--prompt-dropout", "0.1", "--clip", clip_path]
     full = train.main(argv + ["--out", str(tmp_path / "full")])
@@ -265,7 +271,7 @@ def test_end_of_run_says_what_each_number_is(toy_root, tmp_path, capsys, monkeyp
     d = run_dir(tmp_path, "coop")
     with open(os.path.join(d, "config.json")) as f:
         assert json.load(f)["threads"] == 1
-    assert train.COMMON["threads"] == 0 and train.resolve_config("coop", "toy", {"threads": 4})["threads"] == 4
+    assert recipes.COMMON["threads"] == 0 and recipes.resolve_config("coop", "toy", {"threads": 4})["threads"] == 4
     # epochs from 1 everywhere a person reads them
     m = metrics_of(d)
     assert [e["epoch"] for e in m] == [1, 2]
@@ -326,7 +332,7 @@ def test_nan_in_the_first_epoch_says_no_checkpoint_exists(toy_root, tmp_path, ca
 
 
 def test_wrong_checkpoint_tensor_is_one_line_and_debug_shows_the_traceback(toy_root, tmp_path, capsys):
-    sd = torch.load(train.toy_clip_path(toy_root), weights_only=True)
+    sd = torch.load(toy.toy_clip_path(toy_root), weights_only=True)
     sd["ln_final.weight"] = torch.ones(32)
     path = str(tmp_path / "bad.pt")
     torch.save(sd, path)
@@ -334,7 +340,7 @@ def test_wrong_checkpoint_tensor_is_one_line_and_debug_shows_the_traceback(toy_r
     code, err = cli_error(capsys, train.main, argv)
     assert code == 1 and "tensor 'ln_final.weight' has shape [32], but token_embedding.weight [49408, 64]" in \
         error_line(err)
-    with pytest.raises(train.clip_module.CheckpointError, match="ln_final.weight"):
+    with pytest.raises(dapt.CheckpointError, match="ln_final.weight"):
         train.main(argv + ["--debug"])
     code, err = cli_error(capsys, evaluation.main, ["run", str(tmp_path)])
     assert code == 1 and "no checkpoint.pt" in error_line(err)
@@ -342,11 +348,11 @@ def test_wrong_checkpoint_tensor_is_one_line_and_debug_shows_the_traceback(toy_r
 
 def test_data_command_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("")
-    assert data.main(["toy", "--root", str(tmp_path / "file")]) == 1  # a file where the root should be
+    assert datatools.main(["toy", "--root", str(tmp_path / "file")]) == 1  # a file where the root should be
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
     with pytest.raises(OSError):
-        data.main(["toy", "--root", str(tmp_path / "file"), "--debug"])
+        datatools.main(["toy", "--root", str(tmp_path / "file"), "--debug"])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -374,6 +380,6 @@ def test_read_only_dataset_caches_go_to_the_user_cache(toy_copy, tmp_path, monke
             os.chmod(x, mode)
     assert result["accuracy"] and snapshot(dataset) == before
     written = sorted(os.path.relpath(os.path.join(d, f), cache) for d, _, fs in os.walk(cache) for f in fs)
-    assert len(written) == 2 and written[0].startswith("toy-") and "split_fewshot/prototypes_shot_3-seed_1-base_" \
-        in written[0] and written[1].endswith("split_fewshot/shot_3-seed_1.json")
+    assert len(written) == 2 and written[0].startswith("toy-") and "split_fewshot/features_clip-image-" in written[0] \
+        and written[0].endswith("_shot_3-seed_1-base.pt") and written[1].endswith("split_fewshot/shot_3-seed_1.json")
     assert "(the dataset folder" in caplog.text and "cannot be written)" in caplog.text
