@@ -97,6 +97,8 @@ class DAPT(PromptModel):
         for key, options in (("host", self.hosts), ("cue", ("masks", "gradcam")), ("decouple", ("pixel", "token")),
                              ("dapt_schedule", ("staged", "joint"))):
             choice(c, key, options)
+        if not c["dapt_margin"] > 0:  # F.triplet_margin_loss's condition
+            raise ConfigError(f"--dapt-margin {c['dapt_margin']}: expected a value > 0")
         self.host = host  # trained with DAPT: its parameters are DAPT's
         self.needs_masks = c["cue"] == "masks"  # Grad-CAM masks are made in the step
         self.changes_image_tower = self.host.changes_image_tower

@@ -290,6 +290,14 @@ def type_name(default):
     return type(default).__name__
 
 
+def metavar(default):
+    if isinstance(default, bool):
+        return "true|false"
+    if isinstance(default, (tuple, list)):
+        return ",".join([(type(default[0]).__name__ if default else "float").upper()] * 2)
+    return "INT" if isinstance(default, dict) else type(default).__name__.upper()
+
+
 def add_config_flags(parser, cfg):
     """One --key flag per config key of cfg (a resolved config), typed by its value, help = its default."""
     group = parser.add_argument_group(f"config keys of --method {cfg['method']} (defaults resolved for "
@@ -297,6 +305,6 @@ def add_config_flags(parser, cfg):
                                       "precedence: recipes.py)")
     for key in sorted(k for k in cfg if k not in FIXED):
         group.add_argument(f"--{key.replace('_', '-')}", dest=key, type=value_type(key, cfg[key]),
-                           default=argparse.SUPPRESS, metavar=type_name(cfg[key]).split(" ")[0].upper(),
+                           default=argparse.SUPPRESS, metavar=metavar(cfg[key]),
                            help=f"default {cfg[key]!r}")
     return parser

@@ -24,6 +24,10 @@ try:
     import fcntl  # the run folder's lock (Linux, macOS)
 except ImportError:  # pragma: no cover
     fcntl = None
+try:
+    import triton  # its version is recorded
+except ImportError:  # pragma: no cover
+    triton = None
 
 import numpy
 import PIL
@@ -244,12 +248,7 @@ def torch_threads(n):
 def versions(device):
     v = dict(python=platform.python_version(), torch=torch.__version__, numpy=numpy.__version__,
              pillow=PIL.__version__, platform=platform.platform())
-    try:
-        import triton
-
-        v["triton"] = triton.__version__
-    except ImportError:
-        v["triton"] = None
+    v["triton"] = triton.__version__ if triton is not None else None
     if str(device).startswith("cuda"):
         v["gpu"] = torch.cuda.get_device_name(device)
     return v

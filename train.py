@@ -75,7 +75,8 @@ def parse_args(argv):
             joined.append(argv[i])
             i += 1
     p = Parser(
-        prog="train.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,
+        prog="train.py", usage="%(prog)s --method M --dataset D [--root ROOT] [--out OUT] [--resume] [--key value ...]",
+        description=__doc__.split("\n\n")[0], allow_abbrev=False,
         epilog="Config keys: --key value; `python train.py --method M --help` lists every key of method M with its "
                "default (precedence: recipes.py).")
     p.add_argument("--method", required=True, help=f"one of {', '.join(recipes.RECIPES)}")

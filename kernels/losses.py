@@ -62,13 +62,10 @@ def _check_labels(labels, n, what):
 
 
 def pull_push_reference(anchor, positive, negative, margin=1.5):
-    """DAPT's visual pull-push: mean_b max(d(a, p) - d(a, n) + margin, 0), d(a, b) = ||a - b + 1e-6||_2.
-
-    The semantics of torch.nn.functional.triplet_margin_loss (p=2, eps=1e-6, no swap). anchor, positive,
+    """DAPT's visual pull-push: mean_b max(d(a, p) - d(a, n) + margin, 0), d(a, b) = ||a - b + 1e-6||_2, which is
+    torch.nn.functional.triplet_margin_loss (p=2, eps=1e-6, no swap; the official code calls it). anchor, positive,
     negative: [B, D] (DAPT passes normalised full / foreground / background features, the views detached)."""
-    d_pos = (anchor - positive + 1e-6).norm(dim=-1)
-    d_neg = (anchor - negative + 1e-6).norm(dim=-1)
-    return (d_pos - d_neg + margin).clamp_min(0).mean()
+    return F.triplet_margin_loss(anchor, positive, negative, margin=margin, p=2, eps=1e-6, swap=False)
 
 
 @triton.jit
@@ -284,7 +281,7 @@ def inter_dispersion_loss(text_features, t=2.0, backend=None):
 def intra_dispersion_reference(image_features, prototypes, labels):
     """Distribution-aware PT's intra-class dispersion: mean over batch and dimensions of
     (z_b - proto_{y_b})^2. image_features [B, D], prototypes [C, D] (fixed), labels [B]."""
-    return (image_features.float() - prototypes.float()[labels]).pow(2).mean()
+    return F.mse_loss(image_features.float(), prototypes.float()[labels])
 
 
 @triton.jit

@@ -263,3 +263,36 @@ def test_a_template_given_by_hand_stays_on_other_datasets():
     assert evaluation.target_template(own, target) == data.DATASETS["eurosat"].template
     given = recipes.resolve_config("zsclip", "dtd", {"template": "itap of a {}."})
     assert evaluation.target_template(given, target) == "itap of a {}."
+
+
+def class_default_features(clip):
+    """A `features` function as train.py hands it to prepare: fn over a few random images of the 4 classes."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(8, 3, 32, 32, generator=g)
+    labels = torch.arange(8) % len(TOY_NAMES)
+
+    def features(fn, view="train", per_class=0, sampling="first", cache=None):
+        with torch.no_grad():
+            return fn(images).float(), labels
+    return features
+
+
+@pytest.mark.parametrize("method", sorted(dapt.METHODS))
+def test_every_method_builds_from_its_class_defaults_alone(method):
+    """A method lifts out: dapt.build_model(method, clip, classnames) with no config at all (the class defaults; no
+    recipe, dataset or run code) gives a model whose loss and backward run on a small random CLIP (ViT-B/16's
+    depth, 12 blocks per tower, as the defaults assume: MMRL's representation blocks are 6-12)."""
+    clip = random_clip(dict(TINY_TOY_CONFIG, vision_layers=12, transformer_layers=12))
+    model = dapt.build_model(method, clip, TOY_NAMES)
+    assert model.cfg == {**type(model).defaults, **model.cfg} and set(model.cfg) == set(type(model).defaults)
+    model.prepare(class_default_features(clip))  # dapt-dist's prototypes, DA-VPT's clusters; a no-op elsewhere
+    batch = toy_batch()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    if method == "zsclip":
+        assert not trained and model(batch["image"]).shape == (4, len(TOY_NAMES))
+        return
+    loss, stats = model.loss(batch, 0)
+    assert loss.ndim == 0 and torch.isfinite(loss) and "acc" in stats
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
+    assert all(p.grad is None for p in clip.parameters() if not p.requires_grad)
