@@ -195,16 +195,45 @@ def read_split_json(path):
             d = json.load(f)
         except json.JSONDecodeError as e:
             raise SplitFileError(f"split file {path} is not valid JSON ({e}); download it again") from None
+    if not isinstance(d, dict):
+        raise SplitFileError(f"split file {path} is not a JSON object with train / val / test lists; download it again")
     out = {}
     for s in ("train", "val", "test"):
         if s not in d:
             raise SplitFileError(f"split file {path} has no '{s}' list; expected "
                                  '{"train"|"val"|"test": [[rel_path, label, classname], ...]}')
-        out[s] = [(str(p), int(y), str(c)) for p, y, c in d[s]]
+        out[s] = split_items(d[s], f"{path} ({s})")
     for s in sorted(k for k in d if k.startswith("test_")):
-        if not isinstance(d[s], list):
-            raise SplitFileError(f"split file {path}: '{s}' is not a list of [rel_path, label, classname]")
-        out[s] = [(str(p), int(y), str(c)) for p, y, c in d[s]]
+        out[s] = split_items(d[s], f"{path} ({s})")
+    seen = {}
+    for s, items in out.items():  # a file in two lists (train and test): the split leaks
+        for p, _, _ in items:
+            if seen.setdefault(p, s) != s:
+                raise SplitFileError(f"split file {path}: {p} is in both '{seen[p]}' and '{s}'; every image belongs "
+                                     "to one list (download the split file again, or fix it)")
+    return out
+
+
+def split_items(raw, where):
+    """[[rel_path, label, classname], ...] of a split or few-shot file -> [(rel_path, label, classname)], checked: a
+    list of triples, paths relative and inside the image folder (no '..', not absolute), no path twice."""
+    if not isinstance(raw, list):
+        raise SplitFileError(f"{where}: expected a list of [rel_path, label, classname]")
+    out, seen = [], set()
+    for item in raw:
+        try:
+            p, y, c = item
+            item = (str(p), int(y), str(c))
+        except (TypeError, ValueError):
+            raise SplitFileError(f"{where}: {item!r} is not [rel_path, label, classname]") from None
+        p = item[0].replace("\\", "/")
+        if not p or os.path.isabs(p) or p.startswith("/") or ".." in p.split("/"):
+            raise SplitFileError(f"{where}: path {item[0]!r} is not inside the dataset's image folder (paths are "
+                                 "relative to it, without '..')")
+        if p in seen:
+            raise SplitFileError(f"{where}: {item[0]} is listed twice")
+        seen.add(p)
+        out.append(item)
     return out
 
 
@@ -382,6 +411,25 @@ def sample_per_class(items, k, seed):
 # caches of a dataset (few-shot splits, dapt-dist's features): beside the data, or in a user folder
 
 
+def check_fewshot(raw, full, k, where):
+    """A few-shot list read from a file (a cache, an import, a hand-edited file), checked as Dassl's sampler makes it:
+    items of the full split (same path, label and class name), none twice, and per class k items, or every item of
+    a class that has fewer. -> [(rel_path, label, classname)]; SplitFileError naming the file otherwise."""
+    items = split_items(raw, where)
+    known = {p: (y, c) for p, y, c in full}
+    odd = [p for p, y, c in items if known.get(p) != (y, c)]
+    if odd:
+        raise SplitFileError(f"{where}: {len(odd)} item(s) are not images of the dataset's split with that label and "
+                             f"class name, e.g. {odd[0]}; delete the file to draw the split again")
+    have = {y: len(g) for y, g in by_class(items).items()}
+    for y, group in by_class(full).items():
+        if have.get(y, 0) != min(k, len(group)):
+            raise SplitFileError(f"{where}: class {y} '{group[0][2]}' has {have.get(y, 0)} item(s), but a {k}-shot list "
+                                 f"holds min({k}, {len(group)}) = {min(k, len(group))} per class; delete the file to "
+                                 "draw the split again")
+    return items
+
+
 def fewshot_cache_path(dataset_dir, shots, seed):
     """The few-shot cache in the dataset folder (see cache_dirs for read-only datasets)."""
     return os.path.join(dataset_dir, "split_fewshot", f"shot_{shots}-seed_{seed}.json")
@@ -414,6 +462,16 @@ def cache_dirs(dataset_dir):
     return [local, user], (local if can_write(local) else user)
 
 
+def writable_cache(folder, dataset_dir):
+    """`folder` (cache_dirs' choice), checked before a cache is written there: a DataValueError that names
+    $DAPT_CACHE when neither the dataset folder nor the user cache folder can be written."""
+    if not can_write(folder):
+        raise DataValueError(f"cannot write a cache for {os.path.abspath(dataset_dir)}: neither the dataset folder nor "
+                             f"the user cache folder {folder} can be written; set $DAPT_CACHE to a writable folder "
+                             "(caches of read-only datasets go there)")
+    return folder
+
+
 def _load_fewshot(info, dataset_dir, full, split_file, sha, shots, seed, cache):
     """-> (train, val, short classes, cache path or None, cache hit). The cache is looked for in cache_dirs."""
     name = os.path.basename(fewshot_cache_path(dataset_dir, shots, seed))
@@ -427,13 +485,16 @@ def _load_fewshot(info, dataset_dir, full, split_file, sha, shots, seed, cache):
         if (m.get("K"), m.get("seed"), m.get("split_sha256")) == (shots, seed, sha) and \
                 m.get("sampler") in ("dassl-v1", "dassl-pickle"):
             log.info("few-shot split from cache %s (%s)", path, m["sampler"])
-            tr = [tuple(x) for x in d["train"]]
-            return tr, [tuple(x) for x in d["val"]], m.get("few_classes", []), path, True
+            val_full = [] if info.kind == "imagenet" else full["val"]
+            tr = check_fewshot(d.get("train"), full["train"], shots, f"{path} (train)")
+            va = check_fewshot(d.get("val"), val_full, min(shots, 4), f"{path} (val)") if val_full else []
+            return tr, va, m.get("few_classes", []), path, True
         log.warning("few-shot cache %s does not match (K, seed, split sha256, sampler) = (%d, %d, %s, dassl-v1): "
                     "regenerating it", path, shots, seed, sha[:12])
     train, val, short = fewshot_split(full["train"], [] if info.kind == "imagenet" else full["val"], shots, seed)
     path = os.path.join(write_to, name)
     if cache:
+        writable_cache(write_to, dataset_dir)
         write_json(path, {"train": [list(x) for x in train], "val": [list(x) for x in val],
                            "meta": {"K": shots, "seed": seed, "split_file": os.path.basename(split_file),
                                     "split_sha256": sha, "sampler": "dassl-v1", "few_classes": short}})
@@ -475,12 +536,8 @@ class Benchmark:
     extra_tests: dict = field(default_factory=dict)  # further test splits of the split file: {"test_corr": items}
 
 
-def load_benchmark(name, root, shots=16, seed=1, subsample="all", cache=True):
-    """One benchmark's train / val / test items for (K, seed, setting), following protocol §2-4.
-
-    shots <= 0 (0 or -1) means the full split (as Dassl's num_shots < 1). Few-shot subsets are sampled before
-    base/new subsampling and cached as JSON (relative paths) under <dataset>/split_fewshot/ (cache_dirs). ImageNet
-    has no val split (its val folder is the test set): val = []. ImageNetV2/-Sketch/-A/-R are test-only.
+def locate(name, root):
+    """(DatasetInfo, absolute root, dataset folder, image folder) of dataset `name` under `root`, checked to exist.
     The toy benchmark is generated when missing, in an existing root or in the default root DATA; a root that does
     not exist is an error (a mistyped --root would otherwise regenerate everything)."""
     if name not in DATASETS:
@@ -488,6 +545,9 @@ def load_benchmark(name, root, shots=16, seed=1, subsample="all", cache=True):
     info = DATASETS[name]
     given_root = os.path.normpath(str(root))
     root = os.path.abspath(os.path.expanduser(str(root)))
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise DatasetNotFoundError(f"--root {given_root} is a file, not a folder: give the folder that holds the "
+                                   + ("dataset's class folders" if info.kind == "folder" else "dataset folders"))
     dataset_dir = os.path.normpath(os.path.join(root, info.folder))  # folder: root itself
     if info.kind == "toy":
         if not os.path.isdir(dataset_dir) and not os.path.isdir(root) and given_root != DEFAULT_ROOT:
@@ -500,6 +560,24 @@ def load_benchmark(name, root, shots=16, seed=1, subsample="all", cache=True):
     image_dir = os.path.join(dataset_dir, info.image_dir)
     if not os.path.isdir(image_dir):
         raise DatasetNotFoundError(f"image folder not found: {image_dir}\n" + _layout_help(info, root))
+    return info, root, dataset_dir, image_dir
+
+
+def identity(name, root):
+    """What identifies a dataset's data for a run: {"dataset_dir": its absolute folder, "split_sha256": the sha256 of
+    its split file (or listing, or a folder dataset's drawn split)}; a run on other data is another run."""
+    info, _, dataset_dir, _ = locate(name, root)
+    return dict(dataset_dir=dataset_dir, split_sha256=read_full_split(info, dataset_dir)[2])
+
+
+def load_benchmark(name, root, shots=16, seed=1, subsample="all", cache=True):
+    """One benchmark's train / val / test items for (K, seed, setting), following protocol §2-4.
+
+    shots <= 0 (0 or -1) means the full split (as Dassl's num_shots < 1). Few-shot subsets are sampled before
+    base/new subsampling and cached as JSON (relative paths) under <dataset>/split_fewshot/ (cache_dirs), checked
+    when read (check_fewshot). ImageNet has no val split (its val folder is the test set): val = [].
+    ImageNetV2/-Sketch/-A/-R are test-only. The dataset is found by `locate` (the toy made on first use)."""
+    info, root, dataset_dir, image_dir = locate(name, root)
     full, split_file, sha = read_full_split(info, dataset_dir)
     where = os.path.basename(split_file)
     all_names = _classnames_of(full["test"] if info.test_only else full["train"], where)
@@ -751,7 +829,7 @@ def make_folder_split(dataset_dir, seed=FOLDER_SPLIT_SEED, fractions=FOLDER_FRAC
         how = dict(val_fraction_of_train=FOLDER_VAL_FRACTION)
     split["meta"] = dict(generator="dapt data.make_folder_split v1", seed=seed, layout=layout, folders=folders,
                          listing_sha256=_listing_sha(listing), **how)
-    target = d if can_write(d) else folder_cache_dir(d)
+    target = d if can_write(d) else writable_cache(folder_cache_dir(d), d)
     path = os.path.join(target, FOLDER_SPLIT_FILE)
     write_json(path, split)
     log.info("folder split (seed %d) written %s: %s", seed,

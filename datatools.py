@@ -23,7 +23,7 @@ import sys
 
 import numpy as np
 
-from data import (COOP_DATASETS_MD, DATASETS, FOLDER_FRACTIONS, FOLDER_SPLIT_FILE, FOLDER_SPLIT_SEED, DataError,
+from data import (COOP_DATASETS_MD, DATASETS, check_fewshot, writable_cache, FOLDER_FRACTIONS, FOLDER_SPLIT_FILE, FOLDER_SPLIT_SEED, DataError,
                   DatasetNotFoundError, DataValueError, SplitFileError, _layout_help, _listdir, _load_fewshot,
                   _read_lines, cache_dirs, can_write, coop_classname, fewshot_cache_path, find_folder_split,
                   folder_cache_dir, folder_report, load_benchmark, make_folder_split, read_full_split)
@@ -231,7 +231,13 @@ def _verified_files(folder):
             raise SplitFileError(f"{fpath}: sha256 differs from {CHECKSUMS} (changed or damaged in transit); "
                                  "export it again")
         with open(fpath) as fh:
-            out[fname] = json.load(fh)
+            try:
+                out[fname] = json.load(fh)
+            except ValueError as e:
+                raise SplitFileError(f"{fpath}: not valid JSON ({e}); export it again") from None
+        if not isinstance(out[fname], dict):
+            raise SplitFileError(f"{fpath}: not a JSON object; expected a file written by python datatools.py "
+                                 "export-splits")
     unlisted = sorted(set(n for n in os.listdir(folder) if n.endswith(".json")) - set(out))
     if unlisted:
         raise SplitFileError(f"{folder}: {unlisted[:3]} are not in {CHECKSUMS}; they cannot be checked")
@@ -267,20 +273,28 @@ def import_splits(src, root, force=False):
             _install_folder_split(dataset_dir, files[FOLDER_SPLIT_FILE], force)
         full, split_file, sha = read_full_split(info, dataset_dir)
         image_dir = os.path.join(dataset_dir, info.image_dir)
-        known = {p: (y, c) for p, y, c in full["train"] + full["val"]}
+        full_val = [] if info.kind == "imagenet" else full["val"]
         for fname, d in sorted(splits.items()):
-            items = [tuple(x) for x in d["train"] + d["val"]]
-            bad = [p for p, y, c in items if known.get(p) != (y, c) or not os.path.isfile(os.path.join(image_dir, p))]
-            if bad:
-                raise SplitFileError(f"{os.path.join(folder, fname)}: {len(bad)} item(s) are not images of the local "
-                                     f"{name} split with the same label and class name, e.g. {bad[0]} (under "
-                                     f"{image_dir}); the two copies of the dataset differ")
-            m = d["meta"]
+            where = os.path.join(folder, fname)
+            missing = [k for k in ("K", "seed", "train", "val", "meta") if k not in d]
+            if missing:
+                raise SplitFileError(f"{where}: no {', '.join(map(repr, missing))} entry; expected a file written by "
+                                     "python datatools.py export-splits")
+            if fname != f"shot_{d['K']}-seed_{d['seed']}.json":
+                raise SplitFileError(f"{where}: the file name does not match its K {d['K']!r} and seed {d['seed']!r}")
+            train = check_fewshot(d["train"], full["train"], d["K"], f"{where} (train)")  # the local split's items,
+            val = check_fewshot(d["val"], full_val, min(d["K"], 4), f"{where} (val)") if full_val else []  # k per class
+            gone = [p for p, _, _ in train + val if not os.path.isfile(os.path.join(image_dir, p))]
+            if gone:
+                raise SplitFileError(f"{where}: {len(gone)} image(s) are missing under {image_dir}, e.g. {gone[0]}; "
+                                     "the two copies of the dataset differ")
+            m = d["meta"] if isinstance(d["meta"], dict) else {}
             if m.get("split_sha256") != sha:
                 log.warning("%s: the exporting machine's split differs (sha256 %s... vs %s... here); every item was "
                             "found with the same label and class name, so it is imported", fname,
                             str(m.get("split_sha256"))[:12], sha[:12])
-            path = os.path.join(cache_dirs(dataset_dir)[1], os.path.basename(fewshot_cache_path(dataset_dir, d["K"], d["seed"])))
+            target = writable_cache(cache_dirs(dataset_dir)[1], dataset_dir)
+            path = os.path.join(target, os.path.basename(fewshot_cache_path(dataset_dir, d["K"], d["seed"])))
             write_json(path, {"train": d["train"], "val": d["val"], "meta": {
                 "K": d["K"], "seed": d["seed"], "split_file": os.path.basename(split_file), "split_sha256": sha,
                 "sampler": m.get("sampler", "dassl-v1"), "few_classes": m.get("few_classes", []),

@@ -1,6 +1,7 @@
 """Evaluate saved runs and aggregate seeds into the papers' tables.
 
     python eval.py table runs/                          # base / new / HM and few-shot tables (Markdown + CSV)
+    python eval.py compare 'runs/fewshot/toy/maple/shots16_seed*' 'runs/fewshot/toy/dapt/shots16_seed*'  # paired
     python eval.py run RUN_DIR --dataset oxford_pets    # cross-dataset transfer of a trained run
     python eval.py run RUN_DIR --dataset imagenetv2 imagenet_sketch imagenet_a imagenet_r   # domain shift
     python eval.py run RUN_DIR --subsample new          # re-evaluate base / new / all from the checkpoint
@@ -31,7 +32,7 @@ import tables
 import train
 from loader import mask_path, open_image, open_mask, resolve_mask_encoding
 from prompting import ConfigError, encode_texts, normalize
-from runs import RunError, load_run, read_json, run_clip, torch_threads, write_json
+from runs import RunError, load_run, read_json, read_metrics, read_result, run_clip, torch_threads, write_json
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -104,6 +105,20 @@ def image_files(paths):
     return out
 
 
+def seed_list(text):
+    """--seeds "1-3" or "4,5,6" -> a set of seeds (None: every seed)."""
+    if not text:
+        return None
+    try:
+        seeds = set()
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            seeds.update(range(int(lo), int(hi or lo) + 1))
+        return seeds
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: expected a range 1-3 or a list 4,5,6") from None
+
+
 def class_list(classes=None, classes_file=None):
     """--classes "a,b,c" or --classes-file F (one class per line; '#' comments) -> list, or None for the run's."""
     if classes and classes_file:
@@ -120,12 +135,31 @@ def class_list(classes=None, classes_file=None):
     return names
 
 
-def predictor(run_dir=None, clip=None, root=None, classes=None, template="a photo of a {}.", device="cpu"):
-    """(model on its class list, run config, test transform): a trained run (dapt.load_run; `classes` replaces
+def finished_run(run_dir, device="cpu", root=None, allow_unfinished=False, echo=print):
+    """runs.load_run of a finished run (a readable result.json); an unfinished one is an error unless
+    allow_unfinished, and then it says which epoch its checkpoint.pt holds."""
+    if not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
+        raise RunError(f"{run_dir} is not a run folder of train.py with a checkpoint (no checkpoint.pt); for zero-shot "
+                       "CLIP without a run pass --method zsclip --clip NAME --classes a,b,c")
+    if read_result(run_dir) is None:
+        done, cfg = len(read_metrics(run_dir)), read_json(os.path.join(run_dir, "config.json"), "run config") \
+            if os.path.isfile(os.path.join(run_dir, "config.json")) else {}
+        what = f"epoch {done} of {cfg.get('epochs', '?')}"
+        if not allow_unfinished:
+            raise RunError(f"{run_dir} is an unfinished run (its checkpoint.pt holds {what}, there is no result.json): "
+                           "finish it (its train.py command with --resume), or pass --allow-unfinished to use that "
+                           "checkpoint anyway")
+        echo(f"warning: {run_dir} is unfinished: using its checkpoint.pt, {what} (--allow-unfinished)")
+    return load_run(run_dir, device, root)
+
+
+def predictor(run_dir=None, clip=None, root=None, classes=None, template="a photo of a {}.", device="cpu",
+              allow_unfinished=False, echo=print):
+    """(model on its class list, run config, test transform): a trained run (finished_run; `classes` replaces
     its classes), or without a run zero-shot CLIP `clip` (a name or a path; "toy" = <root>/toy_clip/) on
     `classes` with `template`."""
     if run_dir:
-        model = load_run(run_dir, device, root)
+        model = finished_run(run_dir, device, root, allow_unfinished, echo)
         cfg = model.cfg
         if classes:
             model.set_classnames(classes)
@@ -140,12 +174,14 @@ def predictor(run_dir=None, clip=None, root=None, classes=None, template="a phot
 
 @torch.no_grad()
 def predict(paths, run_dir=None, clip=None, root=None, classes=None, template="a photo of a {}.", topk=5,
-            out=None, device="cpu", batch=32, echo=print):
+            out=None, device="cpu", batch=32, echo=print, allow_unfinished=False):
     """Top-k classes with probabilities (softmax of the model's logits) for every image among `paths`;
     printed one line per image and, with `out`, written as CSV (image, class_1, prob_1, ..., class_k, prob_k).
     -> [(image path, [(class, probability), ...])]."""
+    if not (isinstance(topk, int) and topk >= 1):
+        raise ConfigError(f"--topk {topk}: expected a number of classes >= 1")
     files = image_files(paths)
-    model, cfg, tf = predictor(run_dir, clip, root, classes, template, device)
+    model, cfg, tf = predictor(run_dir, clip, root, classes, template, device, allow_unfinished, echo)
     autocast = train.precision_of(cfg, device)[2] if run_dir else None
     names, k = list(model.classnames), min(topk, len(model.classnames))
     rows = []
@@ -256,14 +292,15 @@ def _panel_sheet(panels, size):
 
 
 @torch.no_grad()
-def attention_pictures(run_dir, paths, out, block=-1, root=None, device="cpu", size=224, echo=print):
+def attention_pictures(run_dir, paths, out, block=-1, root=None, device="cpu", size=224, echo=print,
+                       allow_unfinished=False):
     """Write <out>/<image stem>.png per image: the image (as the model sees it: the test transform), zero-shot
     CLIP's CLS attention (block `block`, see cls_attention), the tuned model's, and for DAPT / FVG-PT the training
     cue: the mask file (DIR/mask/...) of an image of the run's dataset, or DAPT-G's Grad-CAM (for the tuned model's
     predicted class, thresholded as in training). The maps go to <stem>.npz as well.
     -> [dict(image, png, npz, zero_shot [g, g], tuned [g, g], cue [S, S] or None, cue_kind)]."""
     files = image_files(paths)
-    model = load_run(run_dir, device, root)
+    model = finished_run(run_dir, device, root, allow_unfinished, echo)
     cfg, visual = model.cfg, model.clip.visual
     _, tf = train.transforms_of(cfg, visual.input_resolution)
     zs_clip = run_clip(cfg, model.run_root, device) if _unfrozen_clip(model) else model.clip
@@ -356,6 +393,12 @@ def main(argv=None):
     t = sub.add_parser("table", help="aggregate result.json files below a folder", allow_abbrev=False)
     t.add_argument("root")
     t.add_argument("--out", help="where table.md / table.csv go (default: the root)")
+    c = sub.add_parser("compare", allow_abbrev=False, help="paired comparison of two sets of runs, seed by seed: "
+                       "means, the difference with 95 %% intervals (Student t; bootstrap from 8 seeds), seeds agreeing")
+    c.add_argument("a", help="a glob of run folders (quote it: 'runs/b2n/toy/maple/shots16_seed*') or ROOT:METHOD")
+    c.add_argument("b", help="the other side, the same way")
+    c.add_argument("--seeds", help="only these seeds: 1-3, or 4,5,6")
+    c.add_argument("--out", help="also write the rows as CSV")
     r = sub.add_parser("run", help="evaluate trained runs on datasets / class subsets", allow_abbrev=False)
     r.add_argument("runs", nargs="+")
     r.add_argument("--dataset", nargs="*", help="target datasets (default: the run's own)")
@@ -372,7 +415,7 @@ def main(argv=None):
     q.add_argument("--template", default="a photo of a {}.", help="with --method zsclip (default: %(default)s)")
     q.add_argument("--classes", help="comma-separated class names replacing the run's")
     q.add_argument("--classes-file", help="one class name per line, replacing the run's")
-    q.add_argument("--topk", type=int, default=5)
+    q.add_argument("--topk", type=int, default=5, help="classes per image (>= 1; default %(default)s)")
     q.add_argument("--out", help="also write a CSV: image, class_1, prob_1, ...")
     q.add_argument("--root", help="data root of a toy CLIP (default: the run's, or DATA)")
     q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -384,24 +427,30 @@ def main(argv=None):
     a.add_argument("--block", type=int, default=-1, help="which block's CLS attention row (default: the last)")
     a.add_argument("--root", help="data root (default: the one the run was trained with)")
     a.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    for command in (t, r, q, a):
+    for command in (q, a):
+        command.add_argument("--allow-unfinished", action="store_true", help="use an unfinished run's last saved epoch "
+                             "(without it an unfinished run is an error)")
+    for command in (t, c, r, q, a):
         command.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:
         if args.command == "table":
             return tables.table(args.root, args.out)
+        if args.command == "compare":
+            return tables.compare(args.a, args.b, seed_list(args.seeds), args.out)
         if args.command == "predict":
             run_dir, paths = (None, args.paths) if args.method else (args.paths[0], args.paths[1:])
             if not paths:
                 raise ConfigError("predict RUN_DIR IMAGE_OR_FOLDER...: no images given (zero-shot without a "
-                                       "run: --method zsclip --clip NAME IMAGE... --classes a,b,c)")
+                                  "run: --method zsclip --clip NAME IMAGE... --classes a,b,c)")
             if run_dir and not os.path.isfile(os.path.join(run_dir, "checkpoint.pt")):
                 raise ConfigError(f"{run_dir} is not a run folder (no checkpoint.pt); for zero-shot CLIP without "
-                                       "a run pass --method zsclip --clip NAME --classes a,b,c")
+                                  "a run pass --method zsclip --clip NAME --classes a,b,c")
             return predict(paths, run_dir, args.clip, args.root, class_list(args.classes, args.classes_file),
-                           args.template, args.topk, args.out, args.device)
+                           args.template, args.topk, args.out, args.device, allow_unfinished=args.allow_unfinished)
         if args.command == "attention":
-            return attention_pictures(args.run, args.images, args.out, args.block, args.root, args.device)
+            return attention_pictures(args.run, args.images, args.out, args.block, args.root, args.device,
+                                      allow_unfinished=args.allow_unfinished)
         return {run: evaluate_run(run, args.dataset, args.subsample, args.root, args.device) for run in args.runs}
     except train.USER_ERRORS + (OSError,) as e:  # one message, no traceback (--debug shows it)
         if args.debug:

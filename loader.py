@@ -23,11 +23,11 @@ import random
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
 
 from clip import CLIP_MEAN, CLIP_STD
-from data import (CorruptImageError, DataValueError, MissingImageError, MissingMaskError, by_class, cache_dirs,
-                  first_per_class, sample_per_class)
+from data import (CorruptImageError, DataError, DataValueError, MissingImageError, MissingMaskError, by_class, cache_dirs,
+                  first_per_class, sample_per_class, writable_cache)
 from files import load_torch_file, save_torch
 
 log = logging.getLogger("dapt")
@@ -77,8 +77,25 @@ SMALL_IMAGE_PX, SMALL_IMAGE_CACHE_MAX = 64, 200_000
 _SMALL_IMAGES = {}
 
 
+def to_rgb(im):
+    """A Pillow image of any mode -> the 8-bit RGB image a viewer shows. EXIF orientation is applied (a phone JPEG
+    stands upright); 16-bit integer images (I;16*, and I, as Pillow opens 16-bit PNGs) are scaled from their 0..65535
+    range to 0..255 (v / 257, rounded), float images (F) from [0, 1], or clipped to [0, 255] when values pass 1;
+    alpha is dropped (as Dassl's read_image: the colour under it stays); palette, 1-bit, grey, CMYK and the rest go
+    through Pillow's conversion."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I"):
+        a = np.asarray(im).astype(np.float64) / 257.0
+        im = Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8), "L")
+    elif im.mode == "F":
+        a = np.asarray(im).astype(np.float64)
+        a = a * 255.0 if np.nanmax(a, initial=0.0) <= 1.0 else a
+        im = Image.fromarray(np.clip(np.round(np.nan_to_num(a)), 0, 255).astype(np.uint8), "L")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
 def open_image(path):
-    """Pillow image converted to RGB (grayscale, palette, CMYK, alpha: alpha is dropped, as Dassl's read_image)."""
+    """The image at `path` as 8-bit RGB (to_rgb: every mode Pillow opens, EXIF orientation applied)."""
     try:
         st = os.stat(path)
         key = (st.st_size, st.st_mtime_ns)
@@ -87,7 +104,7 @@ def open_image(path):
             return hit[1]
         with Image.open(path) as im:
             small = max(im.size) <= SMALL_IMAGE_PX
-            im = im.convert("RGB")
+            im = to_rgb(im)
         if small and len(_SMALL_IMAGES) < SMALL_IMAGE_CACHE_MAX:
             _SMALL_IMAGES[path] = (key, im)
         return im
@@ -131,7 +148,8 @@ class Transform:
         return dict(train=self.train, size=self.size, geometry=geometry, scale=list(self.scale),
                     ratio=list(self.ratio), interpolation=self.interpolation, hflip=self.hflip if self.train else 0.0,
                     mean=list(self.mean), std=list(self.std), resize_only=self.resize_only,
-                    mask_interpolation=self.mask_interpolation, convert="RGB")
+                    mask_interpolation=self.mask_interpolation, convert="RGB (loader.to_rgb: EXIF orientation, 16-bit "
+                                                                          "and float images to 8 bits, alpha dropped)")
 
     def params(self, width, height, generator=None):
         """The geometric ops for an image of this size: [("crop", (left, top, right, bottom)), ("resize", (w, h)),
@@ -439,8 +457,20 @@ class Loader(torch.utils.data.DataLoader):
         if self.generator is not None:
             self.generator.manual_seed(sample_seed(self.sampler.seed, self._epoch, -2))
         self._epoch += 1
-        batches = super().__iter__()
+        batches = self.one_line_errors(super().__iter__()) if self.num_workers else super().__iter__()
         return self.foreground_checked(batches) if self.check_foreground else batches
+
+    @staticmethod
+    def one_line_errors(batches):
+        """A data error in a worker process arrives wrapped in the worker's traceback (torch's ExceptionWrapper); it is
+        raised again here as its own one-line message (a corrupt image names the file)."""
+        try:
+            yield from batches
+        except DataError as e:
+            lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+            if len(lines) > 1 and "Traceback" in str(e):
+                raise type(e)(lines[-1].split(": ", 1)[-1]) from None
+            raise
 
     def foreground_checked(self, batches):
         """Training batches with masks: a batch whose foreground is (nearly) empty is an error naming its files
@@ -491,9 +521,9 @@ def build_loader(items, transform, batch_size, train, workers=0, seed=1, masks=F
             raise MissingMaskError(
                 f"{len(missing)} of {len(mpaths)} foreground masks are missing, e.g. {missing[0]}\nMasks live at "
                 f"<dataset>/mask/<image path relative to the dataset folder> (same name, or same stem with .png); "
-                "see protocol §5 to convert released mask sets, or pass allow_missing_masks to use all-ones masks")
+                "see protocol §5 to convert released mask sets, or pass --allow-missing-masks true to use all-ones masks")
         if missing:
-            log.warning("%d of %d masks missing: all-ones masks used for them (allow_missing_masks)",
+            log.warning("%d of %d masks missing: all-ones masks used for them (--allow-missing-masks true)",
                         len(missing), len(mpaths))
             mpaths = [m if os.path.isfile(m) else None for m in mpaths]
         check_mask_encoding([m for m in mpaths if m is not None], encoding)
@@ -501,7 +531,7 @@ def build_loader(items, transform, batch_size, train, workers=0, seed=1, masks=F
         if wrong:
             m0, ms, ims = wrong[0]
             log.warning("%d of %d masks differ in size from their image (e.g. %s: %dx%d, image %dx%d): each is resized "
-                        "to its image with nearest neighbour; python data.py check lists them", len(wrong),
+                        "to its image with nearest neighbour; python datatools.py check lists them", len(wrong),
                         len(mpaths), m0, *ms, *ims)
     if patch_size and transform.size % patch_size:
         raise DataValueError(f"image size {transform.size} is not a multiple of patch size {patch_size}")
@@ -569,7 +599,7 @@ def features_function(bench, transforms, seed, device):
                 return cached["features"], labels
             log.info("features: %s was made with other items / transform / seed: making it again", path)
         feats = image_features(fn, items, tf, seed, device)
-        path = os.path.join(write_to, name)
+        path = os.path.join(writable_cache(write_to, m["dataset_dir"]), name)
         os.makedirs(write_to, exist_ok=True)
         save_torch(dict(features=feats, record=record), path)
         log.info("features: %d images (%s view), cached at %s%s", len(items), view, path,

@@ -17,6 +17,7 @@ import argparse
 
 import dapt
 import data
+from kernels import ATTN_BACKENDS
 from prompting import ConfigError
 
 # ----------------------------------------------------------------------------------------------------------
@@ -182,6 +183,11 @@ AT_LEAST_0 = ("epochs", "lr", "warmup_epochs", "warmup_lr", "min_lr", "momentum"
 AT_LEAST_1 = ("batch", "test_batch", "log_every")
 
 
+CHOICES = dict(attn=(*ATTN_BACKENDS, "torch"), precision=("auto", "fp32", "bf16", "fp16"), optimizer=("sgd", "adamw"),
+               schedule=("cosine", "per_step", "timm_cosine"), selection=("last", "best_val"),
+               interpolation=("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"))
+
+
 def check_values(cfg):
     """ConfigError for values no run can use: an unknown setting or subsample, negative counts and rates."""
     if cfg["setting"] not in ("", *SETTINGS):
@@ -194,6 +200,11 @@ def check_values(cfg):
             value = cfg.get(key, low)
             if not isinstance(value, dict) and not value >= low:  # also refuses NaN
                 raise ConfigError(f"--{key.replace('_', '-')} {value}: expected a value >= {low}")
+    if not cfg["shots"] >= -1:
+        raise ConfigError(f"--shots {cfg['shots']}: expected K >= 1 images per class, or 0 (or -1) for the full split")
+    for key, options in CHOICES.items():  # the run's own choices (the models check theirs when they are built)
+        if key in cfg and cfg[key] not in options:
+            raise ConfigError(f"--{key.replace('_', '-')} {cfg[key]!r}: expected one of {', '.join(options)}")
 
 
 def resolve_config(method, dataset, overrides, root=None):

@@ -13,11 +13,13 @@ helpers of a run spread over several processes by torchrun (rank 0 reads and wri
 Deliberately not here: training (train.py), what a model is (classic.py, dapt.py), tables (eval.py).
 """
 import contextlib
+import datetime
 import json
 import logging
 import os
 import platform
 import random
+import re
 import sys
 
 try:
@@ -91,12 +93,31 @@ class _Stderr(logging.StreamHandler):
     stream = property(lambda self: sys.stderr, lambda self, value: None)
 
 
+class Warnings(logging.Handler):
+    """Keeps the warnings logged during a run (result.json and the end summary list them: nothing only in the log)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if message not in self.messages:
+            self.messages.append(message)
+
+
+def run_warnings():
+    """The warnings logged since setup_logging, in order, each once."""
+    return [m for h in log.handlers if isinstance(h, Warnings) for m in h.messages]
+
+
 def setup_logging(run_dir):
-    """Human-readable log: run_dir/log.txt and stderr (info and up), until close_logging (the end of the run)."""
+    """Human-readable log: run_dir/log.txt and stderr (info and up), until close_logging (the end of the run); the
+    warnings are kept for the result (run_warnings)."""
     log.setLevel(logging.INFO)
     close_logging()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    handlers = [logging.FileHandler(os.path.join(run_dir, "log.txt")), _Stderr()]
+    handlers = [logging.FileHandler(os.path.join(run_dir, "log.txt")), _Stderr(), Warnings()]
     for h in handlers:
         h.setFormatter(fmt)
         h._dapt_run = True
@@ -122,7 +143,7 @@ def log_to_file(level, message):
 # config.json holds the run config plus what it resolved to; these keys describe the machine and the data
 # copy, not the run, and may differ when a run is resumed or its command repeated.
 RECORD_ONLY = ("root", "device", "transform_train", "transform_test", "trainable_values", "benchmark", "versions",
-               "attention_resolved")
+               "attention_resolved", "world_size")
 
 
 def precision_of(cfg, device):
@@ -146,25 +167,58 @@ def config_changes(cfg, saved, device):
             if then.get(k, absent) != now.get(k, absent)}
 
 
-def folder_state(run_dir, cfg, device, resume):
+def read_result(run_dir):
+    """result.json of a run folder as a dict, or None when it is missing or unreadable (a run is finished only with a
+    readable result; an empty or broken one is reported by the callers and the run evaluated again)."""
+    path = os.path.join(run_dir, "result.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        result = read_json(path, "run result")
+    except RunError as e:
+        log.warning("%s: the run is evaluated again (add --resume)", e)
+        return None
+    return result if isinstance(result, dict) and isinstance(result.get("accuracy"), dict) else None
+
+
+def data_changes(saved, identity):
+    """{key: (in the run, now)} for the data identity (data.identity: dataset folder, split sha256) of a run's
+    config.json (its "benchmark" entry) against `identity()`, which is called only when the run records one."""
+    then = {k: (saved.get("benchmark") or {}).get(k) for k in ("dataset_dir", "split_sha256")}
+    if identity is None or not any(then.values()):
+        return {}
+    now = identity()
+    return {k: (then[k], now[k]) for k in then if then[k] is not None and then[k] != now[k]}
+
+
+def folder_state(run_dir, cfg, device, resume, identity=None):
     """What a run folder holds for this command, reading only: "new" (nothing, or a run that never finished an
-    epoch: it starts over), "resume" (--resume on a run with finished epochs) or "finished" (result.json; the
-    same config). Raises RunError for a changed config of a run with progress or with --resume (listing the
-    keys), and for an unfinished run without --resume."""
+    epoch: it starts over), "resume" (--resume on a run with finished epochs) or "finished" (a readable result.json;
+    the same config). What identifies a run: its config keys (not RECORD_ONLY) and its data, identity() -> the
+    dataset folder and the split file's sha256 (data.identity). Raises RunError for a changed config or data of a
+    run with progress or with --resume (listing the keys), for an unfinished run without --resume, and when another
+    process holds the folder's lock."""
     cfg_path = os.path.join(run_dir, "config.json")
-    finished = os.path.exists(os.path.join(run_dir, "result.json"))
+    holder = RunLock.holder(run_dir)
+    if holder:
+        raise RunError(f"{run_dir}: another process (pid {holder}) is training or evaluating in this folder (it holds "
+                       f"{os.path.join(run_dir, 'train.lock')}); wait for it to end, or use --tag or --out")
+    finished = read_result(run_dir) is not None
     progress = os.path.exists(os.path.join(run_dir, "resume.pt"))
     if not os.path.exists(cfg_path):
         if finished or progress:
             raise RunError(f"{run_dir} holds a run's files but no config.json, so this command cannot tell whether it "
                            "is the same run; nothing was changed: use --tag or --out, or restore config.json")
         return "new"
-    changes = config_changes(cfg, read_json(cfg_path, "run config"), device)
+    saved = read_json(cfg_path, "run config")
+    changes = config_changes(cfg, saved, device)
+    if resume or progress or finished:
+        changes.update(data_changes(saved, identity))
     if changes and (resume or progress or finished):
         listed = "; ".join(f"{k} {a!r} in the run, {b!r} now" for k, (a, b) in changes.items())
         what = "finished run" if finished else "run"
         raise RunError(f"{run_dir} holds a {what} with another config ({listed}). Nothing was changed: a run keeps "
-                       "the config it started with; use --tag or --out for a new run"
+                       "the config and data it started with; use --tag or --out for a new run"
                        + ("; re-evaluate a finished run with python eval.py run RUN_DIR" if finished else ""))
     if finished:
         return "finished"
@@ -191,6 +245,9 @@ def finished_result(run_dir):
 def open_run(run_dir, state, resume):
     """Logging to the run folder's log.txt (appended); says what the folder held."""
     setup_logging(run_dir)
+    for name in os.listdir(run_dir):  # what a kill during an atomic write left (files.atomic_write's <file>.tmp<pid>)
+        if re.fullmatch(r".+\.tmp\d+", name):
+            os.remove(os.path.join(run_dir, name))
     if state == "resume":
         log.info("resuming the run in %s", run_dir)
     elif os.path.exists(os.path.join(run_dir, "config.json")):
@@ -219,8 +276,9 @@ class RunLock:
             self.file.seek(0)
             holder = self.file.read().strip()
             self.file.close()
-            raise RunError(f"{self.run_dir}: another process{f' (pid {holder})' if holder else ''} is training in this "
-                           f"folder (it holds {self.path}); wait for it to end, or use --tag or --out") from None
+            raise RunError(f"{self.run_dir}: another process{f' (pid {holder})' if holder else ''} is training or "
+                           f"evaluating in this folder (it holds {self.path}); wait for it to end, or use --tag or "
+                           "--out") from None
         self.file.seek(0)
         self.file.truncate()
         self.file.write(f"{os.getpid()}\n")
@@ -231,6 +289,22 @@ class RunLock:
         if self.file is not None:
             fcntl.flock(self.file, fcntl.LOCK_UN)
             self.file.close()
+
+    @staticmethod
+    def holder(run_dir):
+        """The pid (text) of another process holding run_dir's lock, or None (this process's own lock included);
+        creates nothing."""
+        path = os.path.join(run_dir, "train.lock")
+        if fcntl is None or not os.path.exists(path):
+            return None
+        with open(path) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                pid = f.read().strip()
+                return None if pid == str(os.getpid()) else (pid or "unknown")  # this process's own lock is fine
+            fcntl.flock(f, fcntl.LOCK_UN)
+        return None
 
 
 @contextlib.contextmanager
@@ -247,7 +321,8 @@ def torch_threads(n):
 
 def versions(device):
     v = dict(python=platform.python_version(), torch=torch.__version__, numpy=numpy.__version__,
-             pillow=PIL.__version__, platform=platform.platform())
+             pillow=PIL.__version__, platform=platform.platform(),
+             cpu_capability=torch.backends.cpu.get_cpu_capability())  # the CPU kernels torch chose: another, other bits
     v["triton"] = triton.__version__ if triton is not None else None
     if str(device).startswith("cuda"):
         v["gpu"] = torch.cuda.get_device_name(device)
@@ -316,16 +391,27 @@ def is_main():
     return world()[0] == 0
 
 
+# How long a collective may wait for the other processes: rank 0 alone makes what is missing on first use (toy data,
+# the toy CLIP when it is not shipped, few-shot splits, feature caches) while the others wait in a broadcast, which
+# the backends' default (10 minutes for NCCL) could end. $DAPT_DIST_TIMEOUT_MIN sets it.
+DIST_TIMEOUT_MIN = 120
+
+
 def start_parallel(device):
-    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on CUDA, gloo on the CPU); on CUDA each
-    process takes the GPU of its LOCAL_RANK. Returns this process's device."""
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on CUDA, gloo on the CPU) with a collective
+    timeout of DIST_TIMEOUT_MIN minutes (logged); on CUDA each process takes the GPU of its LOCAL_RANK. Returns this
+    process's device."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return device
     cuda = str(device).startswith("cuda")
     if cuda:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    minutes = float(os.environ.get("DAPT_DIST_TIMEOUT_MIN", DIST_TIMEOUT_MIN))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=minutes))
+    if is_main():
+        print(f"torchrun: {dist.get_world_size()} processes ({dist.get_backend()}), collective timeout {minutes:g} min "
+              "($DAPT_DIST_TIMEOUT_MIN)", file=sys.stderr, flush=True)
     return device
 
 

@@ -1,5 +1,6 @@
-"""Sweeps: a paper's table as one command. `python sweep.py PLAN... [--resume] [--jobs N]` trains every run of the
-plan files that is not finished, with one progress line per run.
+"""Sweeps: a paper's table as one command. `python sweep.py PLAN... [--resume] [--jobs N] [--gpus 0,2,5]` trains every
+run of the plan files that is not finished, with one progress line per run; `--emit slurm DIR` writes them as a Slurm
+array job instead (`--emit commands` prints the plain commands for any other scheduler).
 
 A plan is a text file with one run per line, written as train.py arguments ('#' starts a comment; a line ending
 in '\' goes on), and a small grid syntax:
@@ -7,8 +8,11 @@ in '\' goes on), and a small grid syntax:
   {a,b,c}           one run per value; several groups give every combination (the leftmost varies slowest)
   {key}             the value of --key in the same run once expanded ({seed}, {dataset}), or the sweep's {out}
                     and {root} (e.g. --host-run {out}/b2n/{dataset}/coop-fvg/shots16_seed{seed})
+  torchrun ... train.py ARGS   one run in several processes (torchrun's own flags, e.g. --nproc_per_node 4: it gets
+                    that many GPUs)
 The sweep's --root, --out and --device apply to every line that does not give them. Finished runs (result.json)
-are skipped, unfinished ones resumed with --resume; --jobs N trains N runs at a time, each in its own process.
+are skipped, unfinished ones resumed with --resume; --jobs N trains N runs at a time, each in its own process, and on a
+machine with GPUs each job gets its own (CUDA_VISIBLE_DEVICES; N defaults to the number of GPUs).
 Deliberately not here: what a run does (train.py), tables of the results (eval.py).
 """
 import argparse
@@ -21,12 +25,14 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import namedtuple
 
 import torch
 
+import files
 import train
 from prompting import ConfigError
-from runs import read_json, run_dir_of
+from runs import RunError, RunLock, read_json, read_result, run_dir_of
 
 log = logging.getLogger("dapt")
 
@@ -86,13 +92,9 @@ def expand_plan(text, out="runs", root="DATA", where="plan"):
     return runs
 
 
-# ----------------------------------------------------------------------------------------------------------
-# running a plan
-
-
 def run_status(run_dir):
-    """done (result.json), unfinished (started: config.json or resume.pt, no result) or todo."""
-    if os.path.exists(os.path.join(run_dir, "result.json")):
+    """done (a readable result.json), unfinished (started: config.json or resume.pt, no readable result) or todo."""
+    if read_result(run_dir) is not None:
         return "done"
     if any(os.path.exists(os.path.join(run_dir, f)) for f in ("config.json", "resume.pt")):
         return "unfinished"
@@ -103,20 +105,41 @@ def _summary(result):
     return " ".join(f"{k} {v:.2f}" for k, v in result["accuracy"].items() if isinstance(v, (int, float)))
 
 
-def sweep(plan, out="runs", root="DATA", device=None, resume=False, dry_run=False, echo=print, jobs=1):
-    """Train every run of a plan file that has no result yet, with one progress line per run (and an ETA from the
-    runs trained so far), also appended to <out>/sweep.log. Every line is parsed and resolved before anything
-    runs. jobs 1: one run after the other in this process; jobs N: N `python train.py` processes at a time (the
-    first run trains alone, as it makes the shared caches; a run whose arguments name another run's folder, as
-    --host-run does, waits for it). -> {"done": n, "trained": n, "failed": [(run dir, error)], "skipped": n}."""
+# ----------------------------------------------------------------------------------------------------------
+# a plan's runs: every line parsed and resolved before anything runs
+
+# one run of a plan: its plan line, train.py's argv, the parsed args (args.cfg: its config), its folder, its state
+# (done / unfinished / todo), the torchrun launcher (its tokens, [] for a plain run) and the GPUs it asks for
+Run = namedtuple("Run", "line argv args run_dir status launcher gpus")
+
+
+def launcher_of(tokens):
+    """(torchrun's tokens, train.py's tokens, processes per node) of a plan line; ([], tokens, 1) without torchrun."""
+    if not tokens or tokens[0] != "torchrun":
+        return [], tokens, 1
+    if "train.py" not in tokens:
+        raise ConfigError(f"a torchrun line names the script: torchrun --nproc_per_node N train.py ARGS (got "
+                          f"{' '.join(tokens)})")
+    k = tokens.index("train.py")
+    launcher, nproc = tokens[1:k], 1
+    for i, t in enumerate(launcher):
+        if t.startswith(("--nproc_per_node", "--nproc-per-node")):
+            value = t.partition("=")[2] or (launcher[i + 1] if i + 1 < len(launcher) else "")
+            nproc = int(value) if value.isdigit() else 1
+    return launcher, tokens[k + 1:], nproc
+
+
+def plan_runs(plan, out="runs", root="DATA", device=None):
+    """[Run] of a plan file, in order; ConfigError naming the line for one that cannot run, or for two lines that
+    give the same run folder. --root, --out and --device (when given) apply to the lines that do not set them."""
     with open(plan) as f:
         text = f.read()
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    planned, seen = [], {}
+    runs, seen = [], {}
     for n, tokens in expand_plan(text, out, root, os.path.basename(plan)):
-        argv = tokens + [x for flag, v in (("--root", root), ("--out", out), ("--device", device))
-                         if flag not in tokens for x in (flag, v)]
         try:
+            launcher, tokens, nproc = launcher_of(tokens)  # --device: train.py's default (CUDA when it sees a GPU)
+            argv = tokens + [x for flag, v in (("--root", root), ("--out", out), ("--device", device))
+                             if v is not None and flag not in tokens for x in (flag, v)]
             args = train.parse_args(argv)
         except SystemExit:  # argparse printed its message
             raise ConfigError(f"{plan}:{n}: cannot read the arguments {' '.join(tokens)}") from None
@@ -126,9 +149,54 @@ def sweep(plan, out="runs", root="DATA", device=None, resume=False, dry_run=Fals
         if d in seen:
             raise ConfigError(f"{plan}: lines {seen[d]} and {n} give the same run {d}; tell them apart with --tag")
         seen[d] = n
-        planned.append((args, d, run_status(d), argv))
-    to_train = [st == "todo" or (st == "unfinished" and resume) for _, _, st, _ in planned]
-    counts = {s: sum(st == s for _, _, st, _ in planned) for s in ("done", "unfinished", "todo")}
+        runs.append(Run(n, argv, args, d, run_status(d), launcher, nproc if launcher else 1))
+    return runs
+
+
+def needs_of(runs):
+    """{i: [j, ...]}: the runs whose folders run i's arguments name (--host-run): they must finish first."""
+    same = lambda t, d: os.path.normpath(t) == os.path.normpath(d)  # noqa: E731
+    return {i: [j for j, o in enumerate(runs) if j != i and any(same(t, o.run_dir) for t in r.argv)]
+            for i, r in enumerate(runs)}
+
+
+def command(run, resume=False):
+    """The process that trains a run: python train.py ARGS, or python -m torch.distributed.run (torchrun) ... ."""
+    argv = run.argv + (["--resume"] if resume and "--resume" not in run.argv else [])
+    if run.launcher:
+        return [sys.executable, "-m", "torch.distributed.run", *run.launcher, TRAIN_PY, *argv]
+    return [sys.executable, TRAIN_PY, *argv]
+
+
+def visible_gpus(gpus=None):
+    """The GPU ids jobs are spread over: --gpus "0,2,5", else every GPU this process sees ([] without CUDA)."""
+    if gpus:
+        try:
+            return [int(g) for g in str(gpus).split(",")]
+        except ValueError:
+            raise ConfigError(f"--gpus {gpus!r}: expected GPU ids such as 0,2,5") from None
+    if not torch.cuda.is_available():
+        return []
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [g for g in env.split(",") if g.strip()] if env else []
+    return [int(g) if g.strip().isdigit() else g for g in ids] or list(range(torch.cuda.device_count()))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# running a plan here: one process, or N at a time (each with its own GPUs)
+
+
+def sweep(plan, out="runs", root="DATA", device=None, resume=False, dry_run=False, echo=print, jobs=1, gpus=None):
+    """Train every run of a plan file that has no result yet, with one progress line per run (and an ETA from the
+    runs trained so far), also appended to <out>/sweep.log. Every line is parsed and resolved before anything
+    runs. jobs 1 without GPUs: one run after the other in this process; otherwise `python train.py` processes, N at
+    a time (the first run trains alone, as it makes the shared caches; a run whose arguments name another run's
+    folder, as --host-run does, waits for it), each given its own GPUs (`gpus`: ids, CUDA_VISIBLE_DEVICES) when
+    there are any. -> {"done": n, "trained": n, "failed": [(run dir, error)], "skipped": n}."""
+    planned = plan_runs(plan, out, root, device)
+    gpu_ids = [] if gpus == [] else visible_gpus(gpus)
+    to_train = [r.status == "todo" or (r.status == "unfinished" and resume) for r in planned]
+    counts = {s: sum(r.status == s for r in planned) for s in ("done", "unfinished", "todo")}
     log_path = os.path.join(out, "sweep.log")
 
     def say(msg):
@@ -139,30 +207,30 @@ def sweep(plan, out="runs", root="DATA", device=None, resume=False, dry_run=Fals
                 f.write(f"{datetime.datetime.now().isoformat(timespec='seconds')} {msg}\n")
     say(f"sweep {plan}: {len(planned)} runs: {counts['done']} done, {counts['unfinished']} unfinished, "
         f"{counts['todo']} to train" + (" (dry run)" if dry_run else "")
-        + (f", {jobs} at a time" if jobs > 1 and not dry_run else ""))
+        + (f", {jobs} at a time" if jobs > 1 and not dry_run else "")
+        + (f" on GPUs {','.join(map(str, gpu_ids))}" if gpu_ids and not dry_run else ""))
     stats, times, t_sweep = dict(done=0, trained=0, failed=[], skipped=0), [], time.time()
-    heads = [f"[{i + 1}/{len(planned)}] {d}:" for i, (_, d, _, _) in enumerate(planned)]
-    for i, (args, d, st, _) in enumerate(planned):
-        if st == "done":
+    heads = [f"[{i + 1}/{len(planned)}] {r.run_dir}:" for i, r in enumerate(planned)]
+    for i, r in enumerate(planned):
+        if r.status == "done":
             stats["done"] += 1
             say(f"{heads[i]} done")
         elif not to_train[i]:
             stats["skipped"] += 1
             say(f"{heads[i]} unfinished, skipped (pass --resume to continue it)")
         elif dry_run:
-            say(f"{heads[i]} would {'resume' if st == 'unfinished' else 'train'}")
+            say(f"{heads[i]} would {'resume' if r.status == 'unfinished' else 'train'}")
     if dry_run:
         return stats
 
     def finished(i, result=None, error=None, seconds=0.0):
-        st = planned[i][2]
         if error:
-            stats["failed"].append((planned[i][1], error))
+            stats["failed"].append((planned[i].run_dir, error))
             what = f"FAILED ({error.splitlines()[0] if error else ''})"
         else:
             stats["trained"] += 1
             times.append(seconds)
-            what = f"{'resumed' if st == 'unfinished' else 'trained'} in {seconds:.0f}s, {_summary(result)}"
+            what = f"{'resumed' if planned[i].status == 'unfinished' else 'trained'} in {seconds:.0f}s, {_summary(result)}"
         left = len(todo) + len(running)
         # ETA: the mean run time so far, shared by the workers
         eta = (datetime.timedelta(seconds=int(statistics.fmean(times) * left / max(1, min(jobs, left or 1))))
@@ -170,36 +238,41 @@ def sweep(plan, out="runs", root="DATA", device=None, resume=False, dry_run=Fals
         say(f"{heads[i]} {what} | {left} to go, ETA {eta}")
 
     todo, running = [i for i in range(len(planned)) if to_train[i]], {}
-    if jobs <= 1:
+    if jobs <= 1 and not gpu_ids and not any(r.launcher for r in planned):
         while todo:
             i = todo.pop(0)
-            args, d, st, _ = planned[i]
+            r = planned[i]
             t0 = time.time()
             try:
-                result = train.train(args.cfg, root=args.root, out=args.out, device=args.device, resume=st == "unfinished")
+                result = train.train(r.args.cfg, root=r.args.root, out=r.args.out, device=r.args.device,
+                                     resume=r.status == "unfinished")
             except KeyboardInterrupt:
                 say(f"{heads[i]} interrupted; run the sweep again with --resume to continue")
                 raise
             except Exception as e:  # one failed run (an error, a NaN, out of memory) does not stop the table
-                log.exception("sweep: %s failed", d)
+                log.exception("sweep: %s failed", r.run_dir)
                 finished(i, error=f"{type(e).__name__}: {e}")
             else:
                 finished(i, result, seconds=time.time() - t0)
     else:
-        _sweep_parallel(planned, todo, running, jobs, finished, say, heads)
+        _sweep_parallel(planned, todo, running, max(jobs, 1), finished, say, heads, gpu_ids)
     say(f"sweep {plan}: {stats['done']} were done, {stats['trained']} trained, {len(stats['failed'])} failed, "
         f"{stats['skipped']} unfinished skipped ({time.time() - t_sweep:.0f}s)")
     return stats
 
 
-def _sweep_parallel(planned, todo, running, jobs, finished, say, heads):
-    """The jobs > 1 loop of sweep: child processes `python train.py ARGS` (their log goes to the run folder's
-    log.txt; stdout and stderr to <run folder>.sweep.txt, removed when the run succeeds)."""
-    dirs = [d for _, d, _, _ in planned]
-    names = lambda t, d: os.path.normpath(t) == os.path.normpath(d)  # noqa: E731  (an argument that is a run folder)
-    needs = {i: [j for j, d in enumerate(dirs) if j != i and any(names(t, d) for t in planned[i][3])] for i in todo}
-    ok = {i for i, (_, _, st, _) in enumerate(planned) if st == "done"}
+def _sweep_parallel(planned, todo, running, jobs, finished, say, heads, gpu_ids=()):
+    """The process loop of sweep: child processes `python train.py ARGS` (or torchrun), their log in the run folder's
+    log.txt, their stdout and stderr in <run folder>.sweep.txt (removed when the run succeeds). With GPUs, a job
+    starts when as many GPUs as it asks for are free, and gets them as CUDA_VISIBLE_DEVICES."""
+    dirs = [r.run_dir for r in planned]
+    needs = needs_of(planned)
+    ok = {i for i, r in enumerate(planned) if r.status == "done"}
+    free = list(gpu_ids)
     failed, first = set(), True
+    for i in todo:
+        if gpu_ids and planned[i].gpus > len(gpu_ids):
+            raise ConfigError(f"{dirs[i]} asks for {planned[i].gpus} GPUs, the sweep has {len(gpu_ids)}")
     try:
         while todo or running:
             for i in [i for i in todo if any(j in failed for j in needs[i])]:
@@ -209,13 +282,20 @@ def _sweep_parallel(planned, todo, running, jobs, finished, say, heads):
                 finished(i, error=f"RunError: a run it needs failed ({gone})")
             ready = [i for i in todo if all(j in ok for j in needs[i])]
             while ready and len(running) < (1 if first else jobs):
-                i = ready.pop(0)
+                i = ready[0]
+                if gpu_ids and planned[i].gpus > len(free):
+                    break  # waits for GPUs
+                ready.pop(0)
                 todo.remove(i)
-                argv = planned[i][3] + (["--resume"] if planned[i][2] == "unfinished" else [])
+                mine = [free.pop(0) for _ in range(planned[i].gpus)] if gpu_ids else []
+                env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": ",".join(map(str, mine))} if gpu_ids else {}))
                 os.makedirs(os.path.dirname(dirs[i]), exist_ok=True)
                 out = open(dirs[i] + ".sweep.txt", "w")
-                running[i] = (subprocess.Popen([sys.executable, TRAIN_PY, *argv], stdout=out,
-                                               stderr=subprocess.STDOUT), out, time.time())
+                proc = subprocess.Popen(command(planned[i], planned[i].status == "unfinished"), stdout=out,
+                                        stderr=subprocess.STDOUT, env=env)
+                running[i] = (proc, out, time.time(), mine)
+                if mine:
+                    say(f"{heads[i]} started on GPU {','.join(map(str, mine))} (CUDA_VISIBLE_DEVICES)")
             if not running and todo:  # waiting on runs that can never start (not in this plan, not done)
                 for i in list(todo):
                     todo.remove(i)
@@ -223,14 +303,15 @@ def _sweep_parallel(planned, todo, running, jobs, finished, say, heads):
                                       + ", ".join(dirs[j] for j in needs[i] if j not in ok))
                 break
             time.sleep(0.2)
-            for i, (proc, out, t0) in list(running.items()):
+            for i, (proc, out, t0, mine) in list(running.items()):
                 if proc.poll() is None:
                     continue
                 del running[i]
                 out.close()
+                free += mine
                 first = False
                 path = dirs[i] + ".sweep.txt"
-                if proc.returncode == 0 and os.path.exists(os.path.join(dirs[i], "result.json")):
+                if proc.returncode == 0 and read_result(dirs[i]) is not None:
                     ok.add(i)
                     os.remove(path)
                     finished(i, read_json(os.path.join(dirs[i], "result.json"), "run result"), seconds=time.time() - t0)
@@ -238,37 +319,139 @@ def _sweep_parallel(planned, todo, running, jobs, finished, say, heads):
                     failed.add(i)
                     with open(path) as f:
                         lines = [ln.strip() for ln in f if ln.strip()]
-                    last = lines[-1] if lines else "no output"
+                    errors = [ln for ln in lines if ln.startswith("error:")]  # the child's own one-line error
+                    last = errors[-1] if errors else lines[-1] if lines else "no output"
                     finished(i, error=f"exit code {proc.returncode}: {last} (all of it: {path})")
     except KeyboardInterrupt:
-        for proc, _, _ in running.values():
+        for proc, _, _, _ in running.values():
             proc.terminate()  # its resume.pt holds the last finished epoch
-        for i, (proc, _, _) in running.items():
+        for i, (proc, _, _, _) in running.items():
             proc.wait()
             say(f"{heads[i]} interrupted; run the sweep again with --resume to continue")
         raise
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a plan for a scheduler: --emit slurm DIR (an array job, one run per index) or --emit commands
+
+TASKS = "tasks.json"
+
+
+def emit(runs, kind, folder=None, echo=print, partition=None, gpus_per_task=None, cpus_per_task=4, mem="32G",
+         time_limit="24:00:00", max_parallel=None, name="dapt-sweep"):
+    """Write (slurm) or print (commands) the unfinished runs of `runs` (finished ones are skipped, unfinished ones
+    resume). slurm: <folder>/tasks.json (index -> run), commands.txt (the command of each index), sweep.sbatch (a
+    Slurm array: #SBATCH --array=0-(n-1), one run per index through `python sweep.py --task <folder> INDEX`, which
+    waits for the runs it needs and adds --resume when its folder holds progress) and logs/. Re-submitting after a
+    failure (emit again, then sbatch) runs only what is left. -> the runs emitted."""
+    todo = [r for r in runs if r.status != "done"]
+    if kind == "commands":
+        for r in todo:
+            echo(shlex.join(command(r, r.status == "unfinished")))
+        return todo
+    if not todo:
+        echo(f"every run of the plan is finished: nothing to emit to {folder}")
+        return todo
+    folder = os.path.abspath(folder)
+    os.makedirs(os.path.join(folder, "logs"), exist_ok=True)
+    needs = needs_of(runs)
+    tasks = [dict(index=k, line=r.line, run_dir=os.path.abspath(r.run_dir), argv=r.argv, launcher=r.launcher,
+                  gpus=r.gpus, needs=[os.path.abspath(runs[j].run_dir) for j in needs[runs.index(r)]])
+             for k, r in enumerate(todo)]
+    files.write_json(os.path.join(folder, TASKS), dict(repo=os.path.dirname(TRAIN_PY), cwd=os.getcwd(), tasks=tasks),
+                     indent=1)
+    with open(os.path.join(folder, "commands.txt"), "w") as f:
+        f.writelines(f"{shlex.join(command(r))}\n" for r in todo)
+    gpus = gpus_per_task if gpus_per_task is not None else max(r.gpus for r in todo)
+    lines = ["#!/bin/bash", f"# {len(todo)} runs of a dapt plan, one per array index: {os.path.join(folder, TASKS)}; "
+             "written by python sweep.py ... --emit slurm", f"#SBATCH --job-name={name}",
+             f"#SBATCH --array=0-{len(todo) - 1}" + (f"%{max_parallel}" if max_parallel else ""),
+             *( [f"#SBATCH --partition={partition}"] if partition else []),
+             *([f"#SBATCH --gres=gpu:{gpus}"] if gpus else []),  # --gpus-per-task 0: CPU-only tasks f"#SBATCH --cpus-per-task={cpus_per_task}",
+             f"#SBATCH --mem={mem}", f"#SBATCH --time={time_limit}",
+             f"#SBATCH --output={os.path.join(folder, 'logs', '%a.out')}", "set -euo pipefail",
+             f"cd {shlex.quote(os.getcwd())}",
+             f"exec {shlex.quote(sys.executable)} {shlex.quote(os.path.abspath(__file__))} --task {shlex.quote(folder)} "
+             '"$SLURM_ARRAY_TASK_ID"', ""]
+    with open(os.path.join(folder, "sweep.sbatch"), "w") as f:
+        f.write("\n".join(lines))
+    waits = sum(bool(t["needs"]) for t in tasks)
+    echo(f"wrote {os.path.join(folder, 'sweep.sbatch')}: {len(todo)} runs (array 0-{len(todo) - 1}), "
+         f"{len(runs) - len(todo)} finished ones left out" + (f"; {waits} wait for the runs they name" if waits else "")
+         + f". Submit: sbatch {os.path.join(folder, 'sweep.sbatch')}")
+    return todo
+
+
+def task(folder, index, poll=30.0, echo=print):
+    """Run the array index `index` of an emitted plan (what sweep.sbatch calls): wait until the runs it names are
+    finished (a failed one is an error), then train it (with --resume when its folder holds progress). -> the
+    process's exit code."""
+    spec = read_json(os.path.join(folder, TASKS), "sweep task list")
+    tasks = spec["tasks"]
+    if not 0 <= int(index) < len(tasks):
+        raise ConfigError(f"task {index}: {folder} holds tasks 0-{len(tasks) - 1}")
+    t = tasks[int(index)]
+    for need in t["needs"]:
+        while read_result(need) is None:
+            if RunLock.holder(need) is None and not os.path.exists(os.path.join(need, "resume.pt")) \
+                    and not any(u["run_dir"] == need for u in tasks):
+                raise RunError(f"task {index} ({t['run_dir']}) needs {need}, which is not finished and not in this plan")
+            echo(f"task {index}: waiting for {need} (every {poll:g} s)")
+            time.sleep(poll)
+    run = Run(t["line"], t["argv"], None, t["run_dir"], run_status(t["run_dir"]), t["launcher"], t["gpus"])
+    cmd = command(run, run.status == "unfinished")
+    echo(f"task {index}: {shlex.join(cmd)}")
+    return subprocess.call(cmd, cwd=spec.get("cwd"))
 
 
 def sweep_main(argv):
     p = argparse.ArgumentParser(prog="sweep.py", allow_abbrev=False,
                                 description="Train every run of one or more plan files (plans/*.txt); finished runs "
                                             "are skipped, unfinished ones resumed with --resume.")
-    p.add_argument("plans", nargs="+", metavar="PLAN")
+    p.add_argument("plans", nargs="*", metavar="PLAN")
     p.add_argument("--root", default="DATA", help="data root for lines without --root (default DATA)")
     p.add_argument("--out", default="runs", help="run folders for lines without --out (default runs)")
     p.add_argument("--device", default=None)
     p.add_argument("--resume", action="store_true", help="continue unfinished runs (else they are skipped)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state, train nothing")
-    p.add_argument("--jobs", type=int, default=1, help="runs trained at a time, each in its own process (default 1; "
-                   "toy runs use one thread each, so up to the number of cores)")
+    p.add_argument("--jobs", type=int, default=None, help="runs trained at a time, each in its own process (default: "
+                   "the number of GPUs, else 1; toy runs use one thread each, so up to the number of cores)")
+    p.add_argument("--gpus", help="GPU ids the jobs are spread over, e.g. 0,2,5 (default: every visible GPU; each "
+                   "job gets its own as CUDA_VISIBLE_DEVICES, a torchrun line as many as it asks for)")
+    p.add_argument("--emit", nargs="+", metavar=("slurm DIR | commands", ""), help="instead of training: write a Slurm "
+                   "array job to DIR (one run per index; sbatch DIR/sweep.sbatch), or print one command per unfinished "
+                   "run (for any other scheduler)")
+    g = p.add_argument_group("--emit slurm")
+    g.add_argument("--partition")
+    g.add_argument("--gpus-per-task", type=int, help="default: what the plan's lines ask for (1, or torchrun's count)")
+    g.add_argument("--cpus-per-task", type=int, default=4)
+    g.add_argument("--mem", default="32G")
+    g.add_argument("--time", default="24:00:00", help="per run (Slurm's --time)")
+    g.add_argument("--max-parallel", type=int, help="array tasks at a time (%%N)")
+    p.add_argument("--task", nargs=2, metavar=("DIR", "INDEX"), help="run one index of an emitted plan (sweep.sbatch "
+                   "calls this)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     a = p.parse_args(argv)
-    if a.jobs < 1:
-        p.error(f"--jobs must be >= 1, got {a.jobs}")
-    failed = []
     try:
+        if a.task:
+            return task(*a.task)
+        if not a.plans:
+            p.error("give one or more PLAN files (or --task DIR INDEX)")
+        if a.emit and (a.emit[0] not in ("slurm", "commands") or len(a.emit) != (2 if a.emit[0] == "slurm" else 1)):
+            raise ConfigError(f"--emit {' '.join(a.emit)}: expected --emit slurm DIR or --emit commands")
+        gpu_ids = visible_gpus(a.gpus)
+        jobs = a.jobs if a.jobs is not None else max(1, len(gpu_ids))
+        if jobs < 1:
+            p.error(f"--jobs must be >= 1, got {jobs}")
+        if a.emit:
+            runs = [r for plan in a.plans for r in plan_runs(plan, a.out, a.root, a.device)]
+            emit(runs, a.emit[0], a.emit[1] if len(a.emit) > 1 else None, partition=a.partition,
+                 gpus_per_task=a.gpus_per_task, cpus_per_task=a.cpus_per_task, mem=a.mem, time_limit=a.time,
+                 max_parallel=a.max_parallel)
+            return 0
+        failed = []
         for plan in a.plans:
-            failed += sweep(plan, a.out, a.root, a.device, a.resume, a.dry_run, jobs=a.jobs)["failed"]
+            failed += sweep(plan, a.out, a.root, a.device, a.resume, a.dry_run, jobs=jobs, gpus=gpu_ids)["failed"]
     except train.USER_ERRORS as e:
         if a.debug:
             raise

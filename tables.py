@@ -10,13 +10,17 @@ Deliberately not here: evaluating a run again (eval.py), training (train.py).
 import csv
 import glob
 import json
+import math
 import os
 import statistics
+import sys
+
+import numpy as np
 
 import dapt
 import recipes
 from prompting import ConfigError
-from runs import RunError
+from runs import RunError, read_result
 
 
 def mean_std(values):
@@ -28,14 +32,27 @@ def hm(base, new):
     return 2 * base * new / (base + new) if base + new > 0 else 0.0
 
 
-def collect(root):
-    """Every result.json below root, grouped by (setting, method+tag, dataset, shots) -> list of results."""
+def collect(root, skipped=None):
+    """Every readable result.json below root, grouped by (setting, method+tag, dataset, shots) -> list of results. A
+    folder dataset's rows are keyed by its folder's name ("folder:<name>"). Unreadable result.json files are left out
+    and listed in `skipped` ([(path, why)]) when given."""
     groups = {}
     for path in sorted(glob.glob(os.path.join(root, "**", "result.json"), recursive=True)):
-        with open(path) as f:
-            r = json.load(f)
+        try:
+            with open(path) as f:
+                r = json.load(f)
+            if not isinstance(r, dict) or not isinstance(r.get("accuracy"), dict):
+                raise ValueError("no accuracy entry")
+            dataset = r["dataset"]
+            if dataset == "folder":
+                dataset = "folder:" + os.path.basename(os.path.normpath(
+                    (r.get("config") or {}).get("benchmark", {}).get("dataset_dir") or "?"))
+            key = (r["setting"], r["method"] + (r.get("tag") or ""), dataset, r["shots"])
+        except (OSError, ValueError, KeyError) as e:
+            if skipped is not None:
+                skipped.append((path, f"{type(e).__name__}: {e}"))
+            continue
         r["path"] = r.setdefault("run_dir", os.path.dirname(path))
-        key = (r["setting"], r["method"] + (r.get("tag") or ""), r["dataset"], r["shots"])
         groups.setdefault(key, []).append(r)
     return groups
 
@@ -121,7 +138,7 @@ def render(tables_b2n, tables_fs, flagged=()):
     if tables_fs:
         shots = sorted({k for t in tables_fs.values() for rows in t.values() for k in rows})
         md += ["## Few-shot accuracy (all classes; mean ± std over seeds, number of seeds in brackets)", "",
-               "| method | dataset | " + " | ".join(f"{k} shots" for k in shots) + " |",
+               "| method | dataset | " + " | ".join(f"{k} shot{'s' if k != 1 else ''}" for k in shots) + " |",
                "|---|---|" + "---|" * len(shots)]
         for method, t in tables_fs.items():
             for dataset, r in t.items():
@@ -214,7 +231,11 @@ def run_rows(groups, flags):
 
 
 def table(root, out=None):
-    groups = collect(root)
+    skipped = []
+    groups = collect(root, skipped)
+    for path, why in skipped:
+        print(f"warning: {path} is not a readable result ({why}): left out of the tables (run the run's command "
+              "again with --resume to evaluate it)", file=sys.stderr)
     if not groups:
         raise RunError(f"no result.json below {root}: train runs first (python train.py ...)")
     b2n, fs = b2n_table(groups), fewshot_table(groups)
@@ -229,6 +250,9 @@ def table(root, out=None):
     if flagged:  # kept in the means, but never silently
         md += (f"\nFlagged runs (included above; see the warnings in their result.json): {len(flagged)}\n"
                + "\n".join(f"- {f}" for f in flagged) + "\n")
+    if skipped:
+        md += (f"\nUnreadable result.json files (left out of the tables): {len(skipped)}\n"
+               + "\n".join(f"- {p} ({why})" for p, why in skipped) + "\n")
     print(md)
     out = out or root
     os.makedirs(out, exist_ok=True)
@@ -245,3 +269,134 @@ def table(root, out=None):
     print(f"wrote {os.path.join(out, 'table.md')}, table.csv, runs.csv (one row per run)"
           + (" and table_splits.csv" if split_rows else ""))
     return b2n, fs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# paired comparisons: `python eval.py compare A B`, seed by seed
+
+
+def t_quantile(p, df):
+    """The p quantile of Student's t with df degrees of freedom (bisection on its CDF, Simpson's rule on the
+    density; accurate to 1e-6 for p in [0.5, 0.9999])."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    density = lambda x: c * (1 + x * x / df) ** (-(df + 1) / 2)  # noqa: E731
+
+    def cdf(t, n=2000):
+        h = t / n
+        return 0.5 + h / 3 * sum(density(i * h) * (1 if i in (0, n) else 4 if i % 2 else 2) for i in range(n + 1))
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < p:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+BOOTSTRAP_MIN_SEEDS, BOOTSTRAP_RESAMPLES = 8, 10000
+
+
+def paired(diffs):
+    """Statistics of per-seed differences: mean, std, 95 % Student-t interval, a 95 % percentile bootstrap interval
+    of the mean (10,000 resamples, generator seed 0) when there are >= 8 seeds, and the seeds whose difference has
+    the mean's sign. One seed: no interval."""
+    n, mean = len(diffs), statistics.fmean(diffs)
+    sd = statistics.stdev(diffs) if n > 1 else 0.0
+    half = t_quantile(0.975, n - 1) * sd / math.sqrt(n) if n > 1 else math.nan
+    boot = (math.nan, math.nan)
+    if n >= BOOTSTRAP_MIN_SEEDS:
+        rng = np.random.default_rng(0)
+        means = np.asarray(diffs)[rng.integers(0, n, size=(BOOTSTRAP_RESAMPLES, n))].mean(1)
+        boot = tuple(float(x) for x in np.percentile(means, [2.5, 97.5]))
+    sign = (mean > 0) - (mean < 0)
+    agree = sum(((d > 0) - (d < 0)) == sign for d in diffs) if sign else sum(d == 0 for d in diffs)
+    return dict(n=n, mean=mean, std=sd, t_low=mean - half, t_high=mean + half, boot_low=boot[0], boot_high=boot[1],
+                agree=agree)
+
+
+def verdict(stats, a, b):
+    """"a > b", "a < b" or "no measurable difference" (the 95 % t interval includes 0, or one seed)."""
+    if not stats["n"] > 1 or stats["t_low"] <= 0 <= stats["t_high"]:
+        return "no measurable difference"
+    return f"{a} > {b}" if stats["mean"] > 0 else f"{a} < {b}"
+
+
+def run_metrics(result):
+    """{metric: value} of one result: its accuracies (base, new, hm, all, base_corr, ...) and the context gaps
+    <subset>_gap = accuracy on the further split minus on test (the toy's test_corr - test)."""
+    acc = {k: v for k, v in result["accuracy"].items() if isinstance(v, (int, float))}
+    gaps = {f"{k.partition('_')[0]}_gap": v - acc[k.partition("_")[0]] for k, v in acc.items()
+            if "_" in k and k.partition("_")[0] in acc}
+    return {**acc, **gaps}
+
+
+def side(pattern, seeds=None):
+    """The finished runs a compare side names: a glob of run folders (runs/b2n/toy/maple/shots16_seed*), or
+    ROOT:METHOD (every run of method+tag METHOD below ROOT, one table row). -> (label, {(setting, dataset, shots):
+    {seed: result}})."""
+    root, _, method = pattern.rpartition(":") if ":" in pattern and not os.path.exists(pattern) else ("", "", "")
+    if method:
+        dirs = [os.path.dirname(p) for p in glob.glob(os.path.join(root, "**", "result.json"), recursive=True)]
+    else:
+        dirs = [d for d in sorted(glob.glob(pattern, recursive=True)) if os.path.isfile(os.path.join(d, "result.json"))]
+    rows, labels = {}, set()
+    for d in sorted(dirs):
+        r = read_result(d)
+        if r is None or (method and r["method"] + (r.get("tag") or "") != method):
+            continue
+        if seeds and r["seed"] not in seeds:
+            continue
+        labels.add(r["method"] + (r.get("tag") or ""))
+        cell = rows.setdefault((r["setting"], r["dataset"], r["shots"]), {})
+        if r["seed"] in cell:
+            raise RunError(f"{pattern}: two runs of seed {r['seed']} in one cell ({cell[r['seed']]['run_dir']} and "
+                           f"{d}); narrow the pattern")
+        cell[r["seed"]] = dict(r, run_dir=d)
+    if not rows:
+        raise RunError(f"{pattern}: no finished run (result.json) matches; give a glob of run folders or ROOT:METHOD")
+    return " + ".join(sorted(labels)), rows
+
+
+def compare(a, b, seeds=None, out=None, echo=print):
+    """Paired comparison of two sides (see `side`), cell by cell (setting, dataset, shots) and metric: each side's
+    mean ± std over seeds, the per-seed difference a - b, its mean with a 95 % Student-t interval (and a bootstrap
+    interval with >= 8 seeds), how many seeds agree in sign, and a verdict. Seeds must pair: a seed on one side only
+    is an error naming it. -> CSV rows (also written to `out`)."""
+    (la, A), (lb, B) = side(a, seeds), side(b, seeds)
+    cells = sorted(set(A) & set(B))
+    if not cells:
+        raise RunError(f"{a} and {b} share no (setting, dataset, shots) cell: nothing to compare")
+    header = ["setting", "dataset", "shots", "metric", "a", "a_mean", "a_std", "b", "b_mean", "b_std", "seeds",
+              "diff_mean", "diff_std", "t95_low", "t95_high", "boot95_low", "boot95_high", "agree", "verdict",
+              "diffs"]
+    rows = [header]
+    for cell in cells:
+        sa, sb = A[cell], B[cell]
+        if set(sa) != set(sb):
+            only = lambda x, y: ", ".join(map(str, sorted(set(x) - set(y)))) or "none"  # noqa: E731
+            raise RunError(f"{'/'.join(map(str, cell))}: seeds do not pair: only in {la}: {only(sa, sb)}; only in "
+                           f"{lb}: {only(sb, sa)} (train the missing runs, or pass --seeds)")
+        order = sorted(sa)
+        ma, mb = {s: run_metrics(sa[s]) for s in order}, {s: run_metrics(sb[s]) for s in order}
+        metrics = [m for m in ma[order[0]] if all(m in ma[s] and m in mb[s] for s in order)]
+        echo(f"\n{la} vs {lb}: {cell[0]}, {cell[1]}, {cell[2]} shots, seeds {', '.join(map(str, order))} "
+             "(difference = first - second; 95 % intervals)")
+        for m in metrics:
+            va, vb = [ma[s][m] for s in order], [mb[s][m] for s in order]
+            st = paired([x - y for x, y in zip(va, vb)])
+            (am, asd), (bm, bsd) = mean_std(va), mean_std(vb)
+            boot = f", bootstrap [{st['boot_low']:+.2f}, {st['boot_high']:+.2f}]" if not math.isnan(st["boot_low"]) \
+                else ""
+            ci = f"t [{st['t_low']:+.2f}, {st['t_high']:+.2f}]" if st["n"] > 1 else "one seed: no interval"
+            echo(f"  {m:<9} {am:6.2f} ± {asd:5.2f}  vs {bm:6.2f} ± {bsd:5.2f}   diff {st['mean']:+6.2f} ± {st['std']:.2f} "
+                 f"({ci}{boot}; {st['agree']} of {st['n']} seeds agree): {verdict(st, la, lb)}")
+            rows.append([*cell, m, la, f"{am:.4f}", f"{asd:.4f}", lb, f"{bm:.4f}", f"{bsd:.4f}",
+                         " ".join(map(str, order)), f"{st['mean']:.4f}", f"{st['std']:.4f}", f"{st['t_low']:.4f}",
+                         f"{st['t_high']:.4f}", f"{st['boot_low']:.4f}", f"{st['boot_high']:.4f}",
+                         f"{st['agree']}/{st['n']}", verdict(st, la, lb), " ".join(f"{x - y:.4f}" for x, y in zip(va, vb))])
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w", newline="") as f:
+            csv.writer(f).writerows(rows)
+        echo(f"wrote {out}")
+    return rows

@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 import time
 
 import numpy as np
@@ -332,8 +331,8 @@ def pretrain_toy_clip(root, steps=None, quiet=False):
             if json.load(f).get("recipe") == json.loads(json.dumps(recipe)):
                 return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    say = (lambda *a: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    say(f"pretraining the toy CLIP ({recipe['steps']} steps, cached at {path}) ...")
+    say = (lambda *a: None) if quiet else log.info  # a run's log (log.txt and the terminal), or the tools' output
+    say(f"pretraining the toy CLIP ({recipe['steps']} steps, once; cached at {path}) ...")
     t0 = time.time()
     # set-up work: building and initialising models draws from the global generator, so it runs in a fork whose
     # state is thrown away; a run's result then does not depend on whether its root was fresh (issue 11)
@@ -388,7 +387,9 @@ def _pretrain_toy_clip(recipe, say, t0):
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         if step % 250 == 0 or step == recipe["steps"] - 1:
-            say(f"  toy CLIP step {step}/{recipe['steps']} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+            spent = time.time() - t0
+            eta = spent / (step + 1) * (recipe["steps"] - step - 1)
+            say(f"  toy CLIP step {step + 1}/{recipe['steps']} loss {loss.item():.4f} ({spent:.0f} s, ETA {eta:.0f} s)")
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     full_embedding[used] = state["token_embedding.weight"]
     state["token_embedding.weight"] = full_embedding

@@ -20,7 +20,10 @@ import logging
 import math
 import os
 import re
+import shutil
+import signal
 import sys
+import threading
 import time
 
 import torch
@@ -40,8 +43,8 @@ from tables import hm
 from runs import (NonFiniteLoss, RunError, RunLock, all_sum, atomic_save, clip_weights, close_logging, describe,
                   finished_result, folder_state, host_model, is_main, kept_rng, log_to_file, on_main, open_run,
                   precision_of, read_json, read_metrics, read_run_file, restore, rng_state, run_dir_of,
-                  seed_everything, set_rng_state, start_parallel, stop_parallel, torch_threads, versions, world,
-                  write_json)
+                  run_warnings, seed_everything, set_rng_state, start_parallel, stop_parallel, torch_threads,
+                  versions, world, write_json)
 from toy import pretrain_toy_clip
 
 log = logging.getLogger("dapt")
@@ -149,7 +152,8 @@ def make_loader(cfg, bench, items, transform, train, model, patch_size):
 
 
 def build_run(cfg, root, device):
-    """(benchmark, model on device with float32 prompts, train / test transforms, precision name).
+    """(benchmark, model on device with float32 prompts, train / test transforms, precision name, the time when the
+    data and the backbone were ready).
 
     The random states are seeded from the run seed right before the model is built, after the data, the
     backbone and their caches (toy data, toy CLIP pretraining, few-shot splits), and the model's one-off set-up
@@ -171,13 +175,14 @@ def build_run(cfg, root, device):
         enc, how = resolve_mask_encoding(d, [mask_path(d, p) for p, _, _ in bench.train],
                                          "official" if cfg["mask_quirk"] else cfg["mask_encoding"])
         bench.meta = dict(bench.meta, mask_encoding=enc, mask_encoding_source="--mask-quirk" if cfg["mask_quirk"] else how)
+    ready = time.time()  # the data and the backbone are ready: the run's own time starts
     if cfg["epochs"] > 0:  # one-off set-up from the training images (dapt-dist prototypes, DA-VPT clusters)
         with kept_rng(device):
             model.prepare(features_function(bench, {"train": train_tf, "test": test_tf}, cfg["seed"], device))
     for p in model.parameters():  # prompt parameters and optimizer state in float32 (protocol §6)
         if p.requires_grad:
             p.data = p.data.float()
-    return bench, model, train_tf, test_tf, precision
+    return bench, model, train_tf, test_tf, precision, ready
 
 
 def record_config(cfg, run_dir, root, device, bench, model, train_tf, test_tf, precision, state="new"):
@@ -187,12 +192,21 @@ def record_config(cfg, run_dir, root, device, bench, model, train_tf, test_tf, p
     record = dict(cfg, root=os.path.abspath(root), device=str(device), precision_resolved=precision,
                   attention_resolved=kernels.describe_backend(cfg["attn"], torch.device(device).type),
                   transform_train=train_tf.constants(), transform_test=test_tf.constants(),
-                  trainable_values=n_params, benchmark=bench.meta, versions=versions(device))
-    log.info("run %s", run_dir)
-    log.info("config %s", json.dumps({k: v for k, v in record.items() if k != "benchmark"}, default=str))
+                  trainable_values=n_params, benchmark=bench.meta, world_size=world()[1], versions=versions(device))
+    log.info("run %s (%d process%s) on %s%s%s", run_dir, world()[1], "" if world()[1] == 1 else "es", device,
+             f" ({torch.cuda.get_device_name(device)})" if str(device).startswith("cuda") else "",
+             f", CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']}" if "CUDA_VISIBLE_DEVICES" in os.environ
+             else "")
+    log_to_file(logging.INFO, "config " + json.dumps({k: v for k, v in record.items() if k != "benchmark"}, default=str))
+    log.info("config: %d keys in %s (python train.py ... --show-config prints them)", len(record),
+             os.path.join(run_dir, "config.json"))
     log.info("attention (--attn %s): %s; precision %s", cfg["attn"], record["attention_resolved"], precision)
     if state == "resume":
         record = read_json(os.path.join(run_dir, "config.json"), "run config")
+        if record.get("world_size", 1) != world()[1]:
+            log.warning("resuming a run started in %d process(es) in %d: the gradients are averaged over the same global "
+                        "batches, so the result equals an uninterrupted run only up to float summation order",
+                        record.get("world_size", 1), world()[1])
     else:
         write_json(os.path.join(run_dir, "config.json"), record)
     log.info("data: %d train / %d val / %d test images, %d classes; trainable values: %d",
@@ -272,8 +286,8 @@ def fit(cfg, run_dir, model, bench, train_tf, test_tf, device, resume):
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         done, best = state["epoch"] + 1, state.get("best")
-        rng = state["rng"]  # under torchrun a list: one state per process
-        set_rng_state(rng[world()[0]] if isinstance(rng, list) else rng)  # last: nothing above draws
+        rng = state["rng"]  # under torchrun a list: one state per process (another count: rank modulo the saved)
+        set_rng_state(rng[world()[0] % len(rng)] if isinstance(rng, list) else rng)  # last: nothing above draws
         lines = read_metrics(run_dir)  # an epoch written after resume.pt was saved is trained again
         if len(lines) != done and is_main():
             with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
@@ -473,16 +487,22 @@ def evaluate_settings(cfg, model, bench, root, test_tf, device):
     return acc
 
 
+CHANCE_MARGIN = 5.0  # points above chance that are never called chance, however few the test images
+
+
 def at_chance(acc, images, classes):
-    """Whether a top-1 accuracy (%) is within 3 standard errors of guessing one of `classes` on `images` images."""
+    """Whether a top-1 accuracy (%) on `images` test images of `classes` classes is at (or below) chance: at most
+    chance + min(3 binomial standard errors at chance, CHANCE_MARGIN points). Never above chance + 5 points, so a
+    model right on a small test set (100 % of 6 images) is not flagged; 0 % (below chance) is."""
     p = 1 / max(classes, 1)
-    return acc <= 100 * (p + 3 * math.sqrt(p * (1 - p) / max(images, 1)))
+    se = 100 * math.sqrt(p * (1 - p) / max(images, 1))
+    return acc <= 100 * p + min(3 * se, CHANCE_MARGIN)
 
 
 def health(model, accuracies, images, classnames, trained):
     """Guards on the final model: {"flags": names, "warnings": sentences, "param_rms_max": value}. Flags:
     exploded_parameters (a trained tensor's RMS value > PARAM_RMS_LIMIT), accuracy_at_chance (after training
-    with lr > 0, a subset's accuracy within 3 standard errors of 100 / classes)."""
+    with lr > 0, a subset's accuracy at or below chance: at_chance)."""
     flags, warnings = [], []
     name, rms = param_rms(model)
     if rms > PARAM_RMS_LIMIT:
@@ -529,32 +549,60 @@ _ZERO_SHOT = {}
 
 def train(cfg, root="DATA", out="runs", device="cpu", resume=False):
     """Train and evaluate one run; returns the result dict (also written to result.json) with "run_dir" added.
-    A finished run with the same config is not retrained: its result.json is returned, nothing is written."""
+    A finished run with the same config and data is not retrained: its result.json is returned, nothing is written.
+    A command that fails before the run's config.json is written leaves no folder behind."""
     run_dir = run_dir_of(out, cfg)
-    if on_main(lambda: folder_state(run_dir, cfg, device, resume)) == "finished":  # reads only: writes nothing
+    identity = lambda: data.identity(cfg["dataset"], root)  # noqa: E731  (the data a run was made on)
+    if on_main(lambda: folder_state(run_dir, cfg, device, resume, identity)) == "finished":  # reads only
         return on_main(lambda: finished_result(run_dir))
-    with RunLock(run_dir) if is_main() else contextlib.nullcontext(), torch_threads(cfg["threads"]):
-        state = on_main(lambda: folder_state(run_dir, cfg, device, resume))  # again: another may have finished
-        if state == "finished":
-            return on_main(lambda: finished_result(run_dir))
-        if is_main():  # rank 0 logs to the run folder (the other processes of a torchrun log warnings only)
-            open_run(run_dir, state, resume)
-        try:
-            t_start = time.time()
-            bench, model, train_tf, test_tf, precision = build_run(cfg, root, device)
-            record = record_config(cfg, run_dir, root, device, bench, model, train_tf, test_tf, precision, state)
-            best, samples = fit(cfg, run_dir, model, bench, train_tf, test_tf, device, state == "resume")
-            result = finish_run(cfg, run_dir, root, device, bench, model, test_tf, record, best, samples, t_start)
-        except USER_ERRORS as e:  # the command line prints it; the log keeps it too
-            log_to_file(logging.ERROR, f"error: {e}")
-            raise
-        finally:
-            close_logging()
+    created = run_dir  # the top folder this command creates (removed again if the run fails before config.json)
+    while not os.path.isdir(os.path.dirname(os.path.abspath(created))):
+        created = os.path.dirname(os.path.abspath(created))
+    created = None if os.path.isdir(run_dir) else created
+    try:
+        with RunLock(run_dir) if is_main() else contextlib.nullcontext(), torch_threads(cfg["threads"]):
+            state = on_main(lambda: folder_state(run_dir, cfg, device, resume, identity))  # another may have finished
+            if state == "finished":
+                return on_main(lambda: finished_result(run_dir))
+            if is_main():  # rank 0 logs to the run folder (the other processes of a torchrun log warnings only)
+                open_run(run_dir, state, resume)
+            try:
+                result = run(cfg, run_dir, root, device, state)
+            except USER_ERRORS as e:  # the command line prints it; the log keeps it too
+                log_to_file(logging.ERROR, f"error: {e}")
+                raise
+            finally:
+                close_logging()
+    except BaseException:
+        if created and is_main() and not os.path.exists(os.path.join(run_dir, "config.json")):
+            shutil.rmtree(created, ignore_errors=True)  # only its log and lock: nothing to keep
+        raise
     return dict(result, run_dir=run_dir)
 
 
-def finish_run(cfg, run_dir, root, device, bench, model, test_tf, record, best, samples, t_start):
-    """Evaluate, check, and write result.json (the mark of a finished run)."""
+def run(cfg, run_dir, root, device, state):
+    """Build, fit, evaluate: the phases of a run, each saying what an interrupt (Ctrl-C, SIGTERM) leaves."""
+    t_start = time.time()
+    try:
+        bench, model, train_tf, test_tf, precision, ready = build_run(cfg, root, device)
+    except KeyboardInterrupt:
+        log.warning("interrupted while preparing the run (data, backbone, caches): nothing was trained; run the "
+                    "command again")
+        raise
+    record = record_config(cfg, run_dir, root, device, bench, model, train_tf, test_tf, precision, state)
+    best, samples = fit(cfg, run_dir, model, bench, train_tf, test_tf, device, state == "resume")
+    try:
+        return finish_run(cfg, run_dir, root, device, bench, model, test_tf, record, best, samples,
+                          dict(seconds=time.time() - ready, setup_seconds=ready - t_start, start=ready))
+    except KeyboardInterrupt:
+        log.warning("interrupted during the final evaluation: every epoch is saved in %s; the same command with "
+                    "--resume evaluates it (nothing is trained again)", run_dir)
+        raise
+
+
+def finish_run(cfg, run_dir, root, device, bench, model, test_tf, record, best, samples, times):
+    """Evaluate, check, and write result.json (the mark of a finished run). times: seconds of the run (after the
+    data and backbone were ready) and of its set-up (toy data, toy CLIP, caches made by this command)."""
     accuracies = evaluate_settings(cfg, model, bench, root, test_tf, device)
     classnames, images = accuracies.pop("classnames"), accuracies.pop("images")
     trained = cfg["method"] != "zsclip" and cfg["epochs"] > 0 and cfg["lr"] > 0
@@ -565,9 +613,11 @@ def finish_run(cfg, run_dir, root, device, bench, model, test_tf, record, best, 
         test_images=images, classnames=classnames, config=record, samples_per_epoch=samples,
         selected_epoch=best["epoch"] if best else (cfg["epochs"] if cfg["method"] != "zsclip" else 0), **checks,
         checkpoint_sha256=on_main(lambda: sha256_file(os.path.join(run_dir, "checkpoint.pt"))),
-        seconds=round(time.time() - t_start, 1), finished=datetime.datetime.now().isoformat(timespec="seconds"))
+        seconds=round(time.time() - times["start"], 1), setup_seconds=round(times["setup_seconds"], 1),
+        world_size=world()[1], finished=datetime.datetime.now().isoformat(timespec="seconds"))
     if cfg["dataset"] == "toy":
         result["zero_shot_reference"] = zero_shot_reference(cfg, root, bench, test_tf, device)
+    result["warnings"] = list(dict.fromkeys(result["warnings"] + run_warnings()))  # every warning of the run, once
     write_json(os.path.join(run_dir, "result.json"), result)
     log.info("result: %s", json.dumps(result["accuracy"]))
     return result
@@ -578,13 +628,26 @@ def finish_run(cfg, run_dir, root, device, bench, model, test_tf, record, best, 
 USER_ERRORS = (ConfigError, RunError, CheckpointError, data.DataError, OSError)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler ending the job): handled as Ctrl-C, every phase says what it leaves."""
+
+
+def terminate(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    previous = signal.signal(signal.SIGTERM, terminate) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         args = parse_args(argv)
         if args.show_config:
             print(json.dumps(args.cfg, indent=1, default=str))
             return None
+        if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device; use "
+                              "--device cpu, or install a CUDA build of torch on a machine with a GPU")
         device = start_parallel(args.device)  # torchrun: one run in WORLD_SIZE processes
         result = train(args.cfg, root=args.root, out=args.out, device=device, resume=args.resume)
         rank0 = is_main()
@@ -594,10 +657,13 @@ def main(argv=None):
         if is_main():
             print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as e:
+        print("stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted", file=sys.stderr)
+        raise SystemExit(143 if isinstance(e, Terminated) else 130) from None
     finally:
         stop_parallel()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if rank0:
         print(describe(result))
     return result

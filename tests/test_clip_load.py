@@ -15,7 +15,6 @@ import zipfile
 import pytest
 import torch
 
-import clip
 import clip_load
 from conftest import clip_features, random_clip, save_safetensors
 
@@ -435,7 +434,7 @@ def test_errors_name_the_file_and_what_was_expected(tmp_path, model, case, patte
         clip_load.load_clip(path)
 
 
-# ---- shapes that disagree, non-finite weights (issue 11)
+# ---- shapes that disagree, non-finite weights
 
 
 @pytest.mark.parametrize("key, shape, pattern", [

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import dapt
 import train
 import recipes
-from conftest import NAMES, cli_error, grads, make_clip, metrics_of, run_random_toy, toy_batch
+from conftest import NAMES, cli_error, epoch_losses, grads, make_clip, run_folder, toy_batch, train_random_toy
 
 
 def dapt_model(seed=0, **over):
@@ -244,31 +244,30 @@ def test_dapt_on_every_host(host, decouple):
 # end to end on a tiny toy benchmark
 
 
-def losses_of(out, method, tag=""):
-    folder = os.path.join(out, "b2n", "toy", method + tag, "shots4_seed1")
-    return [m["loss"] for m in metrics_of(folder)], folder
-
-
 def test_dapt_and_fvgpt_train_end_to_end(random_toy, tmp_path, capsys):
     out = str(tmp_path / "runs")
-    res = run_random_toy(random_toy, out, "--method", "dapt", "--epochs", "4", "--lr", "0.05")
-    losses, folder = losses_of(out, "dapt")
+    res = train_random_toy(random_toy, out, "dapt", "--lr", "0.05", epochs=4)
+    folder = run_folder(out, "dapt")
+    losses = epoch_losses(folder)
     assert losses[-1] < losses[0], losses
-    assert os.path.exists(os.path.join(folder, "result.json")) and set(res["accuracy"]) == {"base", "new", "hm", "base_corr", "new_corr"}
+    assert os.path.exists(os.path.join(folder, "result.json"))
+    assert set(res["accuracy"]) == {"base", "new", "hm", "base_corr", "new_corr"}
     bench = res["config"]["benchmark"]  # the toy declares its masks white on black (mask/ENCODING): recorded
-    assert bench["mask_encoding"] == "white" and bench["mask_encoding_source"].endswith(os.path.join("mask", "ENCODING"))
+    assert bench["mask_encoding"] == "white"
+    assert bench["mask_encoding_source"].endswith(os.path.join("mask", "ENCODING"))
     assert res["config"]["selection"] == "best_val"  # DAPT base-to-novel selects on the validation split (official)
     ckpt, best = (torch.load(os.path.join(folder, f), weights_only=True) for f in ("checkpoint.pt", "best.pt"))
     assert all(torch.equal(ckpt["params"][k], best["params"][k]) for k in best["params"])  # the reported model
     # fvgpt on a CoOp host trained here
-    run_random_toy(random_toy, out, "--method", "coop", "--epochs", "2", "--batch", "4", "--lr", "0.01")
-    _, host = losses_of(out, "coop")
-    res = run_random_toy(random_toy, out, "--method", "fvgpt", "--host-run", host, "--epochs", "4", "--lr", "0.05")
-    losses, folder = losses_of(out, "fvgpt")
+    train_random_toy(random_toy, out, "coop", "--batch", "4", "--lr", "0.01", epochs=2)
+    host = run_folder(out, "coop")
+    res = train_random_toy(random_toy, out, "fvgpt", "--host-run", host, "--lr", "0.05", epochs=4)
+    folder = run_folder(out, "fvgpt")
+    losses = epoch_losses(folder)
     assert losses[-1] < losses[0], losses
     assert res["config"]["host_run"] == host and os.path.exists(os.path.join(folder, "result.json"))
     with pytest.raises(SystemExit) as e:
-        run_random_toy(random_toy, out, "--method", "fvgpt", "--host-run", host, "--seed", "2", "--epochs", "1")
+        train_random_toy(random_toy, out, "fvgpt", "--host-run", host, "--seed", "2", epochs=1)
     assert e.value.code == 1 and "seed" in capsys.readouterr().err
 
 

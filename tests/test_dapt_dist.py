@@ -12,8 +12,7 @@ from PIL import Image
 import dapt
 import loader
 import recipes
-import train
-from conftest import b2n_run_dir, metrics_of, random_clip, run_toy_b2n
+from conftest import FULL_BATCH, metrics_of, random_clip, run_folder, train_toy
 
 
 def prototypes(clip, bench, tfs, seed=1, view="test"):
@@ -87,8 +86,8 @@ def test_dapt_dist_model_shapes_and_loss(tiny):
 
 
 def test_dapt_dist_trains_on_toy(toy_root, tmp_path):
-    result = run_toy_b2n(toy_root, tmp_path, "dapt-dist", "--lr", "0.002", epochs=6)
-    d = b2n_run_dir(tmp_path, "dapt-dist")
+    result = train_toy(toy_root, tmp_path, "dapt-dist", *FULL_BATCH, "--lr", "0.002", shots=2, epochs=6)
+    d = run_folder(tmp_path, "dapt-dist", shots=2)
     m = metrics_of(d)
     assert m[-1]["loss"] < m[0]["loss"], [e["loss"] for e in m]
     assert {"L_cls", "L_intra", "L_inter"} <= set(m[0])

@@ -297,7 +297,8 @@ def test_import_dassl_pickle(tmp_path):
     content = {"train": [_Datum(old + "blotchy/1_0006.jpg", 1, "blotchy"),
                          _Datum(old + "banded/0_0001.jpg", 0, "banded"),
                          _Datum(old + "braided/2_0011.jpg", 2, "braided")],
-               "val": [_Datum(old + "braided/2_0020.jpg", 2, "braided")]}
+               "val": [_Datum(old + "banded/0_0016.jpg", 0, "banded"), _Datum(old + "blotchy/1_0018.jpg", 1, "blotchy"),
+                       _Datum(old + "braided/2_0020.jpg", 2, "braided")]}
     pkl = tmp_path / "shot_1-seed_7.pkl"
     try:
         pkl.write_bytes(pickle.dumps(content, protocol=pickle.HIGHEST_PROTOCOL))
@@ -309,7 +310,8 @@ def test_import_dassl_pickle(tmp_path):
     assert got["train"] == [("blotchy/1_0006.jpg", 1, "blotchy"), ("banded/0_0001.jpg", 0, "banded"),
                             ("braided/2_0011.jpg", 2, "braided")]
     got = datatools.import_dassl_pickle(str(tmp_path / "old.pkl"), "dtd", prefix=old)  # protocol 1, explicit prefix
-    assert got["val"] == [("braided/2_0020.jpg", 2, "braided")]
+    assert got["val"] == [("banded/0_0016.jpg", 0, "banded"), ("blotchy/1_0018.jpg", 1, "blotchy"),
+                          ("braided/2_0020.jpg", 2, "braided")]
     b = data.load_benchmark("dtd", tmp_path, shots=1, seed=7)  # the imported subset is used as the cache
     assert b.meta["cache_hit"]
     assert [os.path.basename(p) for p, _, _ in b.train] == ["1_0006.jpg", "0_0001.jpg", "2_0011.jpg"]
@@ -419,7 +421,7 @@ def test_class_balanced_sampler():
     assert order != [i for i, _ in s]
 
 
-# ---- read-only datasets, masks that do not fit, toy roots (issue 11)
+# ---- read-only datasets, masks that do not fit, toy roots
 
 
 def test_read_only_dataset_caches_in_the_user_cache_folder(tmp_path, monkeypatch, caplog):

@@ -250,7 +250,7 @@ def test_loader_mask_errors(toy_bench, tmp_path, caplog):
     gone = loader.mask_path(toy_bench.meta["dataset_dir"], items[2][0])
     os.rename(gone, gone + ".bak")
     try:
-        with pytest.raises(data.MissingMaskError, match="(?s)1 of 6 .*" + gone + ".*allow_missing_masks"):
+        with pytest.raises(data.MissingMaskError, match="(?s)1 of 6 .*" + gone + ".*--allow-missing-masks true"):
             loader.build_loader(items, t, 3, train=True, masks=True, dataset_dir=toy_bench.meta["dataset_dir"])
         with caplog.at_level(logging.WARNING, logger="dapt"):
             ld = loader.build_loader(items, t, 3, train=False, masks=True, dataset_dir=toy_bench.meta["dataset_dir"],

@@ -14,7 +14,7 @@ import data
 import loader
 import recipes
 import train
-from conftest import b2n_run_dir, interrupt_at_epoch, metrics_of, run_toy_b2n
+from conftest import FULL_BATCH, interrupt_at_epoch, metrics_of, run_folder, train_toy
 
 
 def test_cosine_kmeans_covers_every_class_and_is_seeded():
@@ -208,7 +208,7 @@ def test_davpt_official_recipe_pieces(tiny):
 
 
 def test_davpt_trains_reclusters_and_resumes(toy_root, tmp_path, monkeypatch):
-    extra = ["--lr", "0.05", "--n-proxies", "4"]
+    extra = [*FULL_BATCH, "--lr", "0.05", "--n-proxies", "4"]
     calls = []
     real_cluster = dapt.ProxyMap.cluster
 
@@ -217,9 +217,9 @@ def test_davpt_trains_reclusters_and_resumes(toy_root, tmp_path, monkeypatch):
         return real_cluster(self, means, init)
 
     monkeypatch.setattr(dapt.ProxyMap, "cluster", spy)
-    run_toy_b2n(toy_root, tmp_path / "full", "davpt", *extra)
+    train_toy(toy_root, tmp_path / "full", "davpt", *extra, shots=2, epochs=5)
     assert calls == [False] + [True] * 5  # initial map, then one re-clustering per epoch
-    d_full = b2n_run_dir(tmp_path / "full", "davpt")
+    d_full = run_folder(tmp_path / "full", "davpt", shots=2)
     m = metrics_of(d_full)
     # the task loss falls; the total need not: each re-clustering moves the Proxy-Anchor targets
     assert m[-1]["L_task"] < m[0]["L_task"], [e["L_task"] for e in m]
@@ -228,15 +228,15 @@ def test_davpt_trains_reclusters_and_resumes(toy_root, tmp_path, monkeypatch):
     # interrupted after two epochs, then resumed: the map is restored, the result equals the full run's
     restore = interrupt_at_epoch(monkeypatch, 2)
     with pytest.raises(SystemExit):
-        run_toy_b2n(toy_root, tmp_path / "cut", "davpt", *extra)
+        train_toy(toy_root, tmp_path / "cut", "davpt", *extra, shots=2, epochs=5)
     restore()
-    d_cut = b2n_run_dir(tmp_path / "cut", "davpt")
+    d_cut = run_folder(tmp_path / "cut", "davpt", shots=2)
     saved = torch.load(os.path.join(d_cut, "resume.pt"), weights_only=False)["extra"]
     loaded = []
     real_load = dapt.DAVPT.load_extra_state
     monkeypatch.setattr(dapt.DAVPT, "load_extra_state", lambda self, s: (real_load(self, s), loaded.append(
         self.proxy_map.class_to_proxy.clone())))
-    run_toy_b2n(toy_root, tmp_path / "cut", "davpt", *extra, "--resume")
+    train_toy(toy_root, tmp_path / "cut", "davpt", *extra, "--resume", shots=2, epochs=5)
     assert torch.equal(loaded[0], saved["class_to_proxy"])
     full = torch.load(os.path.join(d_full, "checkpoint.pt"), weights_only=False)
     cut = torch.load(os.path.join(d_cut, "checkpoint.pt"), weights_only=False)

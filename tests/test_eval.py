@@ -4,18 +4,20 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
+from PIL import Image
 
+import data
 import eval as evaluation
-import train
 import runs
 import tables
-from test_train import run, run_dir
+from conftest import run_folder, train_toy
 
 
 def test_eval_run_reproduces_new_class_accuracy(toy_root, tmp_path):
-    result = run(toy_root, tmp_path, "coop", "--lr", "0.05", "--batch", "8", epochs=2)
-    d = run_dir(tmp_path, "coop")
+    result = train_toy(toy_root, tmp_path, "coop", "--lr", "0.05", "--batch", "8", epochs=2)
+    d = run_folder(tmp_path, "coop")
     out = evaluation.main(["run", d, "--subsample", "new"])
     assert out[d]["toy"] == pytest.approx(result["accuracy"]["new"])
     with open(os.path.join(d, "eval_toy_new.json")) as f:  # the toy's correlated test split is scored too
@@ -25,11 +27,8 @@ def test_eval_run_reproduces_new_class_accuracy(toy_root, tmp_path):
 def test_cross_dataset_evaluation(toy_root, tmp_path):
     """A toy run evaluated on another dataset (a tiny fake EuroSAT in the CoOp layout, 64 px images): its class
     names and template replace the run's, images are resized to the run's CLIP resolution."""
-    import numpy as np
-    from PIL import Image
-
-    run(toy_root, tmp_path / "runs", "coop", "--lr", "0.05", "--batch", "8", epochs=1)
-    d = run_dir(tmp_path / "runs", "coop")
+    train_toy(toy_root, tmp_path / "runs", "coop", "--lr", "0.05", "--batch", "8", epochs=1)
+    d = run_folder(tmp_path / "runs", "coop")
     root = tmp_path / "data"
     names = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture", "PermanentCrop",
              "Residential", "River", "SeaLake"]
@@ -37,22 +36,26 @@ def test_cross_dataset_evaluation(toy_root, tmp_path):
     rng = np.random.default_rng(0)
     for label, name in enumerate(names):
         os.makedirs(root / "eurosat" / "2750" / name)
-        for i in range(2):
+        for i, s in enumerate(["train", "val", "test", "test"]):  # every image in one list; 2 test images per class
             rel = f"{name}/{name}_{i}.jpg"
             Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "eurosat" / "2750" / rel)
-            for s in split:
-                split[s].append([rel, label, name])
+            split[s].append([rel, label, name])
     with open(root / "eurosat" / "split_zhou_EuroSAT.json", "w") as f:
         json.dump(split, f)
     out = evaluation.main(["run", d, "--dataset", "eurosat", "--root", str(root)])
-    assert 0 <= out[d]["eurosat"] <= 100
     with open(os.path.join(d, "eval_eurosat_all.json")) as f:
         record = json.load(f)
-    assert record["images"] == 20 and record["trained_on"] == "toy"
+    assert record["images"] == 20 and record["trained_on"] == "toy" and record["accuracy"] == out[d]["eurosat"]
+    # the accuracy is the share of the 20 test images whose top-1 EuroSAT class (eval.py predict) is the true one
+    eurosat = data.load_benchmark("eurosat", str(root), shots=0, subsample="all")
+    rows = evaluation.predict([p for p, _, _ in eurosat.test], run_dir=d, classes=eurosat.classnames, topk=1,
+                              echo=lambda line: None)
+    right = sum(top[0][0] == eurosat.classnames[y] for (_, top), (_, y, _) in zip(rows, eurosat.test))
+    assert out[d]["eurosat"] == pytest.approx(100 * right / len(eurosat.test))
 
 
 def fake_result(root, method, dataset, seed, base, new, **extra):
-    d = os.path.join(root, "b2n", dataset, method, f"shots16_seed{seed}")
+    d = run_folder(root, method, "--seed", str(seed), dataset=dataset, shots=16)
     os.makedirs(d)
     runs.write_json(os.path.join(d, "result.json"), dict(
         method=method, dataset=dataset, setting="b2n", shots=16, seed=seed, tag="",

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import dapt
-import train
 import recipes
 from conftest import NAMES, make_clip, toy_batch
 

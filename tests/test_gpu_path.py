@@ -7,9 +7,8 @@ import torch
 
 import dapt
 import kernels
-import train
 import recipes
-from conftest import NAMES, TINY_TOY_CONFIG, random_clip, toy_batch
+from conftest import NAMES, SMALL_CONFIG, random_clip, toy_batch
 
 READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
 
@@ -34,7 +33,7 @@ def no_host_reads():
 
 
 def model_of(method):
-    clip = random_clip(TINY_TOY_CONFIG)
+    clip = random_clip(SMALL_CONFIG)
     cfg = recipes.resolve_config(method, "toy", {"subsample": "base"})
     if method == "fvgpt":
         host = dapt.CoOp(clip, NAMES, recipes.resolve_config("coop", "toy", {"subsample": "base"}))

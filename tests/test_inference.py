@@ -16,8 +16,7 @@ import data
 import eval as evaluation
 import train
 import runs
-from conftest import NAMES, make_clip, random_clip
-from test_folder_data import make_folder_dataset
+from conftest import NAMES, SMALL_CONFIG, make_clip, make_folder_dataset, random_clip
 
 
 @pytest.fixture(scope="module")
@@ -31,16 +30,15 @@ def trained(tmp_path_factory):
     out = str(tmp / "runs")
     common = ["--dataset", "folder", "--root", d, "--out", out, "--clip", clip_path, "--epochs", "1",
               "--warmup-epochs", "0", "--workers", "0", "--log-every", "1000", "--shots", "2"]
-    done = {}
+    done = {}  # name -> (result, run folder)
     for name, args in {"coop": ["--method", "coop", "--lr", "0.05"],
                        "dapt": ["--method", "dapt", "--subsample", "base"],
                        "dapt-g": ["--method", "dapt", "--subsample", "base", "--cue", "gradcam", "--tag", "-g"],
                        "host": ["--method", "coop", "--subsample", "base", "--tag", "-host"]}.items():
-        done[name] = (train.main(args + common), os.path.join(out, *({"coop": ["fewshot", "folder", "coop"]}.get(
-            name) or ["b2n", "folder", {"dapt": "dapt", "dapt-g": "dapt-g", "host": "coop-host"}[name]]),
-            "shots2_seed1"))
-    done["fvgpt"] = (train.main(["--method", "fvgpt", "--subsample", "base", "--host-run", done["host"][1]] + common),
-                     os.path.join(out, "b2n", "folder", "fvgpt", "shots2_seed1"))
+        result = train.main(args + common)
+        done[name] = (result, result["run_dir"])
+    result = train.main(["--method", "fvgpt", "--subsample", "base", "--host-run", done["host"][1]] + common)
+    done["fvgpt"] = (result, result["run_dir"])
     return d, clip_path, done
 
 
@@ -105,10 +103,7 @@ def direct_cls_row(visual, images, prompts=None, block=-1):
 
 @torch.no_grad()
 def test_cls_attention_equals_a_direct_computation():
-    config = dict(embed_dim=64, image_resolution=32, vision_layers=3, vision_width=64, vision_patch_size=8,
-                  context_length=77, vocab_size=49408, transformer_width=64, transformer_heads=1,
-                  transformer_layers=2)
-    clip = random_clip(config, seed=3)
+    clip = random_clip(dict(SMALL_CONFIG, vision_layers=3), seed=3)
     for blk in clip.visual.transformer.resblocks:  # several heads: the mean over heads is checked too
         blk.attn.heads = 4
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -10,10 +10,9 @@ import clip as clip_module
 import dapt
 import eval as evaluation
 import data
-import train
 import prompting
 import recipes
-from conftest import NAMES as TOY_NAMES, SMALL_CONFIG, TINY_TOY_CONFIG, random_clip, toy_batch
+from conftest import NAMES as TOY_NAMES, SMALL_CONFIG, random_clip, toy_batch
 
 NAMES = ["red circle", "blue square", "green_triangle", "yellow cross"]
 
@@ -157,7 +156,7 @@ def test_zero_shot_ensemble_is_renormalised_mean(clip):
 
 def test_kgcoop_term_is_zero_at_the_template_init():
     cfg = recipes.resolve_config("kgcoop", "toy", {})
-    model = dapt.KgCoOp(random_clip(TINY_TOY_CONFIG), TOY_NAMES, dict(cfg, template="a photo of a {}."))
+    model = dapt.KgCoOp(random_clip(SMALL_CONFIG), TOY_NAMES, dict(cfg, template="a photo of a {}."))
     loss, stats = model.loss(toy_batch(), 0)
     assert abs(stats["L_kg"]) < 1e-5  # ctx = "a photo of a" reproduces the template prompt exactly
     with torch.no_grad():
@@ -282,7 +281,7 @@ def test_every_method_builds_from_its_class_defaults_alone(method):
     """A method lifts out: dapt.build_model(method, clip, classnames) with no config at all (the class defaults; no
     recipe, dataset or run code) gives a model whose loss and backward run on a small random CLIP (ViT-B/16's
     depth, 12 blocks per tower, as the defaults assume: MMRL's representation blocks are 6-12)."""
-    clip = random_clip(dict(TINY_TOY_CONFIG, vision_layers=12, transformer_layers=12))
+    clip = random_clip(dict(SMALL_CONFIG, vision_layers=12, transformer_layers=12))
     model = dapt.build_model(method, clip, TOY_NAMES)
     assert model.cfg == {**type(model).defaults, **model.cfg} and set(model.cfg) == set(type(model).defaults)
     model.prepare(class_default_features(clip))  # dapt-dist's prototypes, DA-VPT's clusters; a no-op elsewhere

@@ -11,13 +11,11 @@ from torch import nn
 import classic
 import clip as clip_module
 import dapt
-import train
 import recipes
-from conftest import NAMES, TINY_TOY_CONFIG, make_clip, random_clip, toy_batch
-from test_promptsrc import official_clip_draws, perturbed
-from test_train import epoch_losses, run, run_dir
+from conftest import (NAMES, SMALL_CONFIG, epoch_losses, make_clip, official_clip_draws, perturbed, random_clip,
+                      run_folder, toy_batch, train_toy)
 
-THREE = dict(TINY_TOY_CONFIG, vision_layers=3, transformer_layers=3)  # rep layers (2, 3): insert, then replace
+THREE = dict(SMALL_CONFIG, vision_layers=3, transformer_layers=3)  # rep layers (2, 3): insert, then replace
 
 
 def mmrl(clip=None, **kw):
@@ -195,11 +193,11 @@ def test_dapt_and_fvgpt_on_an_mmrl_host(decouple):
 
 
 def test_mmrl_trains_and_fvgpt_runs_on_it(toy_root, tmp_path):
-    result = run(toy_root, tmp_path, "mmrl", "--batch", "8", epochs=3)
-    d = run_dir(tmp_path, "mmrl")
+    result = train_toy(toy_root, tmp_path, "mmrl", "--batch", "8", epochs=3)
+    d = run_folder(tmp_path, "mmrl")
     losses = epoch_losses(d)
     assert losses[-1] < losses[0], losses
     assert list(result["config"]["rep_layers"]) == [-1] and set(result["accuracy"]) == {"base", "new", "hm", "base_corr", "new_corr"}
-    res = run(toy_root, tmp_path, "fvgpt", "--host-run", d, "--fvg-host-recipe", "mmrl", epochs=1)
+    res = train_toy(toy_root, tmp_path, "fvgpt", "--host-run", d, "--fvg-host-recipe", "mmrl", epochs=1)
     assert res["config"]["optimizer"] == "adamw"
-    assert os.path.exists(os.path.join(run_dir(tmp_path, "fvgpt"), "result.json"))
+    assert os.path.exists(os.path.join(run_folder(tmp_path, "fvgpt"), "result.json"))

@@ -1,5 +1,6 @@
-"""The README's table of where our defaults differ from the official code: every flag it lists is a config key of
-its method, differs from the default, and changes behaviour (a probe per key; a flag without a probe fails)."""
+"""The table of where our defaults differ from the official code, in docs/methods.md between the markers
+<!-- official-differences --> and <!-- /official-differences -->: every flag it lists is a config key of its
+method, differs from the default, and changes behaviour (a probe per key; a flag without a probe fails)."""
 import os
 import re
 import shlex
@@ -8,19 +9,19 @@ import pytest
 import torch
 
 import dapt
-import data
 import train
 import loader
 import recipes
 import runs
-from conftest import NAMES, TINY_TOY_CONFIG, random_clip, run_random_toy, toy_batch
+from conftest import NAMES, SMALL_CONFIG, random_clip, run_folder, toy_batch, train_random_toy
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+METHODS_DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "methods.md")
 
 
 def table_flags():
-    """[(method, key, value text)] of the flags column of the official-differences table."""
-    text = open(README).read()
+    """[(method, key, value text)] of the flags column of the official-differences table of docs/methods.md."""
+    with open(METHODS_DOC, encoding="utf-8") as f:
+        text = f.read()
     body = text[text.index("<!-- official-differences -->"):text.index("<!-- /official-differences -->")]
     rows = [line for line in body.splitlines() if line.startswith("| ") and not line.startswith("| method")]
     out = []
@@ -40,7 +41,7 @@ FLAGS = table_flags()
 
 
 def model_loss(method, cfg, batch, seed=0, names=NAMES):
-    clip = random_clip(TINY_TOY_CONFIG)
+    clip = random_clip(SMALL_CONFIG)
     torch.manual_seed(seed)
     model = dapt.build_model(method, clip, names, cfg)
     with torch.no_grad():  # move every prompt off its initial value, so that each term is non-trivial
@@ -53,7 +54,7 @@ def model_loss(method, cfg, batch, seed=0, names=NAMES):
 
 
 def fvgpt_loss_changes(key, value):
-    clip = random_clip(TINY_TOY_CONFIG)
+    clip = random_clip(SMALL_CONFIG)
     host = dapt.CoOp(clip, NAMES, recipes.resolve_config("coop", "toy", {"subsample": "base"}))
     cfg = recipes.resolve_config("fvgpt", "toy", {"subsample": "base"})
     losses = []
@@ -84,8 +85,8 @@ def run_key_changes(method, key, value):
         sched = [[train.lr_at(c, e, 0, 10) for e in range(5)] + [c["batch"], c["optimizer"]] for c in (base, new)]
         return sched[0] != sched[1]
     if key in ("resize_only", "mask_quirk"):
-        bench = type("B", (), {"meta": {"image_size": 32}})()
-        return [t.constants() for t in train.transforms_of(base, 32)] != [t.constants() for t in train.transforms_of(new, 32)]
+        return [t.constants() for t in train.transforms_of(base, 32)] != \
+            [t.constants() for t in train.transforms_of(new, 32)]
     raise KeyError(key)
 
 
@@ -104,8 +105,8 @@ def test_listed_flag_exists_and_changes_behaviour(method, key, value, random_toy
     elif key == "selection":  # a DAPT run keeps a best.pt only when it selects on the validation split
         kept = []
         for tag, extra in (("-a", []), ("-b", ["--selection", value])):
-            run_random_toy(random_toy, tmp_path, "--method", method, "--epochs", "1", "--tag", tag, *extra)
-            kept.append(os.path.exists(os.path.join(tmp_path, "b2n", "toy", method + tag, "shots4_seed1", "best.pt")))
+            train_random_toy(random_toy, tmp_path, method, "--tag", tag, *extra, epochs=1)
+            kept.append(os.path.exists(os.path.join(run_folder(tmp_path, method, "--tag", tag), "best.pt")))
         assert kept == [True, False]
     elif key == "proto_train_view":
         views = []
@@ -114,14 +115,14 @@ def test_listed_flag_exists_and_changes_behaviour(method, key, value, random_toy
             views.append(view)
             return torch.zeros(4, 64), torch.arange(4)
         for c in (cfg, dict(cfg, proto_train_view=typed)):
-            dapt.DistributionAwarePT(random_clip(TINY_TOY_CONFIG), NAMES, c).prepare(features)
+            dapt.DistributionAwarePT(random_clip(SMALL_CONFIG), NAMES, c).prepare(features)
         assert views == ["train", "test"]
     elif key == "template":  # KgCoOp's t0
-        clip = random_clip(TINY_TOY_CONFIG)
+        clip = random_clip(SMALL_CONFIG)
         t0 = [dapt.KgCoOp(clip, NAMES, dict(cfg, template=t)).t0 for t in (cfg["template"], typed)]
         assert not torch.allclose(t0[0], t0[1])
     elif key == "class_token_layout":
-        clip = random_clip(TINY_TOY_CONFIG)
+        clip = random_clip(SMALL_CONFIG)
         tokens = [dapt.TextPrompts(clip, ["crane (bird)"], 4, position="middle", layout=v).tokens
                   for v in (cfg[key], typed)]
         assert not torch.equal(*tokens)
@@ -141,4 +142,4 @@ def test_the_table_lists_the_quirk_flags():
             "official_optim", "dassl_drop_last"} <= keys
     quirks = {k for m in dapt.METHODS if m != "fvgpt" for k in dapt.model_defaults(m) if k.endswith("_quirk")}
     quirks |= {k for k in recipes.COMMON if k.endswith("_quirk")}
-    assert quirks <= keys, f"quirk flags missing from the README table: {quirks - keys}"
+    assert quirks <= keys, f"quirk flags missing from the table in docs/methods.md: {quirks - keys}"

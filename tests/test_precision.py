@@ -3,7 +3,6 @@ float16 under float16 autocast with a gradient scaler (torch.amp.GradScaler("cpu
 toy benchmark: the loss stays finite, the trained tensors stay float32, the frozen CLIP keeps its dtype and its
 values, and a checkpoint loads back into a float32 model whose predictions equal the run's (within bf16 / fp16
 tolerance)."""
-import json
 import os
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 import dapt
 import train
 import runs
-from conftest import run_random_toy
+from conftest import metrics_of, train_random_toy
 
 METHODS = [m for m in dapt.METHODS if m != "fvgpt"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -33,8 +32,8 @@ def trained_run(random_toy, out, method, precision, seen, monkeypatch, *extra):
         return stats
 
     monkeypatch.setattr(train, "train_one_epoch", spy)
-    return run_random_toy(random_toy, out, "--method", method, "--shots", "1", "--batch", "12", "--epochs", "1",
-                          "--lr", "0.01", "--precision", precision, *extra)
+    return train_random_toy(random_toy, out, method, "--batch", "12", "--lr", "0.01", "--precision", precision, *extra,
+                            shots=1, epochs=1)
 
 
 @pytest.mark.parametrize("precision", list(DTYPES))
@@ -44,9 +43,7 @@ def test_mixed_precision_trains_and_loads_back_in_float32(random_toy, tmp_path, 
     result = trained_run(random_toy, tmp_path, method, precision, seen, monkeypatch)
     run_dir = result["run_dir"]
     if method != "zsclip":  # zero-shot CLIP does not train: the evaluation below runs at the precision
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            metrics = [json.loads(line) for line in f]
-        assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics)
+        assert all(torch.isfinite(torch.tensor(m["loss"])) for m in metrics_of(run_dir))
         assert seen["clip"] == {DTYPES[precision]}, seen  # the frozen weights keep the run's dtype ...
         assert seen["frozen_moved"] == [], seen["frozen_moved"]  # ... and their values
         assert seen["trained"] == {torch.float32}  # float32 master prompts
@@ -71,8 +68,8 @@ def test_mixed_precision_trains_and_loads_back_in_float32(random_toy, tmp_path, 
 
 @pytest.mark.parametrize("precision", list(DTYPES))
 def test_fvgpt_mixed_precision(random_toy, tmp_path, monkeypatch, precision):
-    host = run_random_toy(random_toy, tmp_path, "--method", "coop", "--shots", "1", "--batch", "12", "--epochs", "1",
-                          "--precision", precision)["run_dir"]
+    host = train_random_toy(random_toy, tmp_path, "coop", "--batch", "12", "--precision", precision, shots=1,
+                            epochs=1)["run_dir"]
     seen = {}
     result = trained_run(random_toy, tmp_path, "fvgpt", precision, seen, monkeypatch, "--host-run", host)
     assert seen["trained"] == {torch.float32} and seen["frozen_moved"] == [] and seen["clip"] == {DTYPES[precision]}

@@ -12,56 +12,14 @@ from torch import nn
 import classic
 import clip as clip_module
 import dapt
-import data
-import train
 import prompting
 import recipes
-from conftest import NAMES, interrupt_at_epoch, make_clip, random_clip, toy_batch
-from test_train import epoch_losses, run, run_dir
+from conftest import (NAMES, SMALL_CONFIG, epoch_losses, interrupt_at_epoch, make_clip, official_clip_draws, perturbed,
+                      random_clip, run_folder, toy_batch, train_toy)
 
 
 def cfg_of(method, **kw):
     return dict(recipes.resolve_config(method, "toy", {"subsample": "base"}), **kw)
-
-
-def perturbed(model, std=0.05, seed=0):
-    """The model with every trainable tensor moved by N(0, std^2), so prompts are not at a special point."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(std * torch.randn(p.shape, generator=g))
-    return model
-
-
-def official_clip_draws(c, vpt=None, image_deep=None, text_deep=None, after_proj=None):
-    """Reference for dapt.clip_draws / replay: the official CLIP.__init__ order written with real modules
-    (nn.MultiheadAttention, nn.Linear, nn.Embedding, the text tower's initialize_parameters), so the test does not
-    share the counting of the code under test. The callables draw what a prompted copy keeps."""
-    kept, Wv, Wt, E, p = [], c["vision_width"], c["transformer_width"], c["embed_dim"], c["vision_patch_size"]
-
-    def blocks(W, L, heads, deep):
-        for i in range(L):
-            nn.MultiheadAttention(W, heads), nn.Linear(W, 4 * W), nn.Linear(4 * W, W)
-            if deep is not None and deep(i) is not None:
-                kept.append(deep(i)())
-
-    nn.Conv2d(3, Wv, p, p, bias=False)
-    if vpt is not None:
-        kept.append(vpt())
-    torch.randn(Wv), torch.randn((c["image_resolution"] // p) ** 2 + 1, Wv)
-    blocks(Wv, c["vision_layers"], max(Wv // 64, 1), image_deep)
-    torch.randn(Wv, E)
-    if after_proj is not None:
-        kept.append(after_proj())
-    blocks(Wt, c["transformer_layers"], c["transformer_heads"], text_deep)
-    emb = nn.Embedding(c["vocab_size"], Wt)
-    nn.init.normal_(emb.weight, std=0.02), nn.init.normal_(torch.empty(c["context_length"], Wt), std=0.01)
-    for _ in range(c["transformer_layers"]):
-        for shape in ((3 * Wt, Wt), (Wt, Wt), (4 * Wt, Wt), (Wt, 4 * Wt)):
-            nn.init.normal_(torch.empty(shape))
-    nn.init.normal_(torch.empty(Wt, E))
-    return kept
 
 
 def tower_text(model):
@@ -94,9 +52,7 @@ def tower_image(model, images):
 
 @pytest.mark.parametrize("method,extra", [("ivlp", {}), ("promptsrc", {}), ("ivlp", dict(n_ctx_text=8))])
 def test_prompts_reach_each_block_as_the_hand_written_loop(method, extra):
-    clip = random_clip(dict(clip_module.VIT_B16_CONFIG, image_resolution=32, vision_patch_size=8, vision_layers=3,
-                            vision_width=64, transformer_layers=3, transformer_width=64, transformer_heads=1,
-                            embed_dim=64))
+    clip = random_clip(dict(SMALL_CONFIG, vision_layers=3, transformer_layers=3))
     model = perturbed(dapt.build_model(method, clip, NAMES, cfg_of(method, **extra)))
     assert model.J_t == model.J_v == 3 and model.text_prompts.shape[0] == 2 and model.image_prompts.shape[0] == 3
     images = toy_batch()["image"]
@@ -230,8 +186,8 @@ def test_dapt_promptsrc_keeps_the_host_terms_and_gpa():
 
 def test_promptsrc_trains_and_resumes_with_the_gpa_aggregate(toy_root, tmp_path, monkeypatch):
     extra = ["--lr", "0.05", "--batch", "8", "--gpa-mean", "2", "--gpa-std", "1.5"]
-    result = run(toy_root, tmp_path / "full", "promptsrc", *extra, epochs=3)
-    d = run_dir(tmp_path / "full", "promptsrc")
+    result = train_toy(toy_root, tmp_path / "full", "promptsrc", *extra, epochs=3)
+    d = run_folder(tmp_path / "full", "promptsrc")
     losses = epoch_losses(d)
     assert losses[-1] < losses[0], losses
     assert set(result["accuracy"]) == {"base", "new", "hm", "base_corr", "new_corr"}
@@ -241,11 +197,11 @@ def test_promptsrc_trains_and_resumes_with_the_gpa_aggregate(toy_root, tmp_path,
         assert torch.equal(p, full["extra"]["gpa"][n]), n
     restore = interrupt_at_epoch(monkeypatch, 2)
     with pytest.raises(SystemExit):
-        run(toy_root, tmp_path / "cut", "promptsrc", *extra, epochs=3)
+        train_toy(toy_root, tmp_path / "cut", "promptsrc", *extra, epochs=3)
     restore()
-    cut_dir = run_dir(tmp_path / "cut", "promptsrc")
+    cut_dir = run_folder(tmp_path / "cut", "promptsrc")
     assert torch.load(os.path.join(cut_dir, "resume.pt"), weights_only=False)["extra"]["gpa_epochs"] == 2
-    resumed = run(toy_root, tmp_path / "cut", "promptsrc", *extra, "--resume", epochs=3)
+    resumed = train_toy(toy_root, tmp_path / "cut", "promptsrc", *extra, "--resume", epochs=3)
     cut = torch.load(os.path.join(cut_dir, "checkpoint.pt"), weights_only=False)
     for n in full["params"]:
         torch.testing.assert_close(cut["params"][n], full["params"][n], rtol=0, atol=1e-6)
@@ -253,7 +209,7 @@ def test_promptsrc_trains_and_resumes_with_the_gpa_aggregate(toy_root, tmp_path,
 
 
 def test_ivlp_trains_end_to_end(toy_root, tmp_path):
-    result = run(toy_root, tmp_path, "ivlp", "--lr", "0.05", "--batch", "8", epochs=3)
-    losses = epoch_losses(run_dir(tmp_path, "ivlp"))
+    result = train_toy(toy_root, tmp_path, "ivlp", "--lr", "0.05", "--batch", "8", epochs=3)
+    losses = epoch_losses(run_folder(tmp_path, "ivlp"))
     assert losses[-1] < losses[0], losses
     assert result["config"]["trainable_values"] == 2 * 64 + 3 * 2 * 64 + 4 * 2 * 64  # ctx, P^t 1-3, V_0 + P^v 1-3

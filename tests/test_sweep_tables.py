@@ -12,15 +12,16 @@ import train
 import recipes
 import runs
 import sweep
-from conftest import cli_error
+from conftest import cli_error, run_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def fake_run(root, method, dataset, seed, accuracy, setting="b2n", shots=16, selected_epoch=None, **changed):
-    cfg = recipes.resolve_config(method, dataset, {"subsample": "base" if setting == "b2n" else "all", "shots": shots})
+    subsample = "base" if setting == "b2n" else "all"
+    cfg = recipes.resolve_config(method, dataset, {"subsample": subsample, "shots": shots})
     cfg.update(changed, seed=seed)
-    d = os.path.join(root, setting, dataset, method, f"shots{shots}_seed{seed}")
+    d = run_folder(root, method, "--seed", str(seed), dataset=dataset, subsample=subsample, shots=shots)
     os.makedirs(d)
     runs.write_json(os.path.join(d, "result.json"), dict(
         method=method, dataset=dataset, setting=setting, shots=shots, seed=seed, tag="", subsample=cfg["subsample"],
@@ -104,7 +105,7 @@ def test_sweep_skips_finished_resumes_unfinished_and_survives_a_failure(random_t
     assert sweep.sweep(str(plan), out=out, root=root, echo=lines.append)["done"] == 4
     assert all(ln.endswith(": done") for ln in lines[1:5])
     # an unfinished run (result.json lost): skipped without --resume, continued with it
-    unfinished = os.path.join(out, "b2n", "toy", "coop", "shots4_seed2")
+    unfinished = run_folder(out, "coop", "--seed", "2")
     os.remove(os.path.join(unfinished, "result.json"))
     lines.clear()
     stats = sweep.sweep(str(plan), out=out, root=root, echo=lines.append)
@@ -120,7 +121,7 @@ def test_sweep_skips_finished_resumes_unfinished_and_survives_a_failure(random_t
     assert e.value.code == 1
     captured = capsys.readouterr()
     assert "FAILED (ConfigError: fvgpt needs --host-run" in captured.out and "[6/6]" in captured.out
-    assert os.path.isfile(os.path.join(out, "b2n", "toy", "coop", "shots4_seed3", "result.json"))
+    assert os.path.isfile(os.path.join(run_folder(out, "coop", "--seed", "3"), "result.json"))
     assert "1 run(s) failed" in captured.err
     # a line that cannot be read stops the sweep before anything runs
     plan.write_text("--method coop --dataset toy --lr fast\n")
@@ -143,17 +144,18 @@ def test_sweep_jobs_runs_processes_in_dependency_order(random_toy, tmp_path):
     out, lines = str(tmp_path / "par"), []
     stats = sweep.sweep(str(plan), out=out, root=root, device="cpu", echo=lines.append, jobs=2)
     assert stats["trained"] == 4 and len(stats["failed"]) == 2, stats
-    host, fvg = (os.path.join(out, "b2n", "toy", m, "shots2_seed1") for m in ("coop-fvg", "fvgpt"))
+    host, fvg = run_folder(out, "coop", "--tag", "-fvg", shots=2), run_folder(out, "fvgpt", shots=2)
     assert os.path.getmtime(os.path.join(fvg, "config.json")) >= os.path.getmtime(os.path.join(host, "result.json"))
     assert "2 at a time" in lines[0] and any("FAILED (exit code 1" in ln and "coop-bad" in ln for ln in lines)
     assert any("fvgpt-on-bad" in ln and "a run it needs failed" in ln for ln in lines)
-    assert not os.path.exists(host + ".sweep.txt") and os.path.exists(os.path.join(out, "b2n", "toy", "coop-bad",
-                                                                                    "shots2_seed2.sweep.txt"))
+    bad = run_folder(out, "coop", "--tag", "-bad", "--seed", "2", shots=2)
+    assert not os.path.exists(host + ".sweep.txt") and os.path.exists(bad + ".sweep.txt")
     # the same runs in this process give the same numbers
     plan.write_text(f"R = {r}\n--method coop $R --seed 1 --ctx-init '' --tag -fvg\n"
                     "--method fvgpt $R --seed 1 --host-run {out}/b2n/toy/coop-fvg/shots2_seed1\n")
     seq = str(tmp_path / "seq")
     sweep.sweep(str(plan), out=seq, root=root, device="cpu", echo=lambda m: None)
-    for m in ("coop-fvg", "fvgpt"):
-        a, b = (runs.read_json(os.path.join(o, "b2n", "toy", m, "shots2_seed1", "result.json")) for o in (out, seq))
-        assert a["accuracy"] == b["accuracy"], m
+    for method, tag in (("coop", "-fvg"), ("fvgpt", "")):
+        a, b = (runs.read_json(os.path.join(run_folder(o, method, "--tag", tag, shots=2), "result.json"))
+                for o in (out, seq))
+        assert a["accuracy"] == b["accuracy"], method + tag

@@ -1,4 +1,4 @@
-"""The toy benchmark v2 (toy.md, issue 14): scenes, tinted domain, the two test splits, versioned caches, and a
+"""The toy benchmark v2 (docs/toy.md): scenes, tinted domain, the two test splits, versioned caches, and a
 toy CLIP pretraining that leaves the global random state alone."""
 import json
 import os
@@ -130,8 +130,8 @@ def test_pretraining_leaves_global_rng_and_is_deterministic(tmp_path, monkeypatc
 
 
 def test_first_run_on_a_fresh_root_equals_a_warm_run(tmp_path, monkeypatch):
-    """Generating the toy and pretraining the toy CLIP inside a run must not move the run's random state
-    (issue 11): the first run on a fresh root and the same run on the warm root give bit-identical results."""
+    """Generating the toy and pretraining the toy CLIP inside a run must not move the run's random state: the
+    first run on a fresh root and the same run on the warm root give bit-identical results."""
     monkeypatch.setattr(toy, "TOY_PRETRAIN", dict(toy.TOY_PRETRAIN, steps=3, images=200, batch=16, warmup=2))
     real = toy.make_toy
     monkeypatch.setattr(toy, "make_toy", lambda root: real(root, per_class=SMALL))
@@ -164,7 +164,7 @@ def test_load_benchmark_rebuilds_an_old_toy_and_reads_test_corr(tmp_path, monkey
 def test_a_further_test_split_must_be_a_list(tmp_path):
     path = tmp_path / "split.json"
     json.dump({"train": [], "val": [], "test": [["a.png", 0, "a"]], "test_x": {"a.png": 0}}, open(path, "w"))
-    with pytest.raises(data.SplitFileError, match="'test_x' is not a list"):
+    with pytest.raises(data.SplitFileError, match=r"\(test_x\): expected a list of \[rel_path, label, classname\]"):
         data.read_split_json(str(path))
     json.dump({"train": [], "val": [], "test": [], "test_x": [["b.png", 1, "b"]], "notes": "kept out"}, open(path, "w"))
     assert data.read_split_json(str(path))["test_x"] == [("b.png", 1, "b")] and "notes" not in data.read_split_json(str(path))

@@ -14,22 +14,7 @@ import eval as evaluation
 import train
 import recipes
 import runs
-from conftest import cli_error, interrupt_at_epoch
-
-
-def run(toy_root, out, method, *extra, subsample="base", shots=4, epochs=3):
-    argv = ["--method", method, "--dataset", "toy", "--root", toy_root, "--out", str(out), "--subsample", subsample,
-            "--shots", str(shots), *(["--epochs", str(epochs)] if epochs is not None else []), *extra]
-    return train.main(argv)
-
-
-def epoch_losses(run_dir):
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line)["loss"] for line in f]
-
-
-def run_dir(out, method, setting="b2n", shots=4, seed=1, tag=""):
-    return os.path.join(str(out), setting, "toy", method + tag, f"shots{shots}_seed{seed}")
+from conftest import cli_error, epoch_losses, interrupt_at_epoch, run_folder, train_toy
 
 
 BASELINES = {  # a learning rate high enough that a few steps on 48 images move the loss
@@ -47,8 +32,8 @@ BASELINES = {  # a learning rate high enough that a few steps on 48 images move 
 @pytest.mark.parametrize("method", list(BASELINES))
 def test_baseline_trains_and_writes_result(toy_root, tmp_path, method):
     epochs = {"cocoop": 3, "kgcoop": 6}.get(method, 4)
-    result = run(toy_root, tmp_path, method, *BASELINES[method], epochs=epochs)
-    d = run_dir(tmp_path, method)
+    result = train_toy(toy_root, tmp_path, method, *BASELINES[method], epochs=epochs)
+    d = run_folder(tmp_path, method)
     losses = epoch_losses(d)
     assert len(losses) == epochs
     assert losses[-1] < losses[0], f"{method}: loss did not fall: {losses}"
@@ -68,9 +53,16 @@ def test_baseline_trains_and_writes_result(toy_root, tmp_path, method):
 
 
 def test_zero_shot_run(toy_root, tmp_path):
-    result = run(toy_root, tmp_path, "zsclip", subsample="all", epochs=None)
-    assert 0 <= result["accuracy"]["all"] <= 100
+    """A zero-shot run trains nothing, and its accuracy is the share of test images whose top-1 class, predicted
+    from the image files by `eval.py predict` with the run's folder, is the true one."""
+    result = train_toy(toy_root, tmp_path, "zsclip", subsample="all", epochs=None)
     assert result["config"]["epochs"] == 0
+    bench = data.load_benchmark("toy", toy_root, shots=0, subsample="all")
+    rows = evaluation.predict([p for p, _, _ in bench.test], run_dir=run_folder(tmp_path, "zsclip", subsample="all"),
+                              topk=1, echo=lambda line: None)
+    right = sum(top[0][0] == bench.classnames[y] for (_, top), (_, y, _) in zip(rows, bench.test))
+    assert result["test_images"]["all"] == len(bench.test) == 24 * 6
+    assert result["accuracy"]["all"] == pytest.approx(100 * right / len(bench.test))
 
 
 def test_zero_shot_select_ensemble(toy_root):
@@ -84,7 +76,7 @@ def test_only_prompt_parameters_change(toy_root, tmp_path):
     cfg = recipes.resolve_config("maple", "toy", dict(subsample="base", shots=4, epochs=2, lr=0.05, batch=8))
     clip_before = {k: v.clone() for k, v in train.load_backbone(cfg, toy_root, "cpu").state_dict().items()}
     train.train(cfg, root=toy_root, out=str(tmp_path))
-    d = run_dir(tmp_path, "maple")
+    d = run_folder(tmp_path, "maple")
     model, _, _ = evaluation.trained_run(d)
     for k, v in model.clip.state_dict().items():
         assert torch.equal(v, clip_before[k]), f"frozen CLIP weight {k} changed"
@@ -96,25 +88,25 @@ def test_only_prompt_parameters_change(toy_root, tmp_path):
 
 def test_resume_matches_uninterrupted_run(toy_root, tmp_path, monkeypatch, capsys):
     extra = ["--lr", "0.05", "--batch", "8"]
-    run(toy_root, tmp_path / "full", "coop", *extra, epochs=4)
+    train_toy(toy_root, tmp_path / "full", "coop", *extra, epochs=4)
     # the interrupted run: Ctrl-C during the third epoch leaves the checkpoint of the second
     restore = interrupt_at_epoch(monkeypatch, 2)
     with pytest.raises(SystemExit) as e:
-        run(toy_root, tmp_path / "cut", "coop", *extra, epochs=4)
+        train_toy(toy_root, tmp_path / "cut", "coop", *extra, epochs=4)
     assert e.value.code == 130
-    d = run_dir(tmp_path / "cut", "coop")
+    d = run_folder(tmp_path / "cut", "coop")
     assert not os.path.exists(os.path.join(d, "result.json"))
     assert torch.load(os.path.join(d, "resume.pt"), weights_only=True)["epoch"] == 1
     restore()
     with pytest.raises(SystemExit) as e:  # refusing to overwrite a run silently
-        run(toy_root, tmp_path / "cut", "coop", *extra, epochs=4)
+        train_toy(toy_root, tmp_path / "cut", "coop", *extra, epochs=4)
     assert e.value.code == 1 and "--resume" in capsys.readouterr().err
-    resumed = run(toy_root, tmp_path / "cut", "coop", *extra, "--resume", epochs=4)
-    full = torch.load(os.path.join(run_dir(tmp_path / "full", "coop"), "checkpoint.pt"), weights_only=True)
+    resumed = train_toy(toy_root, tmp_path / "cut", "coop", *extra, "--resume", epochs=4)
+    full = torch.load(os.path.join(run_folder(tmp_path / "full", "coop"), "checkpoint.pt"), weights_only=True)
     cut = torch.load(os.path.join(d, "checkpoint.pt"), weights_only=True)
     assert torch.equal(cut["params"]["ctx"], full["params"]["ctx"])  # exact: the random states are restored too
-    assert epoch_losses(d) == epoch_losses(run_dir(tmp_path / "full", "coop"))
-    with open(os.path.join(run_dir(tmp_path / "full", "coop"), "result.json")) as f:
+    assert epoch_losses(d) == epoch_losses(run_folder(tmp_path / "full", "coop"))
+    with open(os.path.join(run_folder(tmp_path / "full", "coop"), "result.json")) as f:
         assert resumed["accuracy"] == pytest.approx(json.load(f)["accuracy"])
 
 
@@ -128,9 +120,9 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(toy_root, tmp_path, monkeypatc
 
     monkeypatch.setattr(dapt.CoOp, "loss", nan_in_second_epoch)
     with pytest.raises(SystemExit) as e:
-        run(toy_root, tmp_path, "coop", *extra, epochs=3)
+        train_toy(toy_root, tmp_path, "coop", *extra, epochs=3)
     assert e.value.code == 1 and "non-finite loss: loss is nan at epoch 2, step 1" in capsys.readouterr().err
-    d = run_dir(tmp_path, "coop")
+    d = run_folder(tmp_path, "coop")
     ckpt = torch.load(os.path.join(d, "checkpoint.pt"), weights_only=True)
     assert torch.isfinite(ckpt["params"]["ctx"]).all()
     assert torch.load(os.path.join(d, "resume.pt"), weights_only=True)["epoch"] == 0

@@ -1,7 +1,7 @@
-"""Issue 11, end to end on the toy benchmark: no file of a run folder or cache can run code, a run folder never
-lies (a changed config is refused, a finished run is never rewritten, one process at a time), a result depends
-only on its config and seed (also across a kill and --resume), guards flag broken models, read-only datasets
-work, and the end of a run says what its numbers are."""
+"""Whether a run can be trusted, end to end on the toy benchmark: no file of a run folder or cache can run code, a
+run folder never lies (a changed config is refused, a finished run is never rewritten, one process at a time), a
+result depends only on its config and seed (also across a kill and --resume), guards flag broken models, read-only
+datasets work, and the end of a run says what its numbers are."""
 import fcntl
 import json
 import os
@@ -22,8 +22,8 @@ import eval as evaluation
 import recipes
 import toy
 import train
-from conftest import TEST_TOY_PER_CLASS, cli_error, interrupt_at_epoch, metrics_of
-from test_train import run, run_dir
+from conftest import (TEST_TOY_PER_CLASS, cli_error, epoch_losses, interrupt_at_epoch, metrics_of, run_folder,
+                      toy_argv, train_toy)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COOP = ["--lr", "0.05", "--batch", "8"]
@@ -55,11 +55,11 @@ def snapshot(folder):
 def runs(toy_root, tmp_path_factory):
     """A finished coop run (1 epoch) and an unfinished one (best-val selection, stopped after 2 of 3 epochs)."""
     out = tmp_path_factory.mktemp("trust_runs")
-    run(toy_root, out / "finished", "coop", *COOP, epochs=1)
+    train_toy(toy_root, out / "finished", "coop", *COOP, epochs=1)
     with pytest.MonkeyPatch.context() as mp:
         interrupt_at_epoch(mp, 2)
         with pytest.raises(SystemExit):
-            run(toy_root, out / "unfinished", "coop", *COOP, "--selection", "best_val", epochs=3)
+            train_toy(toy_root, out / "unfinished", "coop", *COOP, "--selection", "best_val", epochs=3)
     return out
 
 
@@ -78,11 +78,11 @@ def error_line(err):
 
 def copy_of(runs, name, tmp_path):
     shutil.copytree(runs / name, tmp_path / name)
-    return tmp_path / name, run_dir(tmp_path / name, "coop")
+    return tmp_path / name, run_folder(tmp_path / name, "coop")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 1. no file runs code
+# no file runs code
 
 
 def test_payload_is_real(tmp_path):
@@ -103,19 +103,20 @@ def test_planted_payload_never_runs_and_the_error_names_the_file(kind, runs, toy
         if kind == "checkpoint":
             code, err = cli_error(capsys, evaluation.main, ["run", d])
         else:
-            code, err = fails(capsys, run, toy_root, tmp_path / "fvg", "fvgpt", "--host-run", d, epochs=1)
+            code, err = fails(capsys, train_toy, toy_root, tmp_path / "fvg", "fvgpt", "--host-run", d, epochs=1)
     elif kind in ("resume", "best"):
         out, d = copy_of(runs, "unfinished", tmp_path)
         target = os.path.join(d, f"{kind}.pt")
         plant(target, marker)
         if kind == "best":  # the best epoch stays the saved one, so best.pt is read after the last epoch
             monkeypatch.setattr(train, "evaluate", lambda *a, **k: (-1.0, 0))
-        code, err = fails(capsys, run, toy_root, out, "coop", *COOP, "--selection", "best_val", "--resume", epochs=3)
+        code, err = fails(capsys, train_toy, toy_root, out, "coop", *COOP, "--selection", "best_val", "--resume",
+                          epochs=3)
     elif kind == "toy_clip":  # the toy CLIP cached in the data root
         toy_copy = request.getfixturevalue("toy_copy")
         target = toy.toy_clip_path(toy_copy)
         plant(target, marker)
-        code, err = fails(capsys, run, toy_copy, tmp_path / "runs", "coop", epochs=1)
+        code, err = fails(capsys, train_toy, toy_copy, tmp_path / "runs", "coop", epochs=1)
     else:  # dapt-dist's prototype cache in the dataset folder
         toy_copy = request.getfixturevalue("toy_copy")
         cfg = recipes.resolve_config("dapt-dist", "toy", dict(subsample="base", shots=4))
@@ -123,7 +124,7 @@ def test_planted_payload_never_runs_and_the_error_names_the_file(kind, runs, toy
         view = "train" if cfg["proto_train_view"] else "test"
         target = os.path.join(toy_copy, "toy", "split_fewshot", f"features_clip-image-{digest}_{view}_shot_4-seed_1-base.pt")
         plant(target, marker)
-        code, err = fails(capsys, run, toy_copy, tmp_path / "runs", "dapt-dist", epochs=1)
+        code, err = fails(capsys, train_toy, toy_copy, tmp_path / "runs", "dapt-dist", epochs=1)
     assert code == 1 and not marker.exists()
     assert error_line(err).startswith(f"error: {target}: torch.load(weights_only=True) refused it (it holds the "
                                       "global exec), which could run code")
@@ -131,34 +132,34 @@ def test_planted_payload_never_runs_and_the_error_names_the_file(kind, runs, toy
 
 def test_every_file_a_run_writes_loads_with_weights_only(runs):
     for name in ("finished", "unfinished"):
-        d = run_dir(runs / name, "coop")
+        d = run_folder(runs / name, "coop")
         for f in ("checkpoint.pt", "resume.pt", "best.pt"):
             if os.path.exists(os.path.join(d, f)):
                 state = torch.load(os.path.join(d, f), weights_only=True)
                 assert "params" in state
-    state = torch.load(os.path.join(run_dir(runs / "unfinished", "coop"), "resume.pt"), weights_only=True)
+    state = torch.load(os.path.join(run_folder(runs / "unfinished", "coop"), "resume.pt"), weights_only=True)
     assert set(state["rng"]) >= {"torch", "numpy", "python"} and state["epoch"] == 1  # 2 epochs done
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 2. a run folder never lies
+# a run folder never lies
 
 
 def test_a_changed_config_is_refused_listing_the_keys_and_nothing_is_written(runs, toy_root, tmp_path, capsys):
     out, d = copy_of(runs, "finished", tmp_path)
     before = snapshot(out)
-    code, err = fails(capsys, run, toy_root, out, "coop", "--lr", "0.002", "--batch", "8", "--resume", epochs=1)
+    code, err = fails(capsys, train_toy, toy_root, out, "coop", "--lr", "0.002", "--batch", "8", "--resume", epochs=1)
     assert code == 1 and "holds a finished run with another config (lr 0.05 in the run, 0.002 now)" in err
     assert "eval.py run" in err and len(err.strip().splitlines()) == 1  # refused before anything is logged
-    code, err = fails(capsys, run, toy_root, out, "coop", *COOP, "--n-ctx", "16", epochs=1)  # without --resume
+    code, err = fails(capsys, train_toy, toy_root, out, "coop", *COOP, "--n-ctx", "16", epochs=1)  # without --resume
     assert code == 1 and "n_ctx 4 in the run, 16 now" in err
     assert snapshot(out) == before
     out, d = copy_of(runs, "unfinished", tmp_path)
     before = snapshot(out)
-    code, err = fails(capsys, run, toy_root, out, "coop", *COOP, "--selection", "best_val", "--resume",
+    code, err = fails(capsys, train_toy, toy_root, out, "coop", *COOP, "--selection", "best_val", "--resume",
                           "--n-ctx", "2", "--epochs", "5", epochs=None)
     assert code == 1 and "epochs 3 in the run, 5 now; n_ctx 4 in the run, 2 now" in err
-    code, err = fails(capsys, run, toy_root, out, "coop", *COOP, "--selection", "best_val", epochs=3)
+    code, err = fails(capsys, train_toy, toy_root, out, "coop", *COOP, "--selection", "best_val", epochs=3)
     assert code == 1 and "unfinished run (2 of 3 epochs done): add --resume" in err
     assert snapshot(out) == before
 
@@ -169,7 +170,7 @@ def test_the_same_command_on_a_finished_run_prints_its_result_and_rewrites_nothi
     with open(os.path.join(d, "result.json")) as f:
         saved = json.load(f)
     for extra in ([], ["--resume"]):
-        result = run(toy_root, out, "coop", *COOP, *extra, epochs=1)
+        result = train_toy(toy_root, out, "coop", *COOP, *extra, epochs=1)
         printed = capsys.readouterr().out
         assert result["already_finished"] and result["accuracy"] == saved["accuracy"]
         assert "already finished: nothing was retrained" in printed and f"run folder: {d}" in printed
@@ -185,14 +186,14 @@ def test_one_process_at_a_time(runs, toy_root, tmp_path, capsys):
         held.truncate()
         held.write("4242\n")
         held.flush()
-        code, err = fails(capsys, run, toy_root, out, "coop", *COOP, "--selection", "best_val", "--resume",
+        code, err = fails(capsys, train_toy, toy_root, out, "coop", *COOP, "--selection", "best_val", "--resume",
                               epochs=3)
-    assert code == 1 and f"{d}: another process (pid 4242) is training in this folder" in err
+    assert code == 1 and f"{d}: another process (pid 4242) is training or evaluating in this folder" in err
     assert len(metrics_of(d)) == 2
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. a result depends only on its config and seed
+# a result depends only on its config and seed
 
 
 def test_fresh_and_warm_data_root_give_identical_results(toy_root, tmp_path):
@@ -203,12 +204,12 @@ def test_fresh_and_warm_data_root_give_identical_results(toy_root, tmp_path):
     toy.make_toy(root, seed=0, per_class=TEST_TOY_PER_CLASS)  # what python datatools.py toy does, smaller
     assert not os.path.exists(toy.toy_clip_path(root))
     args = ["--lr", "0.01", "--batch", "16"]
-    cold = run(root, tmp_path / "a", "dapt-dist", *args, epochs=2)
+    cold = train_toy(root, tmp_path / "a", "dapt-dist", *args, epochs=2)
     assert os.path.exists(toy.toy_clip_path(root)) and os.listdir(os.path.join(root, "toy", "split_fewshot"))
     torch.manual_seed(99)  # whatever state the process is in
-    warm = run(root, tmp_path / "b", "dapt-dist", *args, epochs=2)
+    warm = train_toy(root, tmp_path / "b", "dapt-dist", *args, epochs=2)
     assert cold["accuracy"] == warm["accuracy"]
-    a, b = run_dir(tmp_path / "a", "dapt-dist"), run_dir(tmp_path / "b", "dapt-dist")
+    a, b = run_folder(tmp_path / "a", "dapt-dist"), run_folder(tmp_path / "b", "dapt-dist")
     assert metrics_of(a) == metrics_of(b)
     pa, pb = (torch.load(os.path.join(x, "checkpoint.pt"), weights_only=True)["params"] for x in (a, b))
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
@@ -234,26 +235,25 @@ train.main({argv!r})
 
 def test_killed_dropout_run_resumes_bit_exactly(toy_root, tmp_path):
     clip_path = toy.toy_clip_path(toy_root)  # the session's toy CLIP as a file: the subprocess pretrains nothing
-    argv = ["--method", "vpt", "--dataset", "toy", "--root", toy_root, "--subsample", "base", "--shots", "4",
-            "--epochs", "3", "--lr", "0.05", "--batch", "8", "--prompt-dropout", "0.1", "--clip", clip_path]
-    full = train.main(argv + ["--out", str(tmp_path / "full")])
-    cut = argv + ["--out", str(tmp_path / "cut")]
+    extra = ["--lr", "0.05", "--batch", "8", "--prompt-dropout", "0.1", "--clip", clip_path]
+    full = train_toy(toy_root, tmp_path / "full", "vpt", *extra)
+    cut = toy_argv(toy_root, tmp_path / "cut", "vpt", *extra)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-c", KILL.format(repo=REPO, argv=cut)], env=env, capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
-    d = run_dir(tmp_path / "cut", "vpt")
+    d = run_folder(tmp_path / "cut", "vpt")
     assert len(metrics_of(d)) == 1 and not os.path.exists(os.path.join(d, "result.json"))
     resumed = train.main(cut + ["--resume"])  # the lock died with the process
     assert resumed["accuracy"] == full["accuracy"]
-    assert metrics_of(d) == metrics_of(run_dir(tmp_path / "full", "vpt"))
+    assert metrics_of(d) == metrics_of(run_folder(tmp_path / "full", "vpt"))
     pa, pb = (torch.load(os.path.join(x, "checkpoint.pt"), weights_only=True)["params"]
-              for x in (d, run_dir(tmp_path / "full", "vpt")))
+              for x in (d, run_folder(tmp_path / "full", "vpt")))
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4, 9. threads; what the end of a run says
+# threads; what the end of a run says
 
 
 def test_end_of_run_says_what_each_number_is(toy_root, tmp_path, capsys, monkeypatch):
@@ -263,12 +263,12 @@ def test_end_of_run_says_what_each_number_is(toy_root, tmp_path, capsys, monkeyp
     before = torch.get_num_threads()
     torch.set_num_threads(2)  # a process with another thread count: the toy run still trains on one
     try:
-        result = run(toy_root, tmp_path, "coop", *COOP, "--selection", "best_val", epochs=2)
+        result = train_toy(toy_root, tmp_path, "coop", *COOP, "--selection", "best_val", epochs=2)
         assert set(seen) == {1} and torch.get_num_threads() == 2  # the run's threads, the caller's after
     finally:
         torch.set_num_threads(before)
     printed = capsys.readouterr().out
-    d = run_dir(tmp_path, "coop")
+    d = run_folder(tmp_path, "coop")
     with open(os.path.join(d, "config.json")) as f:
         assert json.load(f)["threads"] == 1
     assert recipes.COMMON["threads"] == 0 and recipes.resolve_config("coop", "toy", {"threads": 4})["threads"] == 4
@@ -288,21 +288,21 @@ def test_end_of_run_says_what_each_number_is(toy_root, tmp_path, capsys, monkeyp
     assert f"run folder: {d}" in printed
     # the zero-shot reference is --method zsclip on the same test images
     ref = result["zero_shot_reference"]
-    zs = run(toy_root, tmp_path / "zs", "zsclip", epochs=None)
+    zs = train_toy(toy_root, tmp_path / "zs", "zsclip", epochs=None)
     assert ref == zs["accuracy"] and "zero-shot toy CLIP on the same test images (--method zsclip): base" in printed
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 6. guards
+# guards
 
 
 def test_exploded_parameters_and_chance_accuracy_are_flagged(toy_root, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(train, "PARAM_RMS_LIMIT", 1e-3)  # every trained context is "exploded" under this bound
-    result = run(toy_root, tmp_path, "coop", *COOP, epochs=1)
+    result = train_toy(toy_root, tmp_path, "coop", *COOP, epochs=1)
     assert "exploded_parameters" in result["flags"] and result["param_rms_max"] > 1e-3
-    with open(os.path.join(run_dir(tmp_path, "coop"), "result.json")) as f:
+    with open(os.path.join(run_folder(tmp_path, "coop"), "result.json")) as f:
         assert json.load(f)["flags"] == result["flags"]
-    with open(os.path.join(run_dir(tmp_path, "coop"), "log.txt")) as f:
+    with open(os.path.join(run_folder(tmp_path, "coop"), "log.txt")) as f:
         assert "trained parameter 'ctx' has an RMS value of" in f.read()
     assert "WARNING: trained parameter 'ctx'" in capsys.readouterr().out
 
@@ -318,17 +318,20 @@ def test_accuracy_at_chance_after_training_is_flagged():
 def test_nan_in_the_first_epoch_says_no_checkpoint_exists(toy_root, tmp_path, capsys, monkeypatch):
     real = dapt.CoOp.loss
     monkeypatch.setattr(dapt.CoOp, "loss", lambda self, b, e: (lambda l, s: (l * float("nan"), s))(*real(self, b, e)))
-    code, err = fails(capsys, run, toy_root, tmp_path, "coop", *COOP, epochs=2)
+    code, err = fails(capsys, train_toy, toy_root, tmp_path, "coop", *COOP, epochs=2)
     line = error_line(err)
     assert code == 1 and "loss is nan at epoch 1, step 1" in line and "no checkpoint exists" in line
-    d = run_dir(tmp_path, "coop")
+    d = run_folder(tmp_path, "coop")
     assert not any(os.path.exists(os.path.join(d, f)) for f in ("checkpoint.pt", "resume.pt", "result.json"))
     monkeypatch.setattr(dapt.CoOp, "loss", real)
-    assert run(toy_root, tmp_path, "coop", *COOP, epochs=2)["accuracy"]  # the same command starts it over
+    result = train_toy(toy_root, tmp_path, "coop", *COOP, epochs=2)  # the same command starts it over
+    assert len(epoch_losses(d)) == 2
+    with open(os.path.join(d, "result.json")) as f:
+        assert json.load(f)["accuracy"] == result["accuracy"]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 5. one clear line from every command line, --debug for the traceback
+# one clear line from every command line, --debug for the traceback
 
 
 def test_wrong_checkpoint_tensor_is_one_line_and_debug_shows_the_traceback(toy_root, tmp_path, capsys):
@@ -356,7 +359,7 @@ def test_data_command_errors_are_one_line(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 8. read-only datasets
+# read-only datasets
 
 
 def test_read_only_dataset_caches_go_to_the_user_cache(toy_copy, tmp_path, monkeypatch, caplog):
@@ -374,11 +377,13 @@ def test_read_only_dataset_caches_go_to_the_user_cache(toy_copy, tmp_path, monke
     before = snapshot(dataset)
     try:
         with caplog.at_level("INFO", logger="dapt"):
-            result = run(toy_copy, tmp_path / "runs", "dapt-dist", "--lr", "0.01", shots=3, epochs=1)
+            result = train_toy(toy_copy, tmp_path / "runs", "dapt-dist", "--lr", "0.01", shots=3, epochs=1)
     finally:
         for x, mode in modes.items():
             os.chmod(x, mode)
-    assert result["accuracy"] and snapshot(dataset) == before
+    assert snapshot(dataset) == before
+    with open(os.path.join(run_folder(tmp_path / "runs", "dapt-dist", shots=3), "result.json")) as f:
+        assert json.load(f)["accuracy"] == result["accuracy"]  # the run finished
     written = sorted(os.path.relpath(os.path.join(d, f), cache) for d, _, fs in os.walk(cache) for f in fs)
     assert len(written) == 2 and written[0].startswith("toy-") and "split_fewshot/features_clip-image-" in written[0] \
         and written[0].endswith("_shot_3-seed_1-base.pt") and written[1].endswith("split_fewshot/shot_3-seed_1.json")
