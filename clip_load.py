@@ -28,7 +28,7 @@ import torch
 import torch.hub
 
 from clip import CLIP, QuickGELU
-from files import CheckpointError, load_torch_file, sha256_file
+from files import CheckpointError, atomic_write, load_torch_file, sha256_file
 
 log = logging.getLogger("dapt")
 
@@ -329,6 +329,30 @@ def hf_to_openai(sd, path="<state dict>"):
 # "data_offsets": [begin, end]}} (offsets into the data after the header; "__metadata__" ignored), raw data.
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def write_safetensors(tensors, path, metadata=None):
+    """name -> tensor as a .safetensors file (what read_safetensors and the safetensors package read), atomically; the
+    data 8-byte aligned as the reference writer does; `metadata`: a {str: str} header entry."""
+    codes = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    header, chunks, offset = {}, [], 0
+    for name, t in tensors.items():
+        raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": codes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(head)) + head)
+            for c in chunks:
+                f.write(c)
+    atomic_write(path, write)
+    return path
 
 
 def read_safetensors(path):

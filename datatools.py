@@ -22,6 +22,7 @@ import shutil
 import sys
 
 import numpy as np
+import torch
 
 from data import (COOP_DATASETS_MD, DATASETS, check_fewshot, writable_cache, FOLDER_FRACTIONS, FOLDER_SPLIT_FILE, FOLDER_SPLIT_SEED, DataError,
                   DatasetNotFoundError, DataValueError, SplitFileError, _layout_help, _listdir, _load_fewshot,
@@ -30,7 +31,8 @@ from data import (COOP_DATASETS_MD, DATASETS, check_fewshot, writable_cache, FOL
 from files import sha256_file, write_json
 from loader import (CorruptImageError, MissingImageError, check_mask_encoding, mask_path, mask_size_mismatches,
                     open_image, resolve_mask_encoding)
-from toy import TOY_VERSION, make_toy, toy_version
+from toy import (TOY_CLIP, TOY_SPLIT_SHA256, TOY_VERSION, make_toy, pretrain_toy_clip, toy_clip_record,
+                 toy_version)
 
 log = logging.getLogger("dapt")
 
@@ -329,6 +331,43 @@ def _install_folder_split(dataset_dir, split, force):
 # command line
 
 
+def toy_check(root):
+    """Whether ROOT/toy and the toy CLIP are the ones the docs' numbers were made with (their sha256); -> exit code."""
+    split = os.path.join(root, "toy", "split_toy.json")
+    problems = 0
+    if not os.path.isfile(split):
+        print(f"{split}: not found (python datatools.py toy --root {root} makes it)")
+        problems += 1
+    else:
+        got = sha256_file(split)
+        same = got == TOY_SPLIT_SHA256
+        problems += not same
+        print(f"{split}: sha256 {got} " + ("= the published toy (version %d)" % TOY_VERSION if same else
+              f"differs from the published {TOY_SPLIT_SHA256}: another TOY_VERSION or seed, or edited files"))
+    record = toy_clip_record()
+    got = sha256_file(TOY_CLIP) if os.path.isfile(TOY_CLIP) else "(missing)"
+    same = got == record["sha256"]
+    problems += not same
+    print(f"{TOY_CLIP}: sha256 {got} " + ("= the shipped toy CLIP" if same else f"differs from the shipped "
+                                          f"{record['sha256']}: restore it (git checkout -- assets/)"))
+    return 1 if problems else 0
+
+
+def toy_clip_command(out, steps=None, patch=None):
+    """Pretrain the toy CLIP into `out` at one thread and say whether it is the shipped file, bit for bit."""
+    torch.set_num_threads(1)  # the shipped file was made at one thread
+    path = pretrain_toy_clip(out, steps=steps, patch=patch)
+    if patch:
+        print(f"{path}: a variant with patch {patch} (train with --clip {path})")
+        return 0
+    got, shipped = sha256_file(path), toy_clip_record()["sha256"]
+    print(f"{path}: sha256 {got}" + (" = the shipped toy CLIP, bit for bit" if got == shipped else
+          f"; the shipped one has {shipped}" + (" (fewer steps: not the shipped recipe)" if steps else
+                                                 f" (this machine's CPU kernels: {torch.backends.cpu.get_cpu_capability()}, "
+                                                 "the shipped file's: AVX512)")))
+    return 0 if got == shipped or steps else 1
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(
         prog="datatools.py", allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -348,7 +387,15 @@ def main(argv=None):
     c.add_argument("--root", required=True, help="folder holding the dataset folders (e.g. DATA); for folder: "
                    "the dataset itself")
     c.add_argument("--sample", type=int, default=None, help="open only N randomly chosen images")
-    t = sub.add_parser("toy", allow_abbrev=False, help="write the toy benchmark to ROOT/toy (seconds)")
+    t = sub.add_parser("toy", allow_abbrev=False, help="write the toy benchmark to ROOT/toy (seconds); --check: "
+                       "compare a local toy and the shipped toy CLIP with the published sha256")
+    t.add_argument("--check", action="store_true", help="say whether ROOT/toy and the toy CLIP are the published ones")
+    tc = sub.add_parser("toy-clip", allow_abbrev=False, help="pretrain the toy CLIP again (about 5 minutes on one core) "
+                        "and compare it with the shipped assets/toy_clip.safetensors")
+    tc.add_argument("--out", required=True, help="where to write it (.safetensors)")
+    tc.add_argument("--steps", type=int, default=None, help="fewer steps (a quick look; not the shipped recipe)")
+    tc.add_argument("--patch", type=int, default=None, help="another patch size (4: 64 patches of the 32 px images, "
+                    "a variant; not the shipped toy CLIP)")
     t.add_argument("--root", required=True)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--force", action="store_true", help="replace an existing ROOT/toy")
@@ -370,7 +417,7 @@ def main(argv=None):
     i.add_argument("src", help="an export folder (holding SHA256SUMS) or a folder of them")
     i.add_argument("--root", required=True, help="data root (for folder: the dataset itself)")
     i.add_argument("--force", action="store_true", help="replace a different folder split file")
-    for command in (c, t, fs, e, i):
+    for command in (c, t, tc, fs, e, i):
         command.add_argument("--debug", action="store_true", help="show the traceback of an error")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -386,6 +433,10 @@ def main(argv=None):
             written = import_splits(a.src, a.root, a.force)
             print(f"imported {len(written)} few-shot splits" + (f" (e.g. {written[0]})" if written else ""))
             return 0
+        if a.cmd == "toy" and a.check:
+            return toy_check(a.root)
+        if a.cmd == "toy-clip":
+            return toy_clip_command(a.out, a.steps, a.patch)
         if a.cmd == "toy":
             out = os.path.join(a.root, "toy")
             if os.path.isdir(out):

@@ -156,7 +156,7 @@ def finished_run(run_dir, device="cpu", root=None, allow_unfinished=False, echo=
 def predictor(run_dir=None, clip=None, root=None, classes=None, template="a photo of a {}.", device="cpu",
               allow_unfinished=False, echo=print):
     """(model on its class list, run config, test transform): a trained run (finished_run; `classes` replaces
-    its classes), or without a run zero-shot CLIP `clip` (a name or a path; "toy" = <root>/toy_clip/) on
+    its classes), or without a run zero-shot CLIP `clip` (a name or a path; "toy" = the shipped toy CLIP) on
     `classes` with `template`."""
     if run_dir:
         model = finished_run(run_dir, device, root, allow_unfinished, echo)
@@ -411,7 +411,7 @@ def main(argv=None):
                    "(with --method zsclip: images only)")
     q.add_argument("--method", choices=["zsclip"], help="zero-shot CLIP without a run (needs --classes)")
     q.add_argument("--clip", default=recipes.COMMON["clip"], help="with --method zsclip: a CLIP name or checkpoint "
-                   "path; toy = ROOT/toy_clip/toy_clip.pt")
+                   "path; toy = the shipped toy CLIP (assets/toy_clip.safetensors)")
     q.add_argument("--template", default="a photo of a {}.", help="with --method zsclip (default: %(default)s)")
     q.add_argument("--classes", help="comma-separated class names replacing the run's")
     q.add_argument("--classes-file", help="one class name per line, replacing the run's")

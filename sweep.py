@@ -8,8 +8,8 @@ in '\' goes on), and a small grid syntax:
   {a,b,c}           one run per value; several groups give every combination (the leftmost varies slowest)
   {key}             the value of --key in the same run once expanded ({seed}, {dataset}), or the sweep's {out}
                     and {root} (e.g. --host-run {out}/b2n/{dataset}/coop-fvg/shots16_seed{seed})
-  torchrun ... train.py ARGS   one run in several processes (torchrun's own flags, e.g. --nproc_per_node 4: it gets
-                    that many GPUs)
+  torchrun ... train.py ARGS   one run in several processes on one machine (torchrun's own flags, e.g.
+                    --nproc_per_node 4: it gets that many GPUs; --standalone unless the line names a rendezvous)
 The sweep's --root, --out and --device apply to every line that does not give them. Finished runs (result.json)
 are skipped, unfinished ones resumed with --resume; --jobs N trains N runs at a time, each in its own process, and on a
 machine with GPUs each job gets its own (CUDA_VISIBLE_DEVICES; N defaults to the number of GPUs).
@@ -83,7 +83,7 @@ def expand_plan(text, out="runs", root="DATA", where="plan"):
             given = {t[2:].replace("-", "_"): v for t, v in zip(tokens, tokens[1:]) if t.startswith("--")}
             given = {**given, "out": given.get("out", out), "root": given.get("root", root)}
 
-            def ref(m, given=given):
+            def ref(m, given=given, n=n):
                 if m.group(1) not in given:
                     raise ConfigError(f"{where}:{n}: {{{m.group(1)}}} refers to --{m.group(1)}, which this line does "
                                       "not set")
@@ -123,9 +123,12 @@ def launcher_of(tokens):
     k = tokens.index("train.py")
     launcher, nproc = tokens[1:k], 1
     for i, t in enumerate(launcher):
+        value = t.partition("=")[2] or (launcher[i + 1] if i + 1 < len(launcher) else "")
         if t.startswith(("--nproc_per_node", "--nproc-per-node")):
-            value = t.partition("=")[2] or (launcher[i + 1] if i + 1 < len(launcher) else "")
             nproc = int(value) if value.isdigit() else 1
+        if t.startswith("--nnodes") and value not in ("1", "1:1"):  # the other nodes would never join a sweep's job
+            raise ConfigError(f"torchrun --nnodes {value}: a plan's runs each run on one machine; start a run on "
+                              "several nodes with its own torchrun on each node (docs/runs.md, several nodes)")
     return launcher, tokens[k + 1:], nproc
 
 
@@ -155,26 +158,39 @@ def plan_runs(plan, out="runs", root="DATA", device=None):
 
 def needs_of(runs):
     """{i: [j, ...]}: the runs whose folders run i's arguments name (--host-run): they must finish first."""
-    same = lambda t, d: os.path.normpath(t) == os.path.normpath(d)  # noqa: E731
-    return {i: [j for j, o in enumerate(runs) if j != i and any(same(t, o.run_dir) for t in r.argv)]
-            for i, r in enumerate(runs)}
+    where = {os.path.abspath(r.run_dir): j for j, r in enumerate(runs)}
+    named = lambda r: dict.fromkeys(where.get(os.path.abspath(t)) for t in r.argv if t)  # noqa: E731
+    return {i: [j for j in named(r) if j is not None and j != i] for i, r in enumerate(runs)}
+
+
+# torchrun flags that say where its processes meet; a line without any of them runs on one machine (--standalone)
+RENDEZVOUS = ("--standalone", "--nnodes", "--rdzv_endpoint", "--rdzv-endpoint", "--master_addr", "--master-addr",
+              "--master_port", "--master-port")
 
 
 def command(run, resume=False):
-    """The process that trains a run: python train.py ARGS, or python -m torch.distributed.run (torchrun) ... ."""
+    """The process that trains a run: python train.py ARGS, or python -m torch.distributed.run (torchrun) ... .
+    A torchrun line that names no rendezvous gets --standalone (a free port of its own), so torchrun runs started at
+    once on one machine (jobs, array tasks) do not meet on torchrun's default port 29500."""
     argv = run.argv + (["--resume"] if resume and "--resume" not in run.argv else [])
     if run.launcher:
-        return [sys.executable, "-m", "torch.distributed.run", *run.launcher, TRAIN_PY, *argv]
+        alone = [] if any(t.split("=")[0] in RENDEZVOUS for t in run.launcher) else ["--standalone"]
+        return [sys.executable, "-m", "torch.distributed.run", *alone, *run.launcher, TRAIN_PY, *argv]
     return [sys.executable, TRAIN_PY, *argv]
 
 
 def visible_gpus(gpus=None):
-    """The GPU ids jobs are spread over: --gpus "0,2,5", else every GPU this process sees ([] without CUDA)."""
+    """The GPU ids jobs are spread over: --gpus "0,2,5" (or a list of ids), else every GPU this process sees ([]
+    without CUDA)."""
     if gpus:
+        given = gpus if isinstance(gpus, (list, tuple)) else str(gpus).split(",")
         try:
-            return [int(g) for g in str(gpus).split(",")]
+            ids = [int(g) for g in given]
         except ValueError:
             raise ConfigError(f"--gpus {gpus!r}: expected GPU ids such as 0,2,5") from None
+        if len(set(ids)) != len(ids) or min(ids) < 0:
+            raise ConfigError(f"--gpus {gpus!r}: expected distinct GPU ids >= 0, such as 0,2,5")
+        return ids
     if not torch.cuda.is_available():
         return []
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -230,7 +246,8 @@ def sweep(plan, out="runs", root="DATA", device=None, resume=False, dry_run=Fals
         else:
             stats["trained"] += 1
             times.append(seconds)
-            what = f"{'resumed' if planned[i].status == 'unfinished' else 'trained'} in {seconds:.0f}s, {_summary(result)}"
+            how = "resumed" if planned[i].status == "unfinished" else "trained"
+            what = f"{how} in {seconds:.0f}s, {_summary(result)}"
         left = len(todo) + len(running)
         # ETA: the mean run time so far, shared by the workers
         eta = (datetime.timedelta(seconds=int(statistics.fmean(times) * left / max(1, min(jobs, left or 1))))
@@ -337,14 +354,41 @@ def _sweep_parallel(planned, todo, running, jobs, finished, say, heads, gpu_ids=
 TASKS = "tasks.json"
 
 
+def _scheduled(runs):
+    """The unfinished runs of `runs` (several plans' runs: a run two plans share once), every run after the runs it
+    names (so array tasks started in index order seldom wait); ConfigError for two different runs in one folder."""
+    kept = {}
+    for r in runs:
+        d = os.path.abspath(r.run_dir)
+        if d in kept and kept[d].args.cfg != r.args.cfg:
+            a, b = kept[d].args.cfg, r.args.cfg
+            keys = ", ".join(sorted(k for k in {**a, **b} if a.get(k) != b.get(k)))
+            raise ConfigError(f"two lines of the plans give the same run {r.run_dir} with different configs ({keys}); "
+                              "tell them apart with --tag")
+        kept.setdefault(d, r)
+    unique = list(kept.values())
+    needs, ordered, placed = needs_of(unique), [], set()
+    waiting = [i for i, r in enumerate(unique) if r.status != "done"]
+    while waiting:
+        ready = [i for i in waiting if all(j in placed or unique[j].status == "done" for j in needs[i])] or waiting
+        i = ready[0]  # (a cycle: plan order; its tasks fail clearly)
+        waiting.remove(i)
+        placed.add(i)
+        ordered.append(i)
+    return [unique[i] for i in ordered], {i_new: [os.path.abspath(unique[j].run_dir) for j in needs[i]]
+                                           for i_new, i in enumerate(ordered)}
+
+
 def emit(runs, kind, folder=None, echo=print, partition=None, gpus_per_task=None, cpus_per_task=4, mem="32G",
          time_limit="24:00:00", max_parallel=None, name="dapt-sweep"):
-    """Write (slurm) or print (commands) the unfinished runs of `runs` (finished ones are skipped, unfinished ones
-    resume). slurm: <folder>/tasks.json (index -> run), commands.txt (the command of each index), sweep.sbatch (a
+    """Write (slurm) or print (commands) the unfinished runs of `runs` (finished ones are left out, unfinished ones
+    resume; a run that names another run's folder comes after it). commands: one command line per run. slurm:
+    <folder>/tasks.json (index -> run, the runs it needs), commands.txt (the command of each index), sweep.sbatch (a
     Slurm array: #SBATCH --array=0-(n-1), one run per index through `python sweep.py --task <folder> INDEX`, which
-    waits for the runs it needs and adds --resume when its folder holds progress) and logs/. Re-submitting after a
-    failure (emit again, then sbatch) runs only what is left. -> the runs emitted."""
-    todo = [r for r in runs if r.status != "done"]
+    waits for the runs it needs and adds --resume when its folder holds progress; its output in logs/JOB_INDEX.out)
+    and logs/. gpus_per_task defaults to what the runs ask for (1, torchrun's process count; 0 when every run says
+    --device cpu). Re-submitting after a failure (emit again, then sbatch) runs only what is left. -> the runs."""
+    todo, needs = _scheduled(runs)
     if kind == "commands":
         for r in todo:
             echo(shlex.join(command(r, r.status == "unfinished")))
@@ -354,54 +398,88 @@ def emit(runs, kind, folder=None, echo=print, partition=None, gpus_per_task=None
         return todo
     folder = os.path.abspath(folder)
     os.makedirs(os.path.join(folder, "logs"), exist_ok=True)
-    needs = needs_of(runs)
-    tasks = [dict(index=k, line=r.line, run_dir=os.path.abspath(r.run_dir), argv=r.argv, launcher=r.launcher,
-                  gpus=r.gpus, needs=[os.path.abspath(runs[j].run_dir) for j in needs[runs.index(r)]])
-             for k, r in enumerate(todo)]
+    tasks = []
+    for k, r in enumerate(todo):
+        d, host = os.path.abspath(r.run_dir), r.args.cfg.get("host_run")
+        outside = [os.path.abspath(host)] if host and os.path.abspath(host) not in needs[k] + [d] else []
+        tasks.append(dict(index=k, line=r.line, run_dir=d, argv=r.argv, launcher=r.launcher, gpus=r.gpus,
+                          needs=needs[k] + outside))
     files.write_json(os.path.join(folder, TASKS), dict(repo=os.path.dirname(TRAIN_PY), cwd=os.getcwd(), tasks=tasks),
                      indent=1)
     with open(os.path.join(folder, "commands.txt"), "w") as f:
-        f.writelines(f"{shlex.join(command(r))}\n" for r in todo)
-    gpus = gpus_per_task if gpus_per_task is not None else max(r.gpus for r in todo)
-    lines = ["#!/bin/bash", f"# {len(todo)} runs of a dapt plan, one per array index: {os.path.join(folder, TASKS)}; "
-             "written by python sweep.py ... --emit slurm", f"#SBATCH --job-name={name}",
+        f.writelines(f"{shlex.join(command(r, r.status == 'unfinished'))}\n" for r in todo)
+    cpu = all(r.args.device == "cpu" and "--device" in r.argv for r in todo)  # said on the line or by --device
+    gpus = gpus_per_task if gpus_per_task is not None else 0 if cpu else max(r.gpus for r in todo)
+    sbatch = os.path.join(folder, "sweep.sbatch")
+    head = f"# a dapt sweep (python sweep.py ... --emit slurm): {len(todo)} runs, one per array index, in {TASKS}"
+    run_index = (f"exec {shlex.quote(sys.executable)} {shlex.quote(os.path.abspath(__file__))} --task "
+                 f'{shlex.quote(folder)} "$SLURM_ARRAY_TASK_ID"')
+    lines = ["#!/bin/bash", head, f"#SBATCH --job-name={name}",
              f"#SBATCH --array=0-{len(todo) - 1}" + (f"%{max_parallel}" if max_parallel else ""),
-             *( [f"#SBATCH --partition={partition}"] if partition else []),
-             *([f"#SBATCH --gres=gpu:{gpus}"] if gpus else []),  # --gpus-per-task 0: CPU-only tasks f"#SBATCH --cpus-per-task={cpus_per_task}",
-             f"#SBATCH --mem={mem}", f"#SBATCH --time={time_limit}",
-             f"#SBATCH --output={os.path.join(folder, 'logs', '%a.out')}", "set -euo pipefail",
-             f"cd {shlex.quote(os.getcwd())}",
-             f"exec {shlex.quote(sys.executable)} {shlex.quote(os.path.abspath(__file__))} --task {shlex.quote(folder)} "
-             '"$SLURM_ARRAY_TASK_ID"', ""]
-    with open(os.path.join(folder, "sweep.sbatch"), "w") as f:
+             *([f"#SBATCH --partition={partition}"] if partition else []),
+             *([f"#SBATCH --gres=gpu:{gpus}"] if gpus else []),  # --gpus-per-task 0: CPU-only tasks
+             f"#SBATCH --cpus-per-task={cpus_per_task}", f"#SBATCH --mem={mem}", f"#SBATCH --time={time_limit}",
+             f"#SBATCH --output={os.path.join(folder, 'logs', '%A_%a.out')}",  # JOB_INDEX.out: a re-submission's own
+             "set -euo pipefail", f"cd {shlex.quote(os.getcwd())}", run_index, ""]
+    with open(sbatch, "w") as f:
         f.write("\n".join(lines))
-    waits = sum(bool(t["needs"]) for t in tasks)
-    echo(f"wrote {os.path.join(folder, 'sweep.sbatch')}: {len(todo)} runs (array 0-{len(todo) - 1}), "
-         f"{len(runs) - len(todo)} finished ones left out" + (f"; {waits} wait for the runs they name" if waits else "")
-         + f". Submit: sbatch {os.path.join(folder, 'sweep.sbatch')}")
+    waits = sum(any(read_result(d) is None for d in t["needs"]) for t in tasks)
+    echo(f"wrote {sbatch}: {len(todo)} runs (array 0-{len(todo) - 1}), "
+         f"{len({os.path.abspath(r.run_dir) for r in runs}) - len(todo)} finished ones left out"
+         + (f"; {waits} wait for the runs they name" if waits else "")
+         + f". Submit: sbatch {sbatch}")
     return todo
+
+
+def _failed_mark(folder, index):
+    """The file that says task `index` of this array job (SLURM_ARRAY_JOB_ID; 'local' by hand) failed."""
+    return os.path.join(folder, "logs", f"{os.environ.get('SLURM_ARRAY_JOB_ID', 'local')}_{index}.failed")
 
 
 def task(folder, index, poll=30.0, echo=print):
     """Run the array index `index` of an emitted plan (what sweep.sbatch calls): wait until the runs it names are
-    finished (a failed one is an error), then train it (with --resume when its folder holds progress). -> the
-    process's exit code."""
+    finished, then train it (with --resume when its folder holds progress). A run it needs that is neither finished,
+    nor a task of the plan, nor being trained elsewhere, or whose task failed in this array job, is a RunError; a
+    failed task leaves logs/JOB_INDEX.failed for the tasks that wait on it. -> the process's exit code."""
     spec = read_json(os.path.join(folder, TASKS), "sweep task list")
     tasks = spec["tasks"]
-    if not 0 <= int(index) < len(tasks):
+    if not str(index).isdigit() or int(index) >= len(tasks):
         raise ConfigError(f"task {index}: {folder} holds tasks 0-{len(tasks) - 1}")
-    t = tasks[int(index)]
-    for need in t["needs"]:
-        while read_result(need) is None:
-            if RunLock.holder(need) is None and not os.path.exists(os.path.join(need, "resume.pt")) \
-                    and not any(u["run_dir"] == need for u in tasks):
-                raise RunError(f"task {index} ({t['run_dir']}) needs {need}, which is not finished and not in this plan")
-            echo(f"task {index}: waiting for {need} (every {poll:g} s)")
-            time.sleep(poll)
-    run = Run(t["line"], t["argv"], None, t["run_dir"], run_status(t["run_dir"]), t["launcher"], t["gpus"])
-    cmd = command(run, run.status == "unfinished")
-    echo(f"task {index}: {shlex.join(cmd)}")
-    return subprocess.call(cmd, cwd=spec.get("cwd"))
+    k, code, why = int(index), None, "stopped"
+    t, of = tasks[k], {u["run_dir"]: u["index"] for u in tasks}
+    if os.path.exists(_failed_mark(folder, k)):
+        os.remove(_failed_mark(folder, k))  # a retry in the same job
+    try:
+        for need in t["needs"]:
+            told = False
+            while read_result(need) is None:
+                j = of.get(need)
+                if j is not None and os.path.exists(_failed_mark(folder, j)):
+                    where = (f" (its log: {_failed_mark(folder, j)[:-len('.failed')]}.out)"
+                             if "SLURM_ARRAY_JOB_ID" in os.environ else "")
+                    raise RunError(f"task {k} ({t['run_dir']}) needs {need}, whose task {j} failed{where}")
+                if j is None and RunLock.holder(need) is None:
+                    raise RunError(f"task {k} ({t['run_dir']}) needs {need}, which is not finished, not in this plan "
+                                   "and not being trained: train it first, or add it to the plan")
+                if not told:
+                    echo(f"task {k}: waiting for {need} (task {j}; every {poll:g} s)" if j is not None else
+                         f"task {k}: waiting for {need} (trained by another process; every {poll:g} s)")
+                    told = True
+                time.sleep(poll)
+        run = Run(t["line"], t["argv"], None, t["run_dir"], run_status(t["run_dir"]), t["launcher"], t["gpus"])
+        cmd = command(run, run.status == "unfinished")
+        echo(f"task {k}: {shlex.join(cmd)}")
+        code = subprocess.call(cmd, cwd=spec.get("cwd"))
+        why = f"exit code {code}"
+        return code
+    except RunError as e:
+        why = str(e)
+        raise
+    finally:
+        if code != 0:
+            os.makedirs(os.path.join(folder, "logs"), exist_ok=True)
+            with open(_failed_mark(folder, k), "w") as f:
+                f.write(f"{t['run_dir']}: {why}\n")
 
 
 def sweep_main(argv):
@@ -423,10 +501,11 @@ def sweep_main(argv):
                    "run (for any other scheduler)")
     g = p.add_argument_group("--emit slurm")
     g.add_argument("--partition")
-    g.add_argument("--gpus-per-task", type=int, help="default: what the plan's lines ask for (1, or torchrun's count)")
-    g.add_argument("--cpus-per-task", type=int, default=4)
-    g.add_argument("--mem", default="32G")
-    g.add_argument("--time", default="24:00:00", help="per run (Slurm's --time)")
+    g.add_argument("--gpus-per-task", type=int, help="#SBATCH --gres=gpu:N; default: what the plan's lines ask for "
+                   "(1, or torchrun's count; 0 when every line runs with --device cpu)")
+    g.add_argument("--cpus-per-task", type=int, default=4, help="default 4")
+    g.add_argument("--mem", default="32G", help="per run (default 32G)")
+    g.add_argument("--time", default="24:00:00", help="per run (Slurm's --time; default 24:00:00)")
     g.add_argument("--max-parallel", type=int, help="array tasks at a time (%%N)")
     p.add_argument("--task", nargs=2, metavar=("DIR", "INDEX"), help="run one index of an emitted plan (sweep.sbatch "
                    "calls this)")
@@ -434,7 +513,7 @@ def sweep_main(argv):
     a = p.parse_args(argv)
     try:
         if a.task:
-            return task(*a.task)
+            return task(*a.task, echo=lambda m: print(m, flush=True))  # before the child's own output
         if not a.plans:
             p.error("give one or more PLAN files (or --task DIR INDEX)")
         if a.emit and (a.emit[0] not in ("slurm", "commands") or len(a.emit) != (2 if a.emit[0] == "slurm" else 1)):

@@ -20,7 +20,7 @@ import numpy as np
 import dapt
 import recipes
 from prompting import ConfigError
-from runs import RunError, read_result
+from runs import RunError, below_zero_shot, read_result
 
 
 def mean_std(values):
@@ -158,7 +158,8 @@ def render(tables_b2n, tables_fs, flagged=()):
 # points off). A run is flagged when one of its accuracies (base, new; all) is more than COLLAPSE_POINTS below
 # the mean of the cell's other seeds, or, with at least two other seeds, more than COLLAPSE_STD of their standard
 # deviations and at least COLLAPSE_MIN_GAP points below it (so seeds that agree to 0.1 do not flag a 0.5-point
-# dip); or when model selection picked the first of several epochs.
+# dip); or when model selection picked the first of several epochs; or when a trained run is more than
+# runs.ZERO_SHOT_MARGIN points below zero-shot CLIP on the same test images (result.json's zero_shot_reference).
 COLLAPSE_POINTS, COLLAPSE_STD, COLLAPSE_MIN_GAP = 10.0, 3.0, 1.0
 
 
@@ -186,6 +187,9 @@ def collapse_flags(groups):
             epochs = (r.get("config") or {}).get("epochs") or 0
             if r.get("selected_epoch") == 0 and epochs > 1:
                 why.append(f"model selection picked the first of {epochs} epochs")
+            if r.get("method") != "zsclip" and epochs and r.get("zero_shot_reference"):
+                why += [f"{k} {a:.2f} is {z - a:.1f} points below zero-shot CLIP's {z:.2f} on the same images"
+                        for k, a, z in below_zero_shot(r["accuracy"], r["zero_shot_reference"])]
             if why:
                 flags[r["run_dir"]] = why
     return flags

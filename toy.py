@@ -9,6 +9,7 @@ reads it like any CoOp dataset); the toy CLIP: its pretraining images (`toy_pret
 Left out: randomness from global generators (every draw comes from a generator seeded here; the caller's random
 state is left as it was).
 """
+import hashlib
 import json
 import logging
 import math
@@ -22,8 +23,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clip import CLIP, CLIP_MEAN, CLIP_STD
-from clip_load import build_clip
-from files import save_torch, write_json
+from clip_load import build_clip, write_safetensors
+from files import CheckpointError, sha256_file, write_json
 from prompting import encode_texts, normalize
 from tokenizer import tokenize
 
@@ -57,6 +58,9 @@ TOY_JITTER = 4.0  # object centre offset (px); larger offsets left a 4-layer ViT
 TOY_PER_CLASS = {"train": 60, "val": 20, "test": 100, "test_corr": 100}
 TOY_SPURIOUS = 0.9  # P(the class's preferred scene) in train, val and test_corr
 TOY_TINT = 15.0  # hue rotation (degrees) of the tinted domain; every benchmark image is tinted
+# sha256 of split_toy.json as make_toy(root, seed=0) writes it: the toy the docs' numbers were measured on
+# (python datatools.py toy --root DATA --check compares a local copy with it and the shipped toy CLIP with its own)
+TOY_SPLIT_SHA256 = "72cb163e08fad40d3c102d2b5849e0e29fbc86fb707179e3f7bd391315b43ef4"
 # pretraining: P(tinted image), P(a scene alone), P(a blank grey background instead of a scene),
 # P(caption names the scene)
 TOY_PRETRAIN_MIX = dict(tinted=0.4, scene_only=0.1, blank=0.1, name_scene=0.5)
@@ -230,9 +234,16 @@ def make_toy(root, seed=0, per_class=None):
     for name in TOY_CLASSNAMES:
         os.makedirs(os.path.join(tmp, "images", name.replace(" ", "_")), exist_ok=True)
         os.makedirs(os.path.join(tmp, "mask", "images", name.replace(" ", "_")), exist_ok=True)
+    total, done, t0, shown = sum(per_class.values()) * len(TOY_CLASSNAMES), 0, time.time(), time.time()
+    log.info("writing the toy benchmark: %d images and masks into %s", total, out)
     for s in ("train", "val", "test", "test_corr"):
         split[s] = []
         for y, name in enumerate(TOY_CLASSNAMES):
+            done += per_class[s]
+            if time.time() - shown > 5:  # progress with an ETA every 5 seconds
+                spent, shown = time.time() - t0, time.time()
+                log.info("  toy benchmark: %d of %d images (%.0f s, ETA %.0f s)", done, total, spent,
+                         spent / done * (total - done))
             for i in range(per_class[s]):
                 if s != "test" and rng.random() < TOY_SPURIOUS:
                     scene = prefer[y]
@@ -293,8 +304,34 @@ TOY_CONFIG = dict(embed_dim=64, image_resolution=32, vision_layers=4, vision_wid
 TOY_PRETRAIN = dict(seed=0, steps=3000, batch=128, lr=1e-3, weight_decay=0.01, warmup=100, images=20000)
 
 
-def toy_clip_path(root):
-    return os.path.join(root, "toy_clip", "toy_clip.pt")
+# The toy CLIP ships with the repository (made by pretrain_toy_clip with TOY_PRETRAIN at one thread; the json
+# beside it holds its recipe, sha256, zero-shot accuracies and the digests regeneration is checked against).
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+TOY_CLIP = os.path.join(ASSETS, "toy_clip.safetensors")
+TOY_CLIP_RECORD = os.path.join(ASSETS, "toy_clip.json")
+_CHECKED = {}  # (path, size, mtime) -> sha256 of the shipped file, checked once per process
+
+
+def toy_clip_record():
+    with open(TOY_CLIP_RECORD) as f:
+        return json.load(f)
+
+
+def toy_clip():
+    """The shipped toy CLIP's path, its sha256 checked against assets/toy_clip.json (once per process): a file that
+    differs (damaged, a Git LFS pointer, another recipe) is refused, saying how to get the right one."""
+    expected = toy_clip_record()["sha256"]
+    if not os.path.isfile(TOY_CLIP):
+        raise CheckpointError(f"{TOY_CLIP} is missing: restore it (git checkout -- assets/) or make it again with "
+                              "python datatools.py toy-clip --out assets/toy_clip.safetensors (about 5 minutes)")
+    st = os.stat(TOY_CLIP)
+    key = (TOY_CLIP, st.st_size, st.st_mtime_ns)
+    if key not in _CHECKED:
+        _CHECKED[key] = sha256_file(TOY_CLIP)
+    if _CHECKED[key] != expected:
+        raise CheckpointError(f"{TOY_CLIP} has sha256 {_CHECKED[key]}, the shipped toy CLIP has {expected}: restore it "
+                              "(git checkout -- assets/) or make it again with python datatools.py toy-clip")
+    return TOY_CLIP
 
 
 def toy_caption_table():
@@ -313,39 +350,59 @@ def toy_caption_table():
     return tokenize(texts), torch.tensor(attrs)
 
 
-def pretrain_toy_clip(root, steps=None, quiet=False):
-    """Pretrain (or load from cache) the toy CLIP; returns the checkpoint path. Deterministic for the recipe and
-    the thread count; uses its own generators (the global random state is left as it was: issue 11).
+def toy_recipe(steps=None, patch=None):
+    """TOY_PRETRAIN with the architecture (TOY_CONFIG; `patch`: another patch size, a variant with more patches)."""
+    config = dict(TOY_CONFIG, **({"vision_patch_size": patch} if patch else {}))
+    return dict(TOY_PRETRAIN, config=config, toy_version=TOY_VERSION, steps=steps or TOY_PRETRAIN["steps"])
+
+
+def pretrain_toy_clip(path, steps=None, quiet=False, patch=None):
+    """Pretrain the toy CLIP with TOY_PRETRAIN (steps: fewer, for tests) and write it to `path` (safetensors, float32)
+    with <path>.json beside it (recipe, sha256, zero-shot accuracies, seconds); a file with the same recipe is kept.
+    -> path. Deterministic for the recipe, the thread count and the CPU kernels torch uses; draws from its own
+    generators (the caller's random state is left as it was).
 
     Contrastive image-caption training on toy images generated in memory (toy_pretrain_images: plain and
     tinted photos, scenes independent of the class). Each image gets a caption drawn this step (random
     template; the scene named half of the time; "tinted" iff the image is); positives are every caption of the
     batch that is true of the image (same class, same domain, the same scene if one is named; a blank background
     is never named), a symmetric InfoNCE with soft targets, learnable temperature capped at 100 as OpenAI's;
-    AdamW + cosine. Zero-shot accuracies are written beside the weights (toy_clip.json)."""
-    path = toy_clip_path(root)
-    recipe = dict(TOY_PRETRAIN, config=TOY_CONFIG, toy_version=TOY_VERSION, steps=steps or TOY_PRETRAIN["steps"])
-    meta_path = path.replace(".pt", ".json")
+    AdamW + cosine. patch: another patch size (4 on the 32 px images: 64 patches instead of 16)."""
+    recipe, meta_path = toy_recipe(steps, patch), os.path.splitext(path)[0] + ".json"
     if os.path.exists(path) and os.path.exists(meta_path):
         with open(meta_path) as f:
             if json.load(f).get("recipe") == json.loads(json.dumps(recipe)):
                 return path
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     say = (lambda *a: None) if quiet else log.info  # a run's log (log.txt and the terminal), or the tools' output
-    say(f"pretraining the toy CLIP ({recipe['steps']} steps, once; cached at {path}) ...")
+    say(f"pretraining the toy CLIP ({recipe['steps']} steps) into {path} ...")
     t0 = time.time()
-    # set-up work: building and initialising models draws from the global generator, so it runs in a fork whose
-    # state is thrown away; a run's result then does not depend on whether its root was fresh (issue 11)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]):  # model set-up draws from the global generator: its state is restored
         state, acc = _pretrain_toy_clip(recipe, say, t0)
     say("toy CLIP zero-shot accuracy on held-out images: " + ", ".join(f"{k} {v:.2f}%" for k, v in acc.items()))
-    save_torch(state, path)
-    write_json(meta_path, dict(recipe=recipe, zero_shot_accuracy=acc, seconds=round(time.time() - t0, 1)), indent=1)
+    write_safetensors(state, path, metadata=dict(recipe=json.dumps(recipe)))
+    write_json(meta_path, dict(recipe=recipe, sha256=sha256_file(path), zero_shot_accuracy=acc,
+                               seconds=round(time.time() - t0, 1), cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                               torch=torch.__version__, threads=torch.get_num_threads()), indent=1)
     return path
 
 
-def _pretrain_toy_clip(recipe, say, t0):
-    """The training loop of pretrain_toy_clip -> (state dict with the full token embedding, zero-shot accuracies)."""
+def toy_clip_digest(steps, recipe=None):
+    """sha256 of the toy CLIP's weights after the first `steps` steps of `recipe` (default TOY_PRETRAIN): the same
+    trajectory as a full pretraining (its schedule counts the recipe's steps), cut short, for checking that this
+    code and machine reproduce the shipped file's start."""
+    with torch.random.fork_rng(devices=[]):
+        state, _ = _pretrain_toy_clip(recipe or toy_recipe(), lambda *a: None, time.time(), stop=steps)
+    h = hashlib.sha256()
+    for name, t in sorted(state.items()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _pretrain_toy_clip(recipe, say, t0, stop=None):
+    """The training loop of pretrain_toy_clip -> (state dict with the full token embedding, zero-shot accuracies;
+    None when stopped after `stop` steps)."""
     images, labels, scenes, tinted = (torch.as_tensor(a)
                                       for a in toy_pretrain_images(recipe["images"], recipe["seed"]))
     tokens, cap_attrs = toy_caption_table()
@@ -355,12 +412,13 @@ def _pretrain_toy_clip(recipe, say, t0):
     # full table, whose other rows keep their initialisation. Same result for the toy captions, 20x less work.
     used, tokens = torch.unique(tokens, sorted=True, return_inverse=True)
     torch.manual_seed(recipe["seed"])  # inside the caller's fork_rng
-    model = CLIP(**dict(TOY_CONFIG, vocab_size=len(used))).train()
-    full_embedding = torch.empty(TOY_CONFIG["vocab_size"], TOY_CONFIG["transformer_width"]).normal_(std=0.02)
+    config = recipe["config"]
+    model = CLIP(**dict(config, vocab_size=len(used))).train()
+    full_embedding = torch.empty(config["vocab_size"], config["transformer_width"]).normal_(std=0.02)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe["lr"], weight_decay=recipe["weight_decay"])
     g = torch.Generator().manual_seed(recipe["seed"])
     name_scene = TOY_PRETRAIN_MIX["name_scene"]
-    for step in range(recipe["steps"]):
+    for step in range(recipe["steps"] if stop is None else stop):
         warm = min(1.0, (step + 1) / recipe["warmup"])
         lr = recipe["lr"] * warm * 0.5 * (1 + math.cos(math.pi * step / recipe["steps"]))
         for group in opt.param_groups:
@@ -393,7 +451,7 @@ def _pretrain_toy_clip(recipe, say, t0):
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     full_embedding[used] = state["token_embedding.weight"]
     state["token_embedding.weight"] = full_embedding
-    return state, toy_zero_shot_accuracy(build_clip(state))
+    return state, None if stop is not None else toy_zero_shot_accuracy(build_clip(state))
 
 
 def toy_images_to_tensor(images):

@@ -15,6 +15,7 @@ evaluation of saved runs and tables (eval.py).
 import argparse
 import contextlib
 import datetime
+import hashlib
 import json
 import logging
 import math
@@ -36,16 +37,17 @@ import dapt
 import kernels
 import recipes
 from clip_load import CheckpointError, load_clip
+import files
 from files import sha256_file
 from loader import build_loader, build_transform, features_function, mask_path, resolve_mask_encoding
 from prompting import ConfigError
 from tables import hm
-from runs import (NonFiniteLoss, RunError, RunLock, all_sum, atomic_save, clip_weights, close_logging, describe,
-                  finished_result, folder_state, host_model, is_main, kept_rng, log_to_file, on_main, open_run,
-                  precision_of, read_json, read_metrics, read_run_file, restore, rng_state, run_dir_of,
-                  run_warnings, seed_everything, set_rng_state, start_parallel, stop_parallel, torch_threads,
-                  versions, world, write_json)
-from toy import pretrain_toy_clip
+from runs import (NonFiniteLoss, RunError, RunLock, ZERO_SHOT_MARGIN, all_sum, atomic_save, below_zero_shot,
+                  clip_weights, close_logging, describe, finished_result, folder_state, host_model, is_main, kept_rng,
+                  log_to_file, on_main, open_run, precision_of, read_json, read_metrics, read_run_file, restore,
+                  rng_state, run_dir_of, run_warnings, seed_everything, set_rng_state, start_parallel, stop_parallel,
+                  torch_threads, versions, world, write_json)
+from toy import toy_clip_record
 
 log = logging.getLogger("dapt")
 
@@ -122,10 +124,8 @@ def parse_args(argv):
 
 
 def load_backbone(cfg, root, device):
-    """The run's CLIP on `device` in its precision's dtype (the toy CLIP pretrained first when it is missing)."""
-    name = clip_weights(cfg, root)
-    if cfg["clip"] == "toy":
-        on_main(lambda: pretrain_toy_clip(root))  # made once; under torchrun rank 0 makes it, the others wait
+    """The run's CLIP on `device` in its precision's dtype."""
+    name = clip_weights(cfg, root)  # the toy CLIP ships in assets/ (its sha256 checked)
     _, dtype, _, _ = precision_of(cfg, device)
     model = load_clip(name, device=device, dtype=dtype)
     model.set_attention(cfg["attn"])
@@ -192,7 +192,8 @@ def record_config(cfg, run_dir, root, device, bench, model, train_tf, test_tf, p
     record = dict(cfg, root=os.path.abspath(root), device=str(device), precision_resolved=precision,
                   attention_resolved=kernels.describe_backend(cfg["attn"], torch.device(device).type),
                   transform_train=train_tf.constants(), transform_test=test_tf.constants(),
-                  trainable_values=n_params, benchmark=bench.meta, world_size=world()[1], versions=versions(device))
+                  trainable_values=n_params, benchmark=bench.meta, world_size=world()[1], versions=versions(device),
+                  **({"clip_sha256": toy_clip_record()["sha256"]} if cfg["clip"] == "toy" else {}))
     log.info("run %s (%d process%s) on %s%s%s", run_dir, world()[1], "" if world()[1] == 1 else "es", device,
              f" ({torch.cuda.get_device_name(device)})" if str(device).startswith("cuda") else "",
              f", CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']}" if "CUDA_VISIBLE_DEVICES" in os.environ
@@ -499,10 +500,11 @@ def at_chance(acc, images, classes):
     return acc <= 100 * p + min(3 * se, CHANCE_MARGIN)
 
 
-def health(model, accuracies, images, classnames, trained):
+def health(model, accuracies, images, classnames, trained, reference=None):
     """Guards on the final model: {"flags": names, "warnings": sentences, "param_rms_max": value}. Flags:
     exploded_parameters (a trained tensor's RMS value > PARAM_RMS_LIMIT), accuracy_at_chance (after training
-    with lr > 0, a subset's accuracy at or below chance: at_chance)."""
+    with lr > 0, a subset's accuracy at or below chance: at_chance), below_zero_shot (after training, a subset's
+    accuracy more than runs.ZERO_SHOT_MARGIN points below zero-shot CLIP's on the same images, `reference`)."""
     flags, warnings = [], []
     name, rms = param_rms(model)
     if rms > PARAM_RMS_LIMIT:
@@ -515,27 +517,45 @@ def health(model, accuracies, images, classnames, trained):
         warnings.append("accuracy at chance after training: " + ", ".join(
             f"{k} {accuracies[k]:.2f} % with {len(classnames[k])} classes (chance {100 / len(classnames[k]):.2f} %)"
             for k in chance) + "; check the data, the backbone and --lr")
+    below = below_zero_shot(accuracies, reference) if trained and reference else []
+    if below:
+        flags.append("below_zero_shot")
+        warnings.append("far below zero-shot CLIP on the same test images: " + ", ".join(
+            f"{k} {a:.2f} vs {z:.2f} ({a - z:+.1f} points)" for k, a, z in below)
+            + f" (more than {ZERO_SHOT_MARGIN:g} points: a collapse on these classes?)")
     for w in warnings:
         log.warning("%s", w)
     return dict(flags=flags, warnings=warnings, param_rms_max=rms)
 
 
 def zero_shot_reference(cfg, root, bench, test_tf, device):
-    """Toy runs: the accuracy of zero-shot CLIP (--method zsclip with this run's data, backbone and
-    evaluation settings) on the same test images, {subset: top-1 %}."""
+    """The accuracy of zero-shot CLIP (--method zsclip with this run's data, backbone and evaluation settings) on
+    the same test images, {subset: top-1 %}: computed once per dataset, class subset, backbone and test transform,
+    and kept in the dataset's cache folder (zero_shot_<sha256 of that key>.json) and in this process."""
     keys = ("subsample", "setting", "shots", "seed", "clip", "data_fraction", "precision", "attn", "workers",
             "test_batch", "threads")
     zcfg = recipes.resolve_config("zsclip", cfg["dataset"], {k: cfg[k] for k in keys}, root)
     weights = clip_weights(zcfg, root)
     stat = os.stat(weights) if os.path.isfile(weights) else None
-    key = json.dumps([zcfg, os.path.abspath(root), weights, stat and (stat.st_size, stat.st_mtime_ns), str(device),
-                      [p for p, _, _ in bench.test], test_tf.constants()], default=str)
+    what = [{k: v for k, v in zcfg.items() if k not in ("shots", "seed", "data_fraction", "workers", "test_batch",
+                                                         "threads", "setting")},  # what the test images' scores need
+            weights, stat and stat.st_size, torch.device(device).type, test_tf.constants(),
+            [os.path.relpath(p, bench.meta["dataset_dir"]) for p, _, _ in bench.test], bench.meta["split_sha256"]]
+    key = hashlib.sha256(json.dumps(what, default=str).encode()).hexdigest()[:16]
+    path = os.path.join(data.cache_dirs(bench.meta["dataset_dir"])[1], f"zero_shot_{key}.json")
     if key not in _ZERO_SHOT:  # runs of one process (a sweep, the tests) share it
-        with kept_rng(device):
-            model = dapt.build_model("zsclip", load_backbone(zcfg, root, device), bench.classnames, zcfg).to(device)
-            acc = evaluate_settings(zcfg, model, bench, root, test_tf, device)
-        acc.pop("classnames"), acc.pop("images")
-        _ZERO_SHOT[key] = acc
+        cached = [os.path.join(d, os.path.basename(path)) for d in data.cache_dirs(bench.meta["dataset_dir"])[0]]
+        found = [p for p in cached if os.path.isfile(p)]
+        if found:
+            _ZERO_SHOT[key] = read_json(found[0], "zero-shot reference")["accuracy"]
+        else:
+            with kept_rng(device):
+                model = dapt.build_model("zsclip", load_backbone(zcfg, root, device), bench.classnames, zcfg)
+                acc = evaluate_settings(zcfg, model.to(device), bench, root, test_tf, device)
+            acc.pop("classnames"), acc.pop("images")
+            _ZERO_SHOT[key] = acc
+            if is_main() and data.can_write(os.path.dirname(path)):
+                files.write_json(path, dict(accuracy=acc, key=what), indent=1)
     log.info("zero-shot reference (--method zsclip on the same test images): %s", json.dumps(_ZERO_SHOT[key]))
     return dict(_ZERO_SHOT[key])
 
@@ -606,7 +626,8 @@ def finish_run(cfg, run_dir, root, device, bench, model, test_tf, record, best, 
     accuracies = evaluate_settings(cfg, model, bench, root, test_tf, device)
     classnames, images = accuracies.pop("classnames"), accuracies.pop("images")
     trained = cfg["method"] != "zsclip" and cfg["epochs"] > 0 and cfg["lr"] > 0
-    checks = health(model, accuracies, images, classnames, trained)
+    reference = zero_shot_reference(cfg, root, bench, test_tf, device)
+    checks = health(model, accuracies, images, classnames, trained, reference)
     result = dict(
         method=cfg["method"], dataset=cfg["dataset"], setting=cfg["setting"], shots=cfg["shots"], seed=cfg["seed"],
         subsample=cfg["subsample"], tag=cfg["tag"], data_fraction=cfg["data_fraction"], accuracy=accuracies,
@@ -614,9 +635,8 @@ def finish_run(cfg, run_dir, root, device, bench, model, test_tf, record, best, 
         selected_epoch=best["epoch"] if best else (cfg["epochs"] if cfg["method"] != "zsclip" else 0), **checks,
         checkpoint_sha256=on_main(lambda: sha256_file(os.path.join(run_dir, "checkpoint.pt"))),
         seconds=round(time.time() - times["start"], 1), setup_seconds=round(times["setup_seconds"], 1),
-        world_size=world()[1], finished=datetime.datetime.now().isoformat(timespec="seconds"))
-    if cfg["dataset"] == "toy":
-        result["zero_shot_reference"] = zero_shot_reference(cfg, root, bench, test_tf, device)
+        world_size=world()[1], zero_shot_reference=reference,
+        finished=datetime.datetime.now().isoformat(timespec="seconds"))
     result["warnings"] = list(dict.fromkeys(result["warnings"] + run_warnings()))  # every warning of the run, once
     write_json(os.path.join(run_dir, "result.json"), result)
     log.info("result: %s", json.dumps(result["accuracy"]))

@@ -38,20 +38,16 @@ torch.set_num_threads(int(os.environ.get("DAPT_TEST_THREADS", "1")))
 # ----------------------------------------------------------------------------------------------------------
 # the session's toy data
 
-# A small toy benchmark and a briefly pretrained toy CLIP, shared by every end-to-end test of the session.
-# The real toy CLIP recipe (toy.TOY_PRETRAIN) takes minutes; tests only need a CLIP that runs through the
-# same code paths, so the recipe is shortened here for the whole session (it is part of the cache key).
-TEST_TOY_PRETRAIN = dict(steps=20, images=600, batch=64, warmup=5)
+# A small toy benchmark shared by every end-to-end test of the session; its runs use the shipped toy CLIP
+# (--clip toy: assets/toy_clip.safetensors).
 TEST_TOY_PER_CLASS = dict(train=16, val=4, test=6)
 
 
 @pytest.fixture(scope="session")
 def toy_root(tmp_path_factory):
-    """<root> holding toy/ (16 train, 4 val, 6 test images per class) and toy_clip/toy_clip.pt."""
-    toy.TOY_PRETRAIN.update(TEST_TOY_PRETRAIN)
+    """<root> holding toy/ (16 train, 4 val, 6 test images per class)."""
     root = str(tmp_path_factory.mktemp("toydata"))
     toy.make_toy(root, seed=0, per_class=TEST_TOY_PER_CLASS)
-    toy.pretrain_toy_clip(root, quiet=True)
     return root
 
 

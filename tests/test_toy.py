@@ -1,7 +1,10 @@
-"""The toy benchmark v2 (docs/toy.md): scenes, tinted domain, the two test splits, versioned caches, and a
-toy CLIP pretraining that leaves the global random state alone."""
+"""The toy benchmark v2 (docs/toy.md): scenes, tinted domain, the two test splits, versioned caches; the shipped toy
+CLIP (its sha256 checked, its pretraining reproducible and leaving the global random state alone)."""
 import json
 import os
+import platform
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,10 +12,13 @@ import torch
 from PIL import Image
 
 import data
+import datatools
+import files
 import train
 import toy
 
 SMALL = {"train": 3, "val": 2, "test": 2, "test_corr": 2}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_toy_caption():
@@ -114,25 +120,23 @@ def test_pretraining_leaves_global_rng_and_is_deterministic(tmp_path, monkeypatc
     monkeypatch.setitem(toy.TOY_PRETRAIN, "warmup", 2)
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    a = toy.pretrain_toy_clip(str(tmp_path / "a"), steps=3, quiet=True)
+    a = toy.pretrain_toy_clip(str(tmp_path / "a.safetensors"), steps=3, quiet=True)
     assert torch.equal(torch.get_rng_state(), before)  # set-up work never consumes the run's random state
-    b = toy.pretrain_toy_clip(str(tmp_path / "b"), steps=3, quiet=True)
-    sa, sb = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    meta = json.load(open(a.replace(".pt", ".json")))
-    assert meta["recipe"]["toy_version"] == toy.TOY_VERSION
+    b = toy.pretrain_toy_clip(str(tmp_path / "b.safetensors"), steps=3, quiet=True)
+    assert files.sha256_file(a) == files.sha256_file(b)  # deterministic, to the bit
+    meta = json.load(open(str(tmp_path / "a.json")))
+    assert meta["recipe"]["toy_version"] == toy.TOY_VERSION and meta["sha256"] == files.sha256_file(a)
     assert set(meta["zero_shot_accuracy"]) == {"plain", "tinted_plain_prompt", "tinted", "scene"}
-    # an old toy version in the cache key: pretrained again
-    json.dump(dict(meta, recipe=dict(meta["recipe"], toy_version=toy.TOY_VERSION - 1)), open(a.replace(".pt", ".json"), "w"))
+    # an old toy version in the recipe: pretrained again
+    json.dump(dict(meta, recipe=dict(meta["recipe"], toy_version=toy.TOY_VERSION - 1)), open(tmp_path / "a.json", "w"))
     stamp = os.stat(a).st_mtime_ns
-    toy.pretrain_toy_clip(str(tmp_path / "a"), steps=3, quiet=True)
-    assert os.stat(a).st_mtime_ns != stamp and json.load(open(a.replace(".pt", ".json")))["recipe"]["toy_version"] == toy.TOY_VERSION
+    toy.pretrain_toy_clip(a, steps=3, quiet=True)
+    assert os.stat(a).st_mtime_ns != stamp and json.load(open(tmp_path / "a.json"))["recipe"]["toy_version"] == toy.TOY_VERSION
 
 
 def test_first_run_on_a_fresh_root_equals_a_warm_run(tmp_path, monkeypatch):
-    """Generating the toy and pretraining the toy CLIP inside a run must not move the run's random state: the
-    first run on a fresh root and the same run on the warm root give bit-identical results."""
-    monkeypatch.setattr(toy, "TOY_PRETRAIN", dict(toy.TOY_PRETRAIN, steps=3, images=200, batch=16, warmup=2))
+    """Generating the toy inside a run must not move the run's random state: the first run on a fresh root and the
+    same run on the warm root give bit-identical results."""
     real = toy.make_toy
     monkeypatch.setattr(toy, "make_toy", lambda root: real(root, per_class=SMALL))
     args = ["--method", "coop", "--dataset", "toy", "--root", str(tmp_path / "data"), "--subsample", "base",
@@ -168,3 +172,39 @@ def test_a_further_test_split_must_be_a_list(tmp_path):
         data.read_split_json(str(path))
     json.dump({"train": [], "val": [], "test": [], "test_x": [["b.png", 1, "b"]], "notes": "kept out"}, open(path, "w"))
     assert data.read_split_json(str(path))["test_x"] == [("b.png", 1, "b")] and "notes" not in data.read_split_json(str(path))
+
+
+def test_the_shipped_toy_clip_is_checked_before_it_is_used(tmp_path, monkeypatch):
+    record = toy.toy_clip_record()
+    assert toy.toy_clip() == toy.TOY_CLIP and files.sha256_file(toy.TOY_CLIP) == record["sha256"]
+    assert record["recipe"] == json.loads(json.dumps(toy.toy_recipe()))  # made with this code's recipe
+    tampered = tmp_path / "toy_clip.safetensors"
+    raw = bytearray(open(toy.TOY_CLIP, "rb").read())
+    raw[-1] ^= 1  # one bit of one weight
+    tampered.write_bytes(raw)
+    monkeypatch.setattr(toy, "TOY_CLIP", str(tampered))
+    with pytest.raises(files.CheckpointError, match=f"has sha256 .*, the shipped toy CLIP has {record['sha256']}"):
+        toy.toy_clip()
+    monkeypatch.setattr(toy, "TOY_CLIP", str(tmp_path / "gone.safetensors"))
+    with pytest.raises(files.CheckpointError, match="is missing: restore it"):
+        toy.toy_clip()
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="the recorded digest is of x86 AVX2 kernels")
+def test_pretraining_again_follows_the_shipped_toy_clips_trajectory():
+    """The shipped toy CLIP is pretrain_toy_clip(TOY_PRETRAIN) at one thread (datatools.py toy-clip checks the whole
+    file, about 5 minutes); here its first 100 steps, with torch's AVX2 CPU kernels (another set of kernels rounds
+    otherwise), give the weights whose sha256 assets/toy_clip.json records."""
+    code = ("import sys, torch; sys.path.insert(0, %r); import toy; torch.set_num_threads(1); "
+            "print(toy.toy_clip_digest(100))" % REPO)
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="avx2")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == toy.toy_clip_record()["digests_after_100_steps"]["AVX2"]
+
+
+def test_toy_check_compares_with_the_published_toy(tmp_path, capsys):
+    toy.make_toy(str(tmp_path), per_class=dict(train=2, val=1, test=1))  # not the published size
+    assert datatools.main(["toy", "--root", str(tmp_path), "--check"]) == 1
+    out = capsys.readouterr().out
+    assert "split_toy.json: sha256" in out and "differs from the published" in out and "= the shipped toy CLIP" in out

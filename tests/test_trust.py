@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 
+import clip_load
 import dapt
 import data
 import datatools
@@ -112,11 +113,10 @@ def test_planted_payload_never_runs_and_the_error_names_the_file(kind, runs, toy
             monkeypatch.setattr(train, "evaluate", lambda *a, **k: (-1.0, 0))
         code, err = fails(capsys, train_toy, toy_root, out, "coop", *COOP, "--selection", "best_val", "--resume",
                           epochs=3)
-    elif kind == "toy_clip":  # the toy CLIP cached in the data root
-        toy_copy = request.getfixturevalue("toy_copy")
-        target = toy.toy_clip_path(toy_copy)
+    elif kind == "toy_clip":  # a state-dict CLIP named with --clip
+        target = str(tmp_path / "clip.pt")
         plant(target, marker)
-        code, err = fails(capsys, train_toy, toy_copy, tmp_path / "runs", "coop", epochs=1)
+        code, err = fails(capsys, train_toy, toy_root, tmp_path / "runs", "coop", "--clip", target, epochs=1)
     else:  # dapt-dist's prototype cache in the dataset folder
         toy_copy = request.getfixturevalue("toy_copy")
         cfg = recipes.resolve_config("dapt-dist", "toy", dict(subsample="base", shots=4))
@@ -197,15 +197,14 @@ def test_one_process_at_a_time(runs, toy_root, tmp_path, capsys):
 
 
 def test_fresh_and_warm_data_root_give_identical_results(toy_root, tmp_path):
-    """dapt-dist (random context and prompts, prototype cache): the first run on a new data root pretrains the
-    toy CLIP (the session's shortened recipe, conftest) and writes the few-shot and prototype caches; the second
-    finds them all. Same numbers, to the bit."""
+    """dapt-dist (random context and prompts, feature cache): the first run on a new data root writes the few-shot
+    and feature caches; the second finds them all. Same numbers, to the bit."""
     root = str(tmp_path / "fresh")
     toy.make_toy(root, seed=0, per_class=TEST_TOY_PER_CLASS)  # what python datatools.py toy does, smaller
-    assert not os.path.exists(toy.toy_clip_path(root))
+    assert not os.path.exists(os.path.join(root, "toy", "split_fewshot"))
     args = ["--lr", "0.01", "--batch", "16"]
     cold = train_toy(root, tmp_path / "a", "dapt-dist", *args, epochs=2)
-    assert os.path.exists(toy.toy_clip_path(root)) and os.listdir(os.path.join(root, "toy", "split_fewshot"))
+    assert len(os.listdir(os.path.join(root, "toy", "split_fewshot"))) == 2  # the few-shot split, the features
     torch.manual_seed(99)  # whatever state the process is in
     warm = train_toy(root, tmp_path / "b", "dapt-dist", *args, epochs=2)
     assert cold["accuracy"] == warm["accuracy"]
@@ -219,9 +218,6 @@ KILL = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
 import dapt, train
-import datatools
-import recipes
-import toy
 real, calls = dapt.VPT.loss, []
 def loss(self, batch, epoch):
     calls.append(epoch)
@@ -234,7 +230,7 @@ train.main({argv!r})
 
 
 def test_killed_dropout_run_resumes_bit_exactly(toy_root, tmp_path):
-    clip_path = toy.toy_clip_path(toy_root)  # the session's toy CLIP as a file: the subprocess pretrains nothing
+    clip_path = toy.toy_clip()  # the shipped toy CLIP, by its path
     extra = ["--lr", "0.05", "--batch", "8", "--prompt-dropout", "0.1", "--clip", clip_path]
     full = train_toy(toy_root, tmp_path / "full", "vpt", *extra)
     cut = toy_argv(toy_root, tmp_path / "cut", "vpt", *extra)
@@ -289,7 +285,7 @@ def test_end_of_run_says_what_each_number_is(toy_root, tmp_path, capsys, monkeyp
     # the zero-shot reference is --method zsclip on the same test images
     ref = result["zero_shot_reference"]
     zs = train_toy(toy_root, tmp_path / "zs", "zsclip", epochs=None)
-    assert ref == zs["accuracy"] and "zero-shot toy CLIP on the same test images (--method zsclip): base" in printed
+    assert ref == zs["accuracy"] and "zero-shot CLIP on the same test images (--method zsclip): base" in printed
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -335,7 +331,7 @@ def test_nan_in_the_first_epoch_says_no_checkpoint_exists(toy_root, tmp_path, ca
 
 
 def test_wrong_checkpoint_tensor_is_one_line_and_debug_shows_the_traceback(toy_root, tmp_path, capsys):
-    sd = torch.load(toy.toy_clip_path(toy_root), weights_only=True)
+    sd = clip_load.read_safetensors(toy.toy_clip())
     sd["ln_final.weight"] = torch.ones(32)
     path = str(tmp_path / "bad.pt")
     torch.save(sd, path)
