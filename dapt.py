@@ -121,7 +121,8 @@ class DAPT(PromptModel):
     def text_features(self, extra_tokens=None):
         """Inference classifier: the C classes (with bg_slice_quirk C + 7 columns, argmax over all as official),
         computed with the backgrounds as in training; then the extra texts' features when given."""
-        tokens = self.bg_tokens if extra_tokens is None else torch.cat([self.bg_tokens, extra_tokens.to(self.bg_tokens.device)])
+        tokens = self.bg_tokens if extra_tokens is None else \
+            torch.cat([self.bg_tokens, extra_tokens.to(self.bg_tokens.device)])
         T_all = self.host.text_features(tokens)
         T_fg = self.split_texts(T_all)[0]
         return T_fg if extra_tokens is None else torch.cat([T_fg, T_all[len(self.classnames) + len(DAPT_BACKGROUNDS):]])
@@ -414,8 +415,10 @@ class DistributionAwarePT(CoOp):
         the deterministic test view); the mean of unit vectors, NOT re-normalised. The caller may cache the pass
         (its name carries the sha256 of the image tower's weights)."""
         view = "train" if self.cfg["proto_train_view"] else "test"
-        feats, labels = features(self.clip.encode_image, view, cache=f"clip-image-{state_digest(self.clip.visual)[:16]}")
-        self.prototypes = class_means(normalize(feats), labels, len(self.classnames)).to(self.clip.logit_scale.device)  # [C, E]
+        name = f"clip-image-{state_digest(self.clip.visual)[:16]}"  # the weights the features come from
+        feats, labels = features(self.clip.encode_image, view, cache=name)  # [N, E], [N]
+        prototypes = class_means(normalize(feats), labels, len(self.classnames))  # [C, E]
+        self.prototypes = prototypes.to(self.clip.logit_scale.device)
 
     def visual_prompts(self):
         return VisualPrompts(self.image_prompts, None, self.cfg["prompt_ln_pre"])
@@ -587,12 +590,14 @@ class DAVPT(FrozenTextClassifier):
         self.proxy_map = ProxyMap(C, c["n_proxies"], c["seed"], c["kmeans_iters"], c["kmeans_tol"])
         M = self.proxy_map.M  # C < M: one proxy per class, identity map
         self.deep_prompts = nn.ParameterList([  # block i's tokens: [M, W] proxies in guided blocks, else [8, W]
-            nn.Parameter(init_image_prompts((M if i in self.guided else c["n_prompts"], W), c["prompt_init"], v.patch_size))
+            nn.Parameter(init_image_prompts((M if i in self.guided else c["n_prompts"], W), c["prompt_init"],
+                                            v.patch_size))
             for i in range(L)])
         if choice(c, "head", ("text", "linear")) == "linear":
             if c["subsample"] != "all":
                 raise ConfigError("davpt --head linear learns one weight row per training class and cannot score "
-                                  "new classes: use it with --subsample all (few-shot), or --head text for base-to-novel")
+                                  "new classes: use it with --subsample all (few-shot), or --head text for "
+                                  "base-to-novel")
             self.linear = nn.Linear(W, C)
             nn.init.trunc_normal_(self.linear.weight, std=0.02)
             nn.init.zeros_(self.linear.bias)
@@ -706,7 +711,8 @@ class DAVPT(FrozenTextClassifier):
 
     def load_extra_state(self, state):
         if state is None:
-            raise ValueError("davpt: the checkpoint has no class -> proxy map (extra state); it was not written by davpt")
+            raise ValueError("davpt: the checkpoint has no class -> proxy map (extra state); it was not written by "
+                             "davpt")
         self.proxy_map.load_state(state)
 
 

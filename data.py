@@ -424,9 +424,9 @@ def check_fewshot(raw, full, k, where):
     have = {y: len(g) for y, g in by_class(items).items()}
     for y, group in by_class(full).items():
         if have.get(y, 0) != min(k, len(group)):
-            raise SplitFileError(f"{where}: class {y} '{group[0][2]}' has {have.get(y, 0)} item(s), but a {k}-shot list "
-                                 f"holds min({k}, {len(group)}) = {min(k, len(group))} per class; delete the file to "
-                                 "draw the split again")
+            raise SplitFileError(f"{where}: class {y} '{group[0][2]}' has {have.get(y, 0)} item(s), but a {k}-shot "
+                                 f"list holds min({k}, {len(group)}) = {min(k, len(group))} per class; delete the "
+                                 "file to draw the split again")
     return items
 
 
@@ -868,7 +868,8 @@ def read_folder_split(dataset_dir):
                 listed = {p for items in split.values() for p, _, _ in items}
                 now = {p for part in listing.values() for files in part.values() for p in files}
                 log.warning("%s changed since %s was drawn: %d image(s) not in the split, %d listed image(s) gone; "
-                            "the split file is kept (python datatools.py folder-split --root %s --force draws a new one)",
+                            "the split file is kept (python datatools.py folder-split --root %s --force draws a new "
+                            "one)",
                             d, path, len(now - listed), len(listed - now), d)
         else:
             info["classnames"] = path + " (a user split file, names as written)"

@@ -24,10 +24,11 @@ import sys
 import numpy as np
 import torch
 
-from data import (COOP_DATASETS_MD, DATASETS, check_fewshot, writable_cache, FOLDER_FRACTIONS, FOLDER_SPLIT_FILE, FOLDER_SPLIT_SEED, DataError,
-                  DatasetNotFoundError, DataValueError, SplitFileError, _layout_help, _listdir, _load_fewshot,
-                  _read_lines, cache_dirs, can_write, coop_classname, fewshot_cache_path, find_folder_split,
-                  folder_cache_dir, folder_report, load_benchmark, make_folder_split, read_full_split)
+from data import (COOP_DATASETS_MD, DATASETS, DataError, DataValueError, DatasetNotFoundError, FOLDER_FRACTIONS,
+                  FOLDER_SPLIT_FILE, FOLDER_SPLIT_SEED, SplitFileError, _layout_help, _listdir, _load_fewshot,
+                  _read_lines, cache_dirs, can_write, check_fewshot, coop_classname, fewshot_cache_path,
+                  find_folder_split, folder_cache_dir, folder_report, load_benchmark, make_folder_split,
+                  read_full_split, writable_cache)
 from files import sha256_file, write_json
 from loader import (CorruptImageError, MissingImageError, check_mask_encoding, mask_path, mask_size_mismatches,
                     open_image, resolve_mask_encoding)
@@ -127,7 +128,8 @@ def import_dassl_pickle(path, name, root=None, prefix=None):
     Absolute paths are made relative to the dataset's image dir: `prefix` is stripped if given, else
     everything up to the last `/<image dir name>/` component. With `root`, the split is written as our JSON
     cache `<root>/<folder>/split_fewshot/shot_{K}-seed_{S}.json` (K, S parsed from the file name; the user cache
-    folder when the dataset is read-only, see cache_dirs), which `load_benchmark` then uses. -> {"train": [(rel, label, classname)], "val": [...]}"""
+    folder when the dataset is read-only, see cache_dirs), which `load_benchmark` then uses.
+    -> {"train": [(rel, label, classname)], "val": [...]}"""
     info = DATASETS[name]
     with open(path, "rb") as f:
         d = _DasslUnpickler(f).load()
@@ -363,8 +365,9 @@ def toy_clip_command(out, steps=None, patch=None):
     got, shipped = sha256_file(path), toy_clip_record()["sha256"]
     print(f"{path}: sha256 {got}" + (" = the shipped toy CLIP, bit for bit" if got == shipped else
           f"; the shipped one has {shipped}" + (" (fewer steps: not the shipped recipe)" if steps else
-                                                 f" (this machine's CPU kernels: {torch.backends.cpu.get_cpu_capability()}, "
-                                                 "the shipped file's: AVX512)")))
+                                                 " (this machine's CPU kernels: "
+                                                 f"{torch.backends.cpu.get_cpu_capability()}, the shipped file's: "
+                                                 "AVX512)")))
     return 0 if got == shipped or steps else 1
 
 
@@ -390,8 +393,8 @@ def main(argv=None):
     t = sub.add_parser("toy", allow_abbrev=False, help="write the toy benchmark to ROOT/toy (seconds); --check: "
                        "compare a local toy and the shipped toy CLIP with the published sha256")
     t.add_argument("--check", action="store_true", help="say whether ROOT/toy and the toy CLIP are the published ones")
-    tc = sub.add_parser("toy-clip", allow_abbrev=False, help="pretrain the toy CLIP again (about 5 minutes on one core) "
-                        "and compare it with the shipped assets/toy_clip.safetensors")
+    tc = sub.add_parser("toy-clip", allow_abbrev=False, help="pretrain the toy CLIP again (about 5 minutes on one "
+                        "core) and compare it with the shipped assets/toy_clip.safetensors")
     tc.add_argument("--out", required=True, help="where to write it (.safetensors)")
     tc.add_argument("--steps", type=int, default=None, help="fewer steps (a quick look; not the shipped recipe)")
     tc.add_argument("--patch", type=int, default=None, help="another patch size (4: 64 patches of the 32 px images, "

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from clip import CLIP_MEAN, CLIP_STD
-from data import (CorruptImageError, DataError, DataValueError, MissingImageError, MissingMaskError, by_class, cache_dirs,
-                  first_per_class, sample_per_class, writable_cache)
+from data import (CorruptImageError, DataError, DataValueError, MissingImageError, MissingMaskError, by_class,
+                  cache_dirs, first_per_class, sample_per_class, writable_cache)
 from files import load_torch_file, save_torch
 
 log = logging.getLogger("dapt")
@@ -521,7 +521,8 @@ def build_loader(items, transform, batch_size, train, workers=0, seed=1, masks=F
             raise MissingMaskError(
                 f"{len(missing)} of {len(mpaths)} foreground masks are missing, e.g. {missing[0]}\nMasks live at "
                 f"<dataset>/mask/<image path relative to the dataset folder> (same name, or same stem with .png); "
-                "see protocol §5 to convert released mask sets, or pass --allow-missing-masks true to use all-ones masks")
+                "see protocol §5 to convert released mask sets, or pass --allow-missing-masks true to use all-ones "
+                "masks")
         if missing:
             log.warning("%d of %d masks missing: all-ones masks used for them (--allow-missing-masks true)",
                         len(missing), len(mpaths))
@@ -582,7 +583,8 @@ def features_function(bench, transforms, seed, device):
         if per_class:
             if sampling not in ("first", "official"):
                 raise DataValueError(f"per-class sampling {sampling!r}: expected first or official")
-            items = first_per_class(items, per_class) if sampling == "first" else sample_per_class(items, per_class, seed)
+            items = (first_per_class(items, per_class) if sampling == "first"
+                     else sample_per_class(items, per_class, seed))
         labels = torch.tensor([y for _, y, _ in items])
         tf = transforms[view]
         if not cache:

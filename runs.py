@@ -545,7 +545,8 @@ def load_run(run_dir, device="cpu", root=None, dtype=None):
     """A trained run of train.py (its folder) -> the PromptModel, ready for inference on its own classes
     (model.set_classnames(names) for others; model(images) -> logits). The CLIP is the run's (`run_clip`; a
     toy run's the shipped toy CLIP; `root`, defaulting to the data root recorded in config.json, is where the run's
-    data is). Every file is read with torch.load(weights_only=True). model.run_dir, model.run_root and model.cfg describe the run."""
+    data is). Every file is read with torch.load(weights_only=True). model.run_dir, model.run_root and model.cfg
+    describe the run."""
     ckpt = read_run_file(os.path.join(run_dir, "checkpoint.pt"), device)
     if not isinstance(ckpt, dict) or not {"params", "config", "classnames"} <= set(ckpt):
         raise CheckpointError(f"{os.path.join(run_dir, 'checkpoint.pt')} is not a checkpoint of train.py "

@@ -120,7 +120,9 @@ def render(tables_b2n, tables_fs, flagged=()):
     """Markdown text and CSV rows of both tables; cells of `flagged` (setting, method, dataset, shots) get a ⚠."""
     warn = lambda setting, method, dataset, shots=None: " ⚠" if any(  # noqa: E731
         f[:3] == (setting, method, dataset) and shots in (None, f[3]) for f in flagged) else ""
-    md, rows = [], [["table", "method", "dataset", "shots", "base", "base_std", "new", "new_std", "hm", "acc", "acc_std", "seeds"]]
+    header = ["table", "method", "dataset", "shots", "base", "base_std", "new", "new_std", "hm", "acc", "acc_std",
+              "seeds"]
+    md, rows = [], [header]
     if tables_b2n:
         md += ["## Base-to-novel (mean over seeds; HM of the means)", "",
                "| method | dataset | base | new | HM | seeds |", "|---|---|---|---|---|---|"]
@@ -132,8 +134,10 @@ def render(tables_b2n, tables_fs, flagged=()):
                 rows.append(["b2n", method, dataset, 16, f"{r['base']:.4f}", f"{r['base_std']:.4f}", f"{r['new']:.4f}",
                              f"{r['new_std']:.4f}", f"{r['hm']:.4f}", "", "", " ".join(map(str, r["seeds"]))])
             a = t["average"]
-            md.append(f"| {method} | **average ({a['datasets']})** | {a['base']:.2f} | {a['new']:.2f} | {a['hm']:.2f} | |")
-            rows.append(["b2n", method, "average", 16, f"{a['base']:.4f}", "", f"{a['new']:.4f}", "", f"{a['hm']:.4f}", "", "", ""])
+            md.append(f"| {method} | **average ({a['datasets']})** | {a['base']:.2f} | {a['new']:.2f} | "
+                      f"{a['hm']:.2f} | |")
+            rows.append(["b2n", method, "average", 16, f"{a['base']:.4f}", "", f"{a['new']:.4f}", "",
+                         f"{a['hm']:.4f}", "", "", ""])
         md.append("")
     if tables_fs:
         shots = sorted({k for t in tables_fs.values() for rows in t.values() for k in rows})
@@ -148,8 +152,8 @@ def render(tables_b2n, tables_fs, flagged=()):
                 md.append(f"| {method} | {dataset} | " + " | ".join(cells) + " |")
                 for k in shots:
                     if k in r:
-                        rows.append(["fewshot", method, dataset, k, "", "", "", "", "", f"{r[k][0]:.4f}", f"{r[k][1]:.4f}",
-                                     " ".join(map(str, r[k][2]))])
+                        rows.append(["fewshot", method, dataset, k, "", "", "", "", "", f"{r[k][0]:.4f}",
+                                     f"{r[k][1]:.4f}", " ".join(map(str, r[k][2]))])
         md.append("")
     return "\n".join(md), rows
 
@@ -392,12 +396,13 @@ def compare(a, b, seeds=None, out=None, echo=print):
             boot = f", bootstrap [{st['boot_low']:+.2f}, {st['boot_high']:+.2f}]" if not math.isnan(st["boot_low"]) \
                 else ""
             ci = f"t [{st['t_low']:+.2f}, {st['t_high']:+.2f}]" if st["n"] > 1 else "one seed: no interval"
-            echo(f"  {m:<9} {am:6.2f} ± {asd:5.2f}  vs {bm:6.2f} ± {bsd:5.2f}   diff {st['mean']:+6.2f} ± {st['std']:.2f} "
-                 f"({ci}{boot}; {st['agree']} of {st['n']} seeds agree): {verdict(st, la, lb)}")
+            echo(f"  {m:<9} {am:6.2f} ± {asd:5.2f}  vs {bm:6.2f} ± {bsd:5.2f}   diff {st['mean']:+6.2f} ± "
+                 f"{st['std']:.2f} ({ci}{boot}; {st['agree']} of {st['n']} seeds agree): {verdict(st, la, lb)}")
             rows.append([*cell, m, la, f"{am:.4f}", f"{asd:.4f}", lb, f"{bm:.4f}", f"{bsd:.4f}",
                          " ".join(map(str, order)), f"{st['mean']:.4f}", f"{st['std']:.4f}", f"{st['t_low']:.4f}",
                          f"{st['t_high']:.4f}", f"{st['boot_low']:.4f}", f"{st['boot_high']:.4f}",
-                         f"{st['agree']}/{st['n']}", verdict(st, la, lb), " ".join(f"{x - y:.4f}" for x, y in zip(va, vb))])
+                         f"{st['agree']}/{st['n']}", verdict(st, la, lb),
+                         " ".join(f"{x - y:.4f}" for x, y in zip(va, vb))])
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(out, "w", newline="") as f:

@@ -382,7 +382,8 @@ def pretrain_toy_clip(path, steps=None, quiet=False, patch=None):
     say("toy CLIP zero-shot accuracy on held-out images: " + ", ".join(f"{k} {v:.2f}%" for k, v in acc.items()))
     write_safetensors(state, path, metadata=dict(recipe=json.dumps(recipe)))
     write_json(meta_path, dict(recipe=recipe, sha256=sha256_file(path), zero_shot_accuracy=acc,
-                               seconds=round(time.time() - t0, 1), cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                               seconds=round(time.time() - t0, 1),
+                               cpu_capability=torch.backends.cpu.get_cpu_capability(),
                                torch=torch.__version__, threads=torch.get_num_threads()), indent=1)
     return path
 

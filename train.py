@@ -174,7 +174,8 @@ def build_run(cfg, root, device):
         d = bench.meta["dataset_dir"]
         enc, how = resolve_mask_encoding(d, [mask_path(d, p) for p, _, _ in bench.train],
                                          "official" if cfg["mask_quirk"] else cfg["mask_encoding"])
-        bench.meta = dict(bench.meta, mask_encoding=enc, mask_encoding_source="--mask-quirk" if cfg["mask_quirk"] else how)
+        bench.meta = dict(bench.meta, mask_encoding=enc,
+                          mask_encoding_source="--mask-quirk" if cfg["mask_quirk"] else how)
     ready = time.time()  # the data and the backbone are ready: the run's own time starts
     if cfg["epochs"] > 0:  # one-off set-up from the training images (dapt-dist prototypes, DA-VPT clusters)
         with kept_rng(device):
@@ -198,15 +199,16 @@ def record_config(cfg, run_dir, root, device, bench, model, train_tf, test_tf, p
              f" ({torch.cuda.get_device_name(device)})" if str(device).startswith("cuda") else "",
              f", CUDA_VISIBLE_DEVICES={os.environ['CUDA_VISIBLE_DEVICES']}" if "CUDA_VISIBLE_DEVICES" in os.environ
              else "")
-    log_to_file(logging.INFO, "config " + json.dumps({k: v for k, v in record.items() if k != "benchmark"}, default=str))
+    log_to_file(logging.INFO, "config " + json.dumps({k: v for k, v in record.items() if k != "benchmark"},
+                                                      default=str))
     log.info("config: %d keys in %s (python train.py ... --show-config prints them)", len(record),
              os.path.join(run_dir, "config.json"))
     log.info("attention (--attn %s): %s; precision %s", cfg["attn"], record["attention_resolved"], precision)
     if state == "resume":
         record = read_json(os.path.join(run_dir, "config.json"), "run config")
         if record.get("world_size", 1) != world()[1]:
-            log.warning("resuming a run started in %d process(es) in %d: the gradients are averaged over the same global "
-                        "batches, so the result equals an uninterrupted run only up to float summation order",
+            log.warning("resuming a run started in %d process(es) in %d: the gradients are averaged over the same "
+                        "global batches, so the result equals an uninterrupted run only up to float summation order",
                         record.get("world_size", 1), world()[1])
     else:
         write_json(os.path.join(run_dir, "config.json"), record)
@@ -327,8 +329,8 @@ def fit(cfg, run_dir, model, bench, train_tf, test_tf, device, resume):
         raise
     except NonFiniteLoss as e:
         if done == 0:
-            msg = (f"{e}. Stopped in the first epoch: no checkpoint exists (no epoch finished). Lower --lr or check the "
-                   "inputs, then run the command again (the folder holds no progress, it starts over)")
+            msg = (f"{e}. Stopped in the first epoch: no checkpoint exists (no epoch finished). Lower --lr or check "
+                   "the inputs, then run the command again (the folder holds no progress, it starts over)")
         else:
             msg = (f"{e}. Stopped; the last good checkpoint (epoch {done}) is kept in {run_dir}. --resume would repeat "
                    "the same steps (it is exact): lower --lr or check the inputs in a new run (--tag or --out)")
@@ -400,7 +402,7 @@ def train_one_epoch(cfg, model, opt, scaler, loader, epoch, device, autocast_dty
         for group in opt.param_groups:
             group["lr"] = lr
         batch = to_device(batch, device)
-        with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             loss, stats = (loss_of or model.loss)(batch, epoch)
         value = loss.detach().float()
         n = len(batch["label"])
@@ -426,7 +428,8 @@ def train_one_epoch(cfg, model, opt, scaler, loader, epoch, device, autocast_dty
                 raise NonFiniteLoss(f"loss is {float(bad_loss)} at epoch {epoch + 1}, step {int(bad_step) + 1} "
                                     f"(lr {lr_at(cfg, epoch, int(bad_step), steps):.3g})")
             ips = seen / max(now - t0, 1e-9)
-            eta = (steps - step - 1) * (now - t0) / (step + 1) + (cfg["epochs"] - epoch - 1) * steps * (now - t0) / (step + 1)
+            per_step = (now - t0) / (step + 1)
+            eta = (steps - step - 1) * per_step + (cfg["epochs"] - epoch - 1) * steps * per_step
             log.info("epoch %d/%d step %d/%d loss %.4f lr %.3e %.1f img/s eta %s", epoch + 1, cfg["epochs"], step + 1,
                      steps, float(value), lr, ips, datetime.timedelta(seconds=int(eta)))
             last_print = now
@@ -444,7 +447,7 @@ def evaluate(model, loader, device, autocast_dtype=None):
     """Top-1 accuracy (%) of model over a loader; class text features computed once."""
     model.eval()
     correct = total = 0
-    with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+    with torch.autocast(torch.device(device).type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         T = model.text_features()
         for batch in loader:
             batch = to_device(batch, device)
