@@ -24,7 +24,6 @@ import logging
 import math
 import os
 import random
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -97,35 +96,6 @@ DATASETS = {d.name: d for d in [
     DatasetInfo("toy", "toy", "images", "split_toy.json", _PHOTO, 24, "toy", (1440, 480, 2400), image_size=32,
                 layout="images/<class>/*.png, mask/images/<class>/*.png, split_toy.json (python datatools.py toy)"),
 ]}
-
-
-# raw name -> CoOp class name, for building or checking names from folders / listings (protocol §2)
-_CALTECH_RENAME = {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard", "Motorbikes": "motorbike"}
-
-
-_CALTECH_IGNORED = ("BACKGROUND_Google", "Faces_easy")
-
-
-_EUROSAT_RENAME = {"AnnualCrop": "Annual Crop Land", "Forest": "Forest",
-                   "HerbaceousVegetation": "Herbaceous Vegetation Land", "Highway": "Highway or Road",
-                   "Industrial": "Industrial Buildings", "Pasture": "Pasture Land",
-                   "PermanentCrop": "Permanent Crop Land", "Residential": "Residential Buildings", "River": "River",
-                   "SeaLake": "Sea or Lake"}
-
-
-def coop_classname(name, raw):
-    """CoOp's class name for a raw folder / list entry of dataset `name` (None: a folder CoOp ignores)."""
-    if name == "caltech101":
-        return None if raw in _CALTECH_IGNORED else _CALTECH_RENAME.get(raw, raw)
-    if name == "eurosat":
-        return _EUROSAT_RENAME[raw]
-    if name == "ucf101":  # ApplyEyeMakeup (and the folder Apply_Eye_Makeup) -> Apply_Eye_Makeup
-        return "_".join(re.findall("[A-Z][^A-Z]*", raw.replace("_", "")))
-    if name == "sun397":  # /a/apartment_building/outdoor -> outdoor apartment_building
-        return " ".join(raw.strip("/").split("/")[1:][::-1])
-    if name == "oxford_pets":  # Abyssinian_12.jpg -> abyssinian
-        return "_".join(os.path.splitext(os.path.basename(raw))[0].split("_")[:-1]).lower()
-    return raw
 
 # ----------------------------------------------------------------------------------------------------------
 # errors: each says what is wrong, where, and what to do
@@ -877,15 +847,3 @@ def read_folder_split(dataset_dir):
     _FOLDER_INFO[d] = info
     sha = hashlib.sha256(json.dumps({s: split[s] for s in ("train", "val", "test")}).encode()).hexdigest()
     return split, path, sha
-
-
-def folder_report(dataset_dir):
-    """Lines for `python datatools.py check folder`: layout, where the split, class names and template came from."""
-    info = _FOLDER_INFO.get(os.path.abspath(dataset_dir), {})
-    template, source = info.get("template", ("?", "?"))
-    lines = [f"  layout: {'one folder per class' if info.get('layout') == 'classes' else 'train/ val/ test/ sub-trees'}"
-             f"; split: {info.get('split')}", f"  class names from: {info.get('classnames')}",
-             f"  template: '{template}' ({source})"]
-    if info.get("skipped"):
-        lines.append(f"  skipped (no images): {', '.join(info['skipped'][:10])}")
-    return lines

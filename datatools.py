@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from data import (COOP_DATASETS_MD, DATASETS, DataError, DataValueError, DatasetNotFoundError, FOLDER_FRACTIONS,
-                  FOLDER_SPLIT_FILE, FOLDER_SPLIT_SEED, SplitFileError, _layout_help, _listdir, _load_fewshot,
-                  _read_lines, cache_dirs, can_write, check_fewshot, coop_classname, fewshot_cache_path,
-                  find_folder_split, folder_cache_dir, folder_report, load_benchmark, make_folder_split,
-                  read_full_split, writable_cache)
+                  FOLDER_SPLIT_FILE, FOLDER_SPLIT_SEED, SplitFileError, _FOLDER_INFO, _layout_help, _listdir,
+                  _load_fewshot, _read_lines, cache_dirs, can_write, check_fewshot, fewshot_cache_path,
+                  find_folder_split, folder_cache_dir, load_benchmark, make_folder_split, read_full_split,
+                  writable_cache)
 from files import sha256_file, write_json
 from loader import (CorruptImageError, MissingImageError, check_mask_encoding, mask_path, mask_size_mismatches,
                     open_image, resolve_mask_encoding)
@@ -39,6 +39,42 @@ log = logging.getLogger("dapt")
 
 # ----------------------------------------------------------------------------------------------------------
 # checking a dataset without training
+
+# raw name -> CoOp class name, for checking the names of a split against its folders / listings (protocol §2)
+_CALTECH_RENAME = {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard", "Motorbikes": "motorbike"}
+_CALTECH_IGNORED = ("BACKGROUND_Google", "Faces_easy")
+_EUROSAT_RENAME = {"AnnualCrop": "Annual Crop Land", "Forest": "Forest",
+                   "HerbaceousVegetation": "Herbaceous Vegetation Land", "Highway": "Highway or Road",
+                   "Industrial": "Industrial Buildings", "Pasture": "Pasture Land",
+                   "PermanentCrop": "Permanent Crop Land", "Residential": "Residential Buildings", "River": "River",
+                   "SeaLake": "Sea or Lake"}
+
+
+def coop_classname(name, raw):
+    """CoOp's class name for a raw folder / list entry of dataset `name` (None: a folder CoOp ignores)."""
+    if name == "caltech101":
+        return None if raw in _CALTECH_IGNORED else _CALTECH_RENAME.get(raw, raw)
+    if name == "eurosat":
+        return _EUROSAT_RENAME[raw]
+    if name == "ucf101":  # ApplyEyeMakeup (and the folder Apply_Eye_Makeup) -> Apply_Eye_Makeup
+        return "_".join(re.findall("[A-Z][^A-Z]*", raw.replace("_", "")))
+    if name == "sun397":  # /a/apartment_building/outdoor -> outdoor apartment_building
+        return " ".join(raw.strip("/").split("/")[1:][::-1])
+    if name == "oxford_pets":  # Abyssinian_12.jpg -> abyssinian
+        return "_".join(os.path.splitext(os.path.basename(raw))[0].split("_")[:-1]).lower()
+    return raw
+
+
+def folder_report(dataset_dir):
+    """Lines for `python datatools.py check folder`: layout, where the split, class names and template came from."""
+    info = _FOLDER_INFO.get(os.path.abspath(dataset_dir), {})
+    template, source = info.get("template", ("?", "?"))
+    lines = [f"  layout: {'one folder per class' if info.get('layout') == 'classes' else 'train/ val/ test/ sub-trees'}"
+             f"; split: {info.get('split')}", f"  class names from: {info.get('classnames')}",
+             f"  template: '{template}' ({source})"]
+    if info.get("skipped"):
+        lines.append(f"  skipped (no images): {', '.join(info['skipped'][:10])}")
+    return lines
 
 
 def check(name, root, sample=None, seed=0, out=print):

@@ -33,7 +33,8 @@ def test_prototypes_equal_hand_computation_and_are_cached(tiny, monkeypatch):
         torch.testing.assert_close(protos[c], hand, rtol=1e-5, atol=1e-6)
     assert protos.norm(dim=-1).max() < 1  # random images of a class differ: the mean is shorter than 1
     digest = dapt.state_digest(clip.visual)[:16]
-    path = os.path.join(bench.meta["dataset_dir"], "split_fewshot", f"features_clip-image-{digest}_test_shot_3-seed_1-all.pt")
+    name = f"features_clip-image-{digest}_test_shot_3-seed_1-all.pt"
+    path = os.path.join(bench.meta["dataset_dir"], "split_fewshot", name)
     cached = torch.load(path, weights_only=True)
     assert cached["record"]["transform"] == tfs[False].constants() and cached["record"]["seed"] == 1
 

@@ -170,13 +170,13 @@ def test_coop_classname_rules(real_split):
     with open(real_split) as f:
         split = json.load(f)
     for p, _, c in split["train"] + split["test"]:
-        assert data.coop_classname("caltech101", p.split("/")[0]) == c
-    assert data.coop_classname("caltech101", "BACKGROUND_Google") is None
-    assert data.coop_classname("eurosat", "HerbaceousVegetation") == "Herbaceous Vegetation Land"
-    assert data.coop_classname("ucf101", "ApplyEyeMakeup") == "Apply_Eye_Makeup"
-    assert data.coop_classname("ucf101", "Apply_Eye_Makeup") == "Apply_Eye_Makeup"
-    assert data.coop_classname("sun397", "/a/apartment_building/outdoor") == "outdoor apartment_building"
-    assert data.coop_classname("oxford_pets", "great_pyrenees_173.jpg") == "great_pyrenees"
+        assert datatools.coop_classname("caltech101", p.split("/")[0]) == c
+    assert datatools.coop_classname("caltech101", "BACKGROUND_Google") is None
+    assert datatools.coop_classname("eurosat", "HerbaceousVegetation") == "Herbaceous Vegetation Land"
+    assert datatools.coop_classname("ucf101", "ApplyEyeMakeup") == "Apply_Eye_Makeup"
+    assert datatools.coop_classname("ucf101", "Apply_Eye_Makeup") == "Apply_Eye_Makeup"
+    assert datatools.coop_classname("sun397", "/a/apartment_building/outdoor") == "outdoor apartment_building"
+    assert datatools.coop_classname("oxford_pets", "great_pyrenees_173.jpg") == "great_pyrenees"
 
 
 def _ungroup(g):

@@ -85,7 +85,8 @@ def test_heads_and_inference_rule():
         model.set_classnames(NAMES[:3])  # new classes: l_c
         assert model.mode == "cls" and model.T0.shape[0] == 3
         torch.testing.assert_close(model(x), l_c[:, :3], rtol=1e-5, atol=1e-4)
-        model.set_dataset("imagenetv2", "itap of a {}.")  # another dataset, even with the training list: l_c, its template
+        model.set_dataset("imagenetv2", "itap of a {}.")  # another dataset, even with the training list: l_c, its
+        # template
         model.set_classnames(NAMES)
         assert model.mode == "cls" and model.template == "itap of a {}."
         model.set_dataset("toy", "a photo of a {}.")
@@ -122,7 +123,7 @@ def test_loss_terms_equal_the_formula():
 
 
 def test_trainable_counts_at_vit_b16_and_official_init(monkeypatch):
-    monkeypatch.setattr(classic, "encode_texts", lambda clip, texts: torch.zeros(len(texts), 512))  # T0: no meta text pass
+    monkeypatch.setattr(classic, "encode_texts", lambda clip, texts: torch.zeros(len(texts), 512))  # T0: no meta pass
     with torch.device("meta"):
         big = clip_module.CLIP(**clip_module.VIT_B16_CONFIG)
     count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731

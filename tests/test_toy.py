@@ -131,7 +131,8 @@ def test_pretraining_leaves_global_rng_and_is_deterministic(tmp_path, monkeypatc
     json.dump(dict(meta, recipe=dict(meta["recipe"], toy_version=toy.TOY_VERSION - 1)), open(tmp_path / "a.json", "w"))
     stamp = os.stat(a).st_mtime_ns
     toy.pretrain_toy_clip(a, steps=3, quiet=True)
-    assert os.stat(a).st_mtime_ns != stamp and json.load(open(tmp_path / "a.json"))["recipe"]["toy_version"] == toy.TOY_VERSION
+    assert os.stat(a).st_mtime_ns != stamp
+    assert json.load(open(tmp_path / "a.json"))["recipe"]["toy_version"] == toy.TOY_VERSION
 
 
 def test_first_run_on_a_fresh_root_equals_a_warm_run(tmp_path, monkeypatch):

@@ -150,7 +150,8 @@ def test_lr_schedule_equals_formula():
 @pytest.mark.parametrize("argv, message", [
     (["--method", "nope", "--dataset", "toy"], "unknown method 'nope'"),
     (["--method", "coop", "--dataset", "nope"], "unknown dataset 'nope'"),
-    (["--method", "coop", "--dataset", "toy", "--n-cxt", "4"], r"unknown config key\(s\) --n-cxt for method 'coop'. Valid keys: .*n_ctx"),
+    (["--method", "coop", "--dataset", "toy", "--n-cxt", "4"],
+     r"unknown config key\(s\) --n-cxt for method 'coop'. Valid keys: .*n_ctx"),
     (["--method", "coop", "--dataset", "toy", "--lr", "fast"], "--lr: cannot read 'fast' as float"),
     (["--method", "coop", "--dataset", "toy", "--setting", "foo"], "--setting 'foo': expected one of fewshot, b2n, xd"),
     (["--method", "coop", "--dataset", "toy", "--epochs", "-2"], "--epochs -2: expected a value >= 0"),

@@ -122,7 +122,8 @@ def test_planted_payload_never_runs_and_the_error_names_the_file(kind, runs, toy
         cfg = recipes.resolve_config("dapt-dist", "toy", dict(subsample="base", shots=4))
         digest = dapt.state_digest(train.load_backbone(cfg, toy_copy, "cpu").visual)[:16]
         view = "train" if cfg["proto_train_view"] else "test"
-        target = os.path.join(toy_copy, "toy", "split_fewshot", f"features_clip-image-{digest}_{view}_shot_4-seed_1-base.pt")
+        name = f"features_clip-image-{digest}_{view}_shot_4-seed_1-base.pt"
+        target = os.path.join(toy_copy, "toy", "split_fewshot", name)
         plant(target, marker)
         code, err = fails(capsys, train_toy, toy_copy, tmp_path / "runs", "dapt-dist", epochs=1)
     assert code == 1 and not marker.exists()
