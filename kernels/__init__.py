@@ -7,9 +7,10 @@
   the dispatcher `<name>_loss`: pull_push_loss, inter_dispersion_loss, intra_dispersion_loss, proxy_anchor_loss.
 
 Every entry point takes `backend`: None picks Triton on CUDA tensors (when triton imports) and the PyTorch
-reference elsewhere (for attention: SDPA, and the kernel on CUDA only where a key mask is given); "triton" forces
-the kernel (on CPU tensors it needs TRITON_INTERPRET=1, which is how the tests check it); "torch" forces the
-reference. The benchmark is `python -m kernels.bench`. Deliberately not here: autotuning, a registry of kernels.
+reference elsewhere (for attention: SDPA, and the kernel on CUDA only where a key mask is given, in half precision
+or in float32 where torch allows TF32); "triton" forces the kernel (on CPU tensors it needs TRITON_INTERPRET=1,
+which is how the tests check it without a GPU); "torch" forces the reference. The benchmark is `python -m
+kernels.bench`. Deliberately not here: autotuning, a registry of kernels.
 """
 from .attention import (ATTN_BACKENDS, attention_reference, describe_backend, masked_attention,  # noqa: F401
                         triton_attention, use_triton)

@@ -17,14 +17,15 @@ What is fused:
   The backward writes dL/dsim [B, M] (the size of the logits) and leaves the two matmuls to torch.
 Small per-row or per-class partial sums are reduced in torch (deterministic, no atomics).
 Every kernel computes in float32, like the references (the pull-push reference computes in the input dtype;
-the kernel returns its float32 result cast to that dtype). Deliberately left out: autotuning, atomics.
+the kernel returns its float32 result cast to that dtype). Row and class indices are int64 in the kernels, so
+offsets such as rows * D cannot wrap at any batch. Deliberately left out: autotuning, atomics.
 """
 import types
 
 import torch
 import torch.nn.functional as F
 
-from .attention import use_triton
+from .attention import tf32_allowed, use_triton
 
 try:
     import triton
@@ -39,9 +40,10 @@ def _need_triton():
                            "use backend=None or 'torch' for the PyTorch reference")
 
 
-def _prec():
-    """Dot precision for float32 tiles: TF32 only where torch itself allows it for CUDA matmuls."""
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+def _prec(device):
+    """Dot precision for float32 tiles: TF32 only on CUDA where torch itself allows it for float32 matmuls, read by
+    attention.tf32_allowed (which cannot raise, whichever of torch's precision APIs set it)."""
+    return "tf32" if device.type == "cuda" and tf32_allowed() else "ieee"
 
 
 def _check_labels(labels, n, what):
@@ -71,7 +73,7 @@ def pull_push_reference(anchor, positive, negative, margin=1.5):
 @triton.jit
 def _pull_push_fwd(A, P, N, LOSS, DPOS, DNEG, Bn, D, sa, sp, sn, margin, eps,
                    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     r_ok = rows < Bn
     s_pos = tl.zeros([BLOCK_B], tl.float32)
     s_neg = tl.zeros([BLOCK_B], tl.float32)
@@ -97,7 +99,7 @@ def _pull_push_bwd(A, P, N, G, DPOS, DNEG, GA, GP, GN, Bn, D, sa, sp, sn, sg, ma
                    BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     """dL/da = g (u / d_pos - w / d_neg), dL/dp = -g u / d_pos, dL/dn = g w / d_neg where the hinge is open
     (clamp passes the gradient at 0, as torch does; a zero distance has gradient 0, as torch's norm)."""
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     r_ok = rows < Bn
     d_pos = tl.load(DPOS + rows, mask=r_ok, other=1.0)
     d_neg = tl.load(DNEG + rows, mask=r_ok, other=1.0)
@@ -197,10 +199,10 @@ def _sq_dist_tile(W, rows_i, rows_j, C, D, sw, BLOCK_C: tl.constexpr, BLOCK_D: t
 def _inter_fwd(W, PART, C, D, sw, t, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     """PART[i] = sum_{j > i} exp(-t d2_ij) for the rows of this class block (j blocks from the diagonal on)."""
     ib = tl.program_id(0)
-    rows_i = ib * BLOCK_C + tl.arange(0, BLOCK_C)
+    rows_i = (ib * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     acc = tl.zeros([BLOCK_C], tl.float32)
     for jb in range(ib, tl.cdiv(C, BLOCK_C)):
-        rows_j = jb * BLOCK_C + tl.arange(0, BLOCK_C)
+        rows_j = (jb * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
         d2 = _sq_dist_tile(W, rows_i, rows_j, C, D, sw, BLOCK_C, BLOCK_D, PREC)
         pair = (rows_j[None, :] > rows_i[:, None]) & (rows_j[None, :] < C)
         acc += tl.sum(tl.where(pair, tl.exp(-t * d2), 0.0), 1)
@@ -211,13 +213,13 @@ def _inter_fwd(W, PART, C, D, sw, t, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexp
 def _inter_bwd(W, G, GW, C, D, sw, t, coef, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     """dL/dw_i = coef * g * (w_i sum_j e_ij - sum_j e_ij w_j), j != i, coef = -2t / n_pairs; one (class block,
     feature chunk) per program, so the accumulator stays [BLOCK_C, BLOCK_D] (d2 is recomputed per chunk)."""
-    rows_i = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rows_i = (tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     c_ok = cols[None, :] < D
     row_sum = tl.zeros([BLOCK_C], tl.float32)
     acc = tl.zeros([BLOCK_C, BLOCK_D], tl.float32)
     for jb in range(0, tl.cdiv(C, BLOCK_C)):
-        rows_j = jb * BLOCK_C + tl.arange(0, BLOCK_C)
+        rows_j = (jb * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
         d2 = _sq_dist_tile(W, rows_i, rows_j, C, D, sw, BLOCK_C, BLOCK_D, PREC)
         e = tl.where((rows_j[None, :] != rows_i[:, None]) & (rows_j[None, :] < C), tl.exp(-t * d2), 0.0)
         row_sum += tl.sum(e, 1)
@@ -240,7 +242,7 @@ class _InterDispersion(torch.autograd.Function):
         C, D = w.shape
         part = torch.empty(C, dtype=torch.float32, device=w.device)
         _inter_fwd[(triton.cdiv(C, _BLOCK_C),)](w, part, C, D, w.stride(0), t, BLOCK_C=_BLOCK_C, BLOCK_D=64,
-                                                PREC=_prec())
+                                                PREC=_prec(w.device))
         ctx.save_for_backward(w)
         ctx.t = t
         return part.sum() / (C * (C - 1) / 2)
@@ -251,8 +253,11 @@ class _InterDispersion(torch.autograd.Function):
         C, D = w.shape
         gw = torch.empty(C, D, dtype=w.dtype, device=w.device)
         coef = -2.0 * ctx.t / (C * (C - 1) / 2)
+        # 8 warps: on 4 the [32, 64] accumulator beside the recomputed distance tile spills; on 8 nothing, or 12 bytes
+        # in float32 on sm_90 with triton 3.6 (ptxas, tests/test_gpu_compile.py)
         _inter_bwd[(triton.cdiv(C, _BLOCK_C), triton.cdiv(D, 64))](
-            w, g.reshape(1).float(), gw, C, D, w.stride(0), ctx.t, coef, BLOCK_C=_BLOCK_C, BLOCK_D=64, PREC=_prec())
+            w, g.reshape(1).float(), gw, C, D, w.stride(0), ctx.t, coef, BLOCK_C=_BLOCK_C, BLOCK_D=64,
+            PREC=_prec(w.device), num_warps=8)
         return gw, None
 
 
@@ -286,7 +291,7 @@ def intra_dispersion_reference(image_features, prototypes, labels):
 
 @triton.jit
 def _intra_fwd(Z, PROTO, LAB, PART, Bn, D, sz, spr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     r_ok = rows < Bn
     lab = tl.load(LAB + rows, mask=r_ok, other=0)
     acc = tl.zeros([BLOCK_B], tl.float32)
@@ -302,7 +307,7 @@ def _intra_fwd(Z, PROTO, LAB, PART, Bn, D, sz, spr, BLOCK_B: tl.constexpr, BLOCK
 @triton.jit
 def _intra_bwd(Z, PROTO, LAB, G, GZ, Bn, D, sz, spr, coef, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     """GZ = coef * g * (z - proto_y) in float32, coef = 2 / (B D); the prototypes' gradient is -GZ summed per class."""
-    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    rows = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     r_ok = rows < Bn
     ok = r_ok[:, None] & (cols[None, :] < D)
@@ -387,7 +392,7 @@ def _proxy_logits(X, P, LAB, b0, cols, Bn, M, D, sx, sp, alpha, delta, scale,
                   BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     """The [BB, BM] tile: positive logits -alpha (s - delta) where y_i = k, negative logits alpha (s + delta)
     where y_i != k, -inf elsewhere (other label, or padding)."""
-    rows = b0 + tl.arange(0, BLOCK_B)
+    rows = (b0 + tl.arange(0, BLOCK_B)).to(tl.int64)
     r_ok = rows < Bn
     sim = tl.zeros([BLOCK_B, BLOCK_M], tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -407,13 +412,14 @@ def _proxy_logits(X, P, LAB, b0, cols, Bn, M, D, sx, sp, alpha, delta, scale,
 def _proxy_fwd(X, P, LAB, LSE_POS, LSE_NEG, Bn, M, D, sx, sp, alpha, delta, scale,
                BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     """Per proxy column: logsumexp over {0} and the batch's logits, online (running max starts at the 0 term)."""
-    cols = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     m_pos = tl.zeros([BLOCK_M], tl.float32)
     s_pos = tl.full([BLOCK_M], 1.0, tl.float32)  # exp(0 - 0) of the zero term
     m_neg = tl.zeros([BLOCK_M], tl.float32)
     s_neg = tl.full([BLOCK_M], 1.0, tl.float32)
     for b0 in range(0, Bn, BLOCK_B):
-        lp, ln = _proxy_logits(X, P, LAB, b0, cols, Bn, M, D, sx, sp, alpha, delta, scale, BLOCK_B, BLOCK_M, BLOCK_D, PREC)
+        lp, ln = _proxy_logits(X, P, LAB, b0, cols, Bn, M, D, sx, sp, alpha, delta, scale, BLOCK_B, BLOCK_M, BLOCK_D,
+                               PREC)
         new = tl.maximum(m_pos, tl.max(lp, 0))
         s_pos = s_pos * tl.exp(m_pos - new) + tl.sum(tl.exp(lp - new[None, :]), 0)
         m_pos = new
@@ -429,7 +435,7 @@ def _proxy_bwd(X, P, LAB, LSE_POS, LSE_NEG, G_POS, G_NEG, DSIM, Bn, M, D, sx, sp
                BLOCK_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
     """DSIM[i, k] = dL/d(x_i . p_k) = scale * alpha * (-g_pos_k softmax_pos_ik + g_neg_k softmax_neg_ik)."""
     b0 = tl.program_id(0) * BLOCK_B
-    cols = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     c_ok = cols < M
     lp, ln = _proxy_logits(X, P, LAB, b0, cols, Bn, M, D, sx, sp, alpha, delta, scale, BLOCK_B, BLOCK_M, BLOCK_D, PREC)
     g_pos = tl.load(G_POS + cols, mask=c_ok, other=0.0)
@@ -437,7 +443,7 @@ def _proxy_bwd(X, P, LAB, LSE_POS, LSE_NEG, G_POS, G_NEG, DSIM, Bn, M, D, sx, sp
     w_pos = tl.exp(lp - tl.load(LSE_POS + cols, mask=c_ok, other=0.0)[None, :])  # 0 where -inf
     w_neg = tl.exp(ln - tl.load(LSE_NEG + cols, mask=c_ok, other=0.0)[None, :])
     d = scale * alpha * (g_neg[None, :] * w_neg - g_pos[None, :] * w_pos)
-    rows = b0 + tl.arange(0, BLOCK_B)
+    rows = (b0 + tl.arange(0, BLOCK_B)).to(tl.int64)
     tl.store(DSIM + rows[:, None] * M + cols[None, :], d, mask=(rows[:, None] < Bn) & c_ok[None, :])
 
 
@@ -448,7 +454,7 @@ class _ProxyAnchor(torch.autograd.Function):
         M = p.shape[0]
         lse_pos = torch.empty(M, dtype=torch.float32, device=x.device)
         lse_neg = torch.empty_like(lse_pos)
-        consts = dict(BLOCK_B=32, BLOCK_M=32, BLOCK_D=64, PREC=_prec())
+        consts = dict(BLOCK_B=32, BLOCK_M=32, BLOCK_D=64, PREC=_prec(x.device))
         _proxy_fwd[(triton.cdiv(M, 32),)](x, p, labels, lse_pos, lse_neg, Bn, M, D, x.stride(0), p.stride(0),
                                           alpha, delta, scale, **consts)
         ctx.save_for_backward(x, p, labels, lse_pos, lse_neg)

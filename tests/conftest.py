@@ -1,9 +1,12 @@
 """Test configuration and the helpers the test files share (no test file imports another).
 
 Triton kernels run in interpreter mode on the CPU: TRITON_INTERPRET must be set before anything imports triton, so
-it is set here, at collection time. Torch computes on one thread (the toy runs' default, train.py's config key
-threads): every number is independent of the machine's core count, and the suite is fast on shared cores;
-DAPT_TEST_THREADS=N overrides it.
+it is set here, at collection time, where torch sees no CUDA device (triton decides per process: where it sees one,
+the kernels compile and tests/test_kernels.py runs them on CUDA tensors). Devices: every test runs on the CPU as on
+a machine without a GPU (its goldens are float32 CPU numbers) except those marked `gpu` (tests/test_gpu_*.py:
+skipped, saying so, without a GPU) or `any_device` (tests/test_kernels.py). Torch computes on one thread (the toy
+runs' default, train.py's config key threads): every number is independent of the machine's core count, and the
+suite is fast on shared cores; DAPT_TEST_THREADS=N overrides it.
 
 Sections: the session's toy data; one small random CLIP and a toy batch for the unit tests; reference code for the
 official initial draws; small datasets; toy runs (train.py's command line, the run it trains, the folder it writes).
@@ -11,7 +14,11 @@ official initial draws; small datasets; toy runs (train.py's command line, the r
 import os
 import sys
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # imports no triton
+
+HAS_CUDA = torch.cuda.is_available()  # asked once, before a test hides the GPU (cpu_unless_marked)
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import json  # noqa: E402
@@ -20,7 +27,6 @@ import struct  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
@@ -34,6 +40,34 @@ import toy  # noqa: E402
 import train  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("DAPT_TEST_THREADS", "1")))
+
+# ----------------------------------------------------------------------------------------------------------
+# devices: the CPU for every test, CUDA for the GPU tests where there is a GPU
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: runs on CUDA (tests/test_gpu_*.py); skipped, saying so, without a GPU")
+    config.addinivalue_line("markers", "any_device: runs the kernels where triton runs them (the interpreter on the "
+                            "CPU, CUDA on a GPU machine); not pinned to the CPU")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip = pytest.mark.skip(reason="no CUDA device here: the GPU tests run on a GPU machine (python gpu_check.py)")
+    for item in items:
+        if not HAS_CUDA and item.get_closest_marker("gpu"):
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def cpu_unless_marked(request, monkeypatch):
+    """On a GPU machine, every test not marked gpu / any_device runs as without a GPU: train.py, eval.py and
+    sweep.py default to CUDA (bfloat16) where torch.cuda.is_available(), and the suite's goldens and tolerances are
+    float32 CPU numbers. Child processes (torchrun, killed runs, sweep jobs) get CUDA_VISIBLE_DEVICES="" (this
+    process has already counted its GPUs, HAS_CUDA, so the variable no longer changes what it sees)."""
+    if HAS_CUDA and not any(request.node.get_closest_marker(m) for m in ("gpu", "any_device")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+
 
 # ----------------------------------------------------------------------------------------------------------
 # the session's toy data

@@ -65,15 +65,20 @@ def test_the_reads_guard_catches_a_read():
 
 
 def test_attention_auto_choice(monkeypatch):
-    """auto: SDPA on the CPU; on CUDA, SDPA without a key mask and the Triton kernel with one (until a GPU benchmark
-    shows the kernel ahead elsewhere)."""
+    """auto: SDPA on the CPU; on CUDA, SDPA without a key mask and the Triton kernel with one in half precision (until
+    a GPU benchmark shows the kernel ahead elsewhere); float32 goes to SDPA unless torch allows TF32 (full-precision
+    dots cannot use tensor cores)."""
     assert kernels.describe_backend("auto", "cpu") == "auto: PyTorch SDPA"
     assert "Triton masked-attention kernel where a key mask" in kernels.describe_backend("auto", "cuda")
     calls = []
     monkeypatch.setattr(kernels.attention, "triton_attention", lambda *a, **k: calls.append("triton"))
     monkeypatch.setattr(kernels.attention.F, "scaled_dot_product_attention", lambda *a, **k: calls.append("sdpa"))
     monkeypatch.setattr(kernels.attention, "use_triton", lambda backend, *t: True)  # as on a CUDA device
-    q = torch.randn(1, 1, 4, 8)
+    q, mask = torch.randn(1, 1, 4, 8), torch.ones(1, 4, dtype=torch.bool)
     kernels.masked_attention(q, q, q)
-    kernels.masked_attention(q, q, q, key_mask=torch.ones(1, 4, dtype=torch.bool))
-    assert calls == ["sdpa", "triton"]
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        kernels.masked_attention(q.to(dtype), q.to(dtype), q.to(dtype), key_mask=mask)
+    monkeypatch.setattr(kernels.attention, "tf32_allowed", lambda: True)  # torch.set_float32_matmul_precision("high")
+    kernels.masked_attention(q, q, q, key_mask=mask)
+    kernels.masked_attention(q, q, q, key_mask=mask, backend="triton")  # forced: the kernel whatever the dtype
+    assert calls == ["sdpa", "triton", "triton", "sdpa", "triton", "triton"]

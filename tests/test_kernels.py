@@ -1,4 +1,7 @@
-"""Triton kernels against their PyTorch references, forward and gradients, under TRITON_INTERPRET=1 on CPU tensors.
+"""Triton kernels against their PyTorch references, forward and gradients: under TRITON_INTERPRET=1 on CPU tensors
+(tests/conftest.py sets it where torch sees no GPU), compiled on CUDA tensors where it is not set (a GPU machine:
+triton's interpreter decides per process, so there these cases run on the GPU; tests/test_gpu_kernels.py adds the
+full-size shapes). Inputs are drawn on the CPU and moved, so both devices check the same values.
 
 backend="triton" is forced everywhere (backend=None on the CPU would pick the reference; that is tested too).
 Shapes are small (batch 1-2, heads 1-2) because the interpreter runs every program in numpy; lengths are the
@@ -8,6 +11,7 @@ inputs. Interpreter limitation: bfloat16 arithmetic is broken there (values are 
 kernels convert bfloat16 tiles to float32 after loading on the CPU (see kernels/attention.py).
 """
 import json
+import os
 import types
 
 import pytest
@@ -20,6 +24,8 @@ from kernels import attention as attn
 from kernels import losses
 
 TOL = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}  # error / max |reference|
+DEVICE = torch.device("cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda")  # where the kernels run
+pytestmark = pytest.mark.any_device  # not pinned to the CPU on a GPU machine (tests/conftest.py)
 
 
 def assert_close(got, ref, dtype, what):
@@ -32,9 +38,9 @@ def assert_close(got, ref, dtype, what):
 
 def qkv(B, H, L, D, dtype, packed=False):
     if packed:  # the strided views clip.Attention.qkv hands over: [B, L, 3, H, D] permuted
-        x = torch.randn(B, L, 3, H, D).to(dtype).permute(2, 0, 3, 1, 4)
+        x = torch.randn(B, L, 3, H, D).to(DEVICE, dtype).permute(2, 0, 3, 1, 4)
         return [t.detach().requires_grad_() for t in x.unbind(0)]  # non-contiguous leaves
-    return [torch.randn(B, H, L, D).to(dtype).requires_grad_() for _ in range(3)]
+    return [torch.randn(B, H, L, D).to(DEVICE, dtype).requires_grad_() for _ in range(3)]
 
 
 def image_mask(B, n_prompts, kind):
@@ -49,7 +55,7 @@ def image_mask(B, n_prompts, kind):
             m[b, 1:197] = torch.rand(196) < 0.5
         else:
             m[b, 1:197] = False
-    return m
+    return m.to(DEVICE)
 
 
 def check_attention(q, k, v, key_mask, causal, dtype):
@@ -89,6 +95,7 @@ def test_attention_matches_reference(B, H, L, D, dtype, causal, mask):
     if mask == "text":  # padded text: the first tokens of each sequence visible
         key_mask = torch.arange(L)[None, :] < torch.randint(L // 2, L + 1, (B, 1))
         key_mask[:, 0] = True
+        key_mask = key_mask.to(DEVICE)
     elif mask is not None:
         key_mask = image_mask(B, L - 197, mask)
     else:
@@ -99,9 +106,9 @@ def test_attention_matches_reference(B, H, L, D, dtype, causal, mask):
 def test_attention_cross_lengths_causal():
     """Lq != Lk: causal aligns the last query with the last key, like the reference (tril(Lk - Lq))."""
     torch.manual_seed(1)
-    q = torch.randn(1, 1, 17, 32, requires_grad=True)
-    k, v = (torch.randn(1, 1, 40, 32, requires_grad=True) for _ in range(2))
-    check_attention(q, k, v, torch.rand(1, 40) < 0.7, True, torch.float32)
+    q = torch.randn(1, 1, 17, 32).to(DEVICE).requires_grad_()
+    k, v = (torch.randn(1, 1, 40, 32).to(DEVICE).requires_grad_() for _ in range(2))
+    check_attention(q, k, v, (torch.rand(1, 40) < 0.7).to(DEVICE), True, torch.float32)
 
 
 def test_attention_skips_fully_masked_blocks():
@@ -111,11 +118,11 @@ def test_attention_skips_fully_masked_blocks():
     torch.manual_seed(2)
     B, H, L, D = 1, 2, 213, 64
     key_mask = image_mask(B, 16, "only_cls_prompts")
-    block_n = attn._config(D, torch.float32, torch.device("cpu"))[0]["BLOCK_N"]
+    block_n = attn._config(D, torch.float32, DEVICE)[0]
     order, cum = attn.visible_key_blocks(key_mask, block_n)
     skipped = [j for j in range(cum.shape[1] - 1) if cum[0, j + 1] == cum[0, j]]
     assert skipped, "test needs at least one fully masked key block"
-    q, k, v = (torch.randn(B, H, L, D) for _ in range(3))
+    q, k, v = (torch.randn(B, H, L, D).to(DEVICE) for _ in range(3))
     k_nan, v_nan = k.clone(), v.clone()
     for j in skipped:
         k_nan[:, :, j * block_n:(j + 1) * block_n] = float("nan")
@@ -151,6 +158,7 @@ def test_attention_all_keys_masked(causal):
     key_mask = torch.rand(2, 21) < 0.6
     key_mask[0, 0] = True
     key_mask[1] = False
+    key_mask = key_mask.to(DEVICE)
     o, (dq, dk, dv) = check_attention(q, k, v, key_mask, causal, torch.float32)
     assert (o[1] == 0).all() and (dq[1] == 0).all() and (dk[1] == 0).all() and (dv[1] == 0).all()
     ref = attn.attention_reference(q, k, v, key_mask, causal=causal)
@@ -170,8 +178,9 @@ def test_attention_rejects_bad_mask():
 
 def check_loss(name, inputs, *args, dtype=torch.float32, **kw):
     """kernels.<name>(backend="triton") against dapt.<name> on the float32 copies, forward and gradients."""
-    xs = [x.detach().to(dtype).requires_grad_() for x in inputs]
-    ys = [x.detach().to(dtype).float().requires_grad_() for x in inputs]
+    xs = [x.detach().to(DEVICE, dtype).requires_grad_() for x in inputs]
+    ys = [x.detach().to(DEVICE, dtype).float().requires_grad_() for x in inputs]
+    args = [a.to(DEVICE) if torch.is_tensor(a) else a for a in args]
     got = getattr(kernels, name)(*xs, *args, backend="triton", **kw)
     ref = getattr(dapt, name)(*ys, *args, **kw)
     got.backward()
@@ -256,7 +265,8 @@ def test_dispatch_cpu_uses_reference(monkeypatch):
     m[:, 0] = True  # SDPA gives NaN for a row that sees no key
     sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=m[:, None, None, :])
     assert torch.equal(kernels.masked_attention(q, k, v, m), sdpa)
-    torch.testing.assert_close(kernels.masked_attention(q, k, v, m, backend="eager"), attn.attention_reference(q, k, v, m))
+    torch.testing.assert_close(kernels.masked_attention(q, k, v, m, backend="eager"),
+                               attn.attention_reference(q, k, v, m))
     assert torch.equal(kernels.masked_attention(q, k, v, m, backend="torch"), attn.attention_reference(q, k, v, m))
     x, y, z = torch.randn(3, 6, 8).unbind(0)
     labels = torch.tensor([0, 1, 2, 0, 1, 2])
@@ -384,7 +394,7 @@ def test_proxy_anchor_equals_formula(labels, scale, paper_norm):
 def test_report_checks_every_kernel_and_writes_its_files(tmp_path):
     from kernels import bench
 
-    check = bench.check_kernels(torch.device("cpu"), small=True)  # the interpreter (TRITON_INTERPRET=1)
+    check = bench.check_kernels(DEVICE, small=True)  # in the interpreter on the CPU
     names = {r[0].split()[0] for r in check.rows}
     assert names == {"masked_attention", "pull_push_loss", "inter_dispersion_loss", "intra_dispersion_loss",
                      "proxy_anchor_loss"}
@@ -395,3 +405,53 @@ def test_report_checks_every_kernel_and_writes_its_files(tmp_path):
     text = open(md).read()
     assert text.startswith("## Test GPU, 2026-11-30") and "| masked_attention L=19 key mask | bfloat16 |" in text
     assert json.load(open(js))["tables"][1] == {"title": "t", "header": ["a", "b"], "rows": [["x", "1.00x"]]}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# float32 on CUDA: the TF32 setting, read so that it cannot raise
+
+
+def full_precision():
+    """torch's float32 matmul settings as a fresh process has them (full precision, "none" = inherit the generic
+    setting), readable through every API again whichever were used."""
+    torch.backends.fp32_precision = "none"
+    torch.backends.cuda.matmul.fp32_precision = "none"
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cuda.matmul.fp32_precision = "none"
+    assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cuda.matmul.allow_tf32
+
+
+@pytest.fixture
+def fp32_precision():
+    full_precision()
+    yield
+    full_precision()
+
+
+@pytest.mark.parametrize("how, tf32", [
+    ("default", False),
+    ("new api tf32", True),  # torch.get_float32_matmul_precision() and allow_tf32 raise after this one
+    ("generic tf32", True),
+    ("legacy allow_tf32", True),
+    ("set_float32_matmul_precision high", True),
+    ("high, then new api ieee", False),  # get_float32_matmul_precision() still says "high"
+])
+def test_tf32_setting_is_read_without_raising(fp32_precision, how, tf32):
+    if how == "new api tf32":
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+    elif how == "generic tf32":
+        torch.backends.fp32_precision = "tf32"
+    elif how == "legacy allow_tf32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    elif how == "set_float32_matmul_precision high":
+        torch.set_float32_matmul_precision("high")
+    elif how == "high, then new api ieee":
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+    cuda = torch.device("cuda")  # only read: no GPU needed
+    assert attn.tf32_allowed() == tf32
+    assert losses._prec(cuda) == ("tf32" if tf32 else "ieee") and losses._prec(torch.device("cpu")) == "ieee"
+    assert attn._compute_dtypes(torch.float32, cuda)[1] == ("tf32" if tf32 else "ieee")
+    assert attn._config(64, torch.float32, cuda)[0] == (64 if tf32 else 32)  # full-precision dots: small tiles
+    x = torch.nn.functional.normalize(torch.randn(6, 16), dim=-1).to(DEVICE)
+    assert torch.isfinite(kernels.inter_dispersion_loss(x, backend="triton"))  # a loss kernel runs either way
