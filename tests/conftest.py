@@ -23,7 +23,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import json  # noqa: E402
 import shutil  # noqa: E402
-import struct  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -155,25 +154,6 @@ def clip_features(model):
     tokens[1, :4] = torch.tensor([49406, 2368, 1929, 49407])
     with torch.no_grad():
         return model.encode_image(images.to(model.dtype)).float(), model.encode_text(tokens).float()
-
-
-def save_safetensors(tensors, path, metadata=None):
-    """Write name -> tensor as a .safetensors file (clip.read_safetensors and the safetensors package read it)."""
-    codes = {v: k for k, v in clip_load.SAFETENSORS_DTYPES.items()}
-    header, chunks, offset = {}, [], 0
-    for name, t in tensors.items():
-        raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": codes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
-        chunks.append(raw)
-        offset += len(raw)
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    head = json.dumps(header).encode()
-    head += b" " * (-len(head) % 8)  # keeps the data 8-byte aligned, as the reference writer does
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(head)) + head)
-        for c in chunks:
-            f.write(c)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import clip_load
-from conftest import clip_features, random_clip, save_safetensors
+from conftest import clip_features, random_clip
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")
 
@@ -88,7 +88,7 @@ def test_safetensors_reader_and_writer_round_trip(tmp_path):
                "u8": torch.arange(7, dtype=torch.uint8), "bool": torch.tensor([True, False, True]),
                "scalar": torch.tensor(4.5), "empty": torch.zeros(0, 3)}
     path = tmp_path / "t.safetensors"
-    save_safetensors(tensors, path, metadata={"format": "pt"})
+    clip_load.write_safetensors(tensors, path, metadata={"format": "pt"})
     raw = path.read_bytes()
     assert (8 + int.from_bytes(raw[:8], "little")) % 8 == 0  # data aligned
     back = clip_load.read_safetensors(path)
@@ -141,7 +141,7 @@ def test_safetensors_openai_and_hugging_face_names(tmp_path, model, hf_names):
         sd = openai_to_hf(sd)
         assert not any(k.startswith(("visual.", "transformer.")) for k in sd)
     path = tmp_path / ("model.safetensors" if hf_names else "open_clip_model.safetensors")
-    save_safetensors(sd, path)
+    clip_load.write_safetensors(sd, path)
     assert_same_features(clip_load.load_clip(path), model)
 
 
@@ -150,7 +150,7 @@ def test_hugging_face_key_without_equivalent_is_an_error(tmp_path, model):
     sd["vision_model.encoder.layers.0.self_attn.rotary.weight"] = torch.zeros(2)
     del sd["text_model.encoder.layers.1.self_attn.v_proj.bias"]
     path = tmp_path / "hf.safetensors"
-    save_safetensors(sd, path)
+    clip_load.write_safetensors(sd, path)
     with pytest.raises(clip_load.CheckpointError, match=r"hf.safetensors.*no OpenAI equivalent") as e:
         clip_load.load_clip(path)
     assert "rotary.weight" in str(e.value) and "transformer.resblocks.1.attn.in_proj_bias" in str(e.value)
@@ -410,7 +410,7 @@ def test_errors_name_the_file_and_what_was_expected(tmp_path, model, case, patte
     elif case == "not clip":
         torch.save({"fc.weight": torch.zeros(2, 2)}, path)
     elif case.endswith("safetensors") or path.suffix == ".safetensors":
-        save_safetensors({"visual.proj": sd["visual.proj"], "a": torch.zeros(2)}, path)
+        clip_load.write_safetensors({"visual.proj": sd["visual.proj"], "a": torch.zeros(2)}, path)
         raw = bytearray(path.read_bytes())
         n = int.from_bytes(raw[:8], "little")
 
@@ -460,7 +460,7 @@ def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, model, value
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     sd["visual.transformer.resblocks.1.mlp.c_fc.weight"][3, :2] = value
     path = tmp_path / "nan.safetensors"
-    save_safetensors(sd, path)
+    clip_load.write_safetensors(sd, path)
     with pytest.raises(clip_load.CheckpointError, match=r"nan.safetensors: non-finite weights \(NaN or inf\) in "
                                                    r"tensor\(s\) visual.transformer.resblocks.1.mlp.c_fc.weight "
                                                    r"\(2 of 16384 values\)"):
