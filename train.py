@@ -545,10 +545,10 @@ def zero_shot_reference(cfg, root, bench, test_tf, device):
             weights, stat and stat.st_size, torch.device(device).type, test_tf.constants(),
             [os.path.relpath(p, bench.meta["dataset_dir"]) for p, _, _ in bench.test], bench.meta["split_sha256"]]
     key = hashlib.sha256(json.dumps(what, default=str).encode()).hexdigest()[:16]
-    path = os.path.join(data.cache_dirs(bench.meta["dataset_dir"])[1], f"zero_shot_{key}.json")
+    folders, write_to = data.cache_dirs(bench.meta["dataset_dir"])
+    name = f"zero_shot_{key}.json"
     if key not in _ZERO_SHOT:  # runs of one process (a sweep, the tests) share it
-        cached = [os.path.join(d, os.path.basename(path)) for d in data.cache_dirs(bench.meta["dataset_dir"])[0]]
-        found = [p for p in cached if os.path.isfile(p)]
+        found = [p for p in (os.path.join(d, name) for d in folders) if os.path.isfile(p)]
         if found:
             _ZERO_SHOT[key] = read_json(found[0], "zero-shot reference")["accuracy"]
         else:
@@ -557,8 +557,8 @@ def zero_shot_reference(cfg, root, bench, test_tf, device):
                 acc = evaluate_settings(zcfg, model.to(device), bench, root, test_tf, device)
             acc.pop("classnames"), acc.pop("images")
             _ZERO_SHOT[key] = acc
-            if is_main() and data.can_write(os.path.dirname(path)):
-                files.write_json(path, dict(accuracy=acc, key=what), indent=1)
+            if is_main() and data.can_write(write_to):
+                files.write_json(os.path.join(write_to, name), dict(accuracy=acc, key=what), indent=1)
     log.info("zero-shot reference (--method zsclip on the same test images): %s", json.dumps(_ZERO_SHOT[key]))
     return dict(_ZERO_SHOT[key])
 

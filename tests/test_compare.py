@@ -10,6 +10,7 @@ import recipes
 import runs
 import tables
 import train
+from conftest import train_toy
 
 
 def result(root, method, seed, accuracy, dataset="toy", shots=16, reference=None, epochs=10):
@@ -97,3 +98,21 @@ def test_a_run_far_below_zero_shot_is_flagged_everywhere(tmp_path):
         result(r, "maple", seed, dict(base=90.0, new=80.0, hm=84.7), reference=reference)
     flags = tables.collapse_flags(tables.collect(r))
     assert any("new 66.20 is 21.3 points below zero-shot CLIP's 87.50" in why for why in flags[d])
+
+
+def test_the_zero_shot_reference_is_zsclips_accuracy_and_is_read_back_from_its_cache(toy_copy, tmp_path):
+    """A trained run's zero_shot_reference is what --method zsclip scores on the same test images; it is written
+    once to the dataset's cache folder and read from there by a later process (here: the process memo cleared)."""
+    zs = train_toy(toy_copy, tmp_path / "zs", "zsclip", epochs=None)
+    coop = train_toy(toy_copy, tmp_path / "a", "coop", epochs=1)
+    assert {k: coop["zero_shot_reference"][k] for k in ("base", "base_corr")} == \
+        {k: zs["accuracy"][k] for k in ("base", "base_corr")}
+    cached = [f for f in os.listdir(os.path.join(toy_copy, "toy", "split_fewshot")) if f.startswith("zero_shot_")]
+    assert len(cached) == 1
+    path = os.path.join(toy_copy, "toy", "split_fewshot", cached[0])
+    record = runs.read_json(path, "zero-shot reference")
+    record["accuracy"]["base"] = 1.5  # a value no model scores here: only the file can have given it
+    runs.write_json(path, record)
+    train._ZERO_SHOT.clear()
+    again = train_toy(toy_copy, tmp_path / "b", "coop", "--seed", "2", epochs=1)
+    assert again["zero_shot_reference"]["base"] == 1.5
