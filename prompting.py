@@ -78,11 +78,16 @@ def encode_texts(clip, texts, chunk=1000):
 
 def state_digest(module):
     """sha256 of a module's state dict (names, dtypes, shapes and bytes): names the weights that produced a cache."""
+    return tensors_digest(module.state_dict())
+
+
+def tensors_digest(tensors):
+    """sha256 of a name -> tensor dict: every name, dtype, shape and the bytes, in name order."""
     h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
+    for name, t in sorted(tensors.items()):
         t = t.detach().contiguous().cpu()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim and empty tensors too
     return h.hexdigest()
 
 

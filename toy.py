@@ -9,7 +9,6 @@ reads it like any CoOp dataset); the toy CLIP: its pretraining images (`toy_pret
 Left out: randomness from global generators (every draw comes from a generator seeded here; the caller's random
 state is left as it was).
 """
-import hashlib
 import json
 import logging
 import math
@@ -25,7 +24,7 @@ from PIL import Image
 from clip import CLIP, CLIP_MEAN, CLIP_STD
 from clip_load import build_clip, write_safetensors
 from files import CheckpointError, sha256_file, write_json
-from prompting import encode_texts, normalize
+from prompting import encode_texts, normalize, tensors_digest
 from tokenizer import tokenize
 
 log = logging.getLogger("dapt")
@@ -394,11 +393,7 @@ def toy_clip_digest(steps, recipe=None):
     code and machine reproduce the shipped file's start."""
     with torch.random.fork_rng(devices=[]):
         state, _ = _pretrain_toy_clip(recipe or toy_recipe(), lambda *a: None, time.time(), stop=steps)
-    h = hashlib.sha256()
-    for name, t in sorted(state.items()):
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return tensors_digest(state)
 
 
 def _pretrain_toy_clip(recipe, say, t0, stop=None):
