@@ -284,8 +284,7 @@ def read_full_split(info, dataset_dir):
                                      f"{missing[:5]}; use the classnames.txt from CoOp's DATASETS.md")
             items = _list_class_folders(top, folders, range(len(folders)), [cnames[w] for w in folders])
             split[s] = [(f"{sub}/{p}" if sub else p, y, c) for p, y, c in items]
-    h = hashlib.sha256(json.dumps(split, sort_keys=True).encode()).hexdigest()  # digest of the listing
-    return split, os.path.join(dataset_dir, "classnames.txt"), h
+    return split, os.path.join(dataset_dir, "classnames.txt"), _listing_sha(split)  # digest of the listing
 
 
 def _classnames_of(items, where):
