@@ -100,9 +100,10 @@ def test_a_run_far_below_zero_shot_is_flagged_everywhere(tmp_path):
     assert any("new 66.20 is 21.3 points below zero-shot CLIP's 87.50" in why for why in flags[d])
 
 
-def test_the_zero_shot_reference_is_zsclips_accuracy_and_is_read_back_from_its_cache(toy_copy, tmp_path):
+def test_the_zero_shot_reference_is_zsclips_accuracy_and_is_read_back_from_its_cache(toy_copy, tmp_path, monkeypatch):
     """A trained run's zero_shot_reference is what --method zsclip scores on the same test images; it is written
     once to the dataset's cache folder and read from there by a later process (here: the process memo cleared)."""
+    monkeypatch.setattr(train, "_ZERO_SHOT", {})  # this test's memo: the tampered value below stays in it
     zs = train_toy(toy_copy, tmp_path / "zs", "zsclip", epochs=None)
     coop = train_toy(toy_copy, tmp_path / "a", "coop", epochs=1)
     assert {k: coop["zero_shot_reference"][k] for k in ("base", "base_corr")} == \
@@ -113,6 +114,6 @@ def test_the_zero_shot_reference_is_zsclips_accuracy_and_is_read_back_from_its_c
     record = runs.read_json(path, "zero-shot reference")
     record["accuracy"]["base"] = 1.5  # a value no model scores here: only the file can have given it
     runs.write_json(path, record)
-    train._ZERO_SHOT.clear()
+    monkeypatch.setattr(train, "_ZERO_SHOT", {})
     again = train_toy(toy_copy, tmp_path / "b", "coop", "--seed", "2", epochs=1)
     assert again["zero_shot_reference"]["base"] == 1.5
